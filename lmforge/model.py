@@ -1,0 +1,404 @@
+"""The transformer: one readable decoder-only model for GPT-2, Llama, Qwen2 and Mistral.
+
+References: GPT-2 (Radford et al. 2019), nanoGPT; Llama (Touvron et al. 2023) for RMSNorm, SwiGLU and RoPE
+(Su et al. 2021); GQA (Ainslie et al. 2023). Every family is the same `Block` configured by `ModelConfig`.
+
+Notation for tensor shapes, used in every comment below:
+    B  batch size                  T  new tokens in this call (queries)
+    S  keys attended to (cached + new)   C  n_embd (model width)
+    nh n_head (query heads)        nkv n_kv_head (key/value heads; nh % nkv == 0)
+    hd head_dim                    V  vocab_size
+
+What a causal mask hides: token t may attend to tokens 0..t only. Without the mask, training would let each
+position copy the very next token it is asked to predict, and the model would learn nothing useful.
+
+How the pieces fit:
+    ids (B, T) -> token embedding (+ learned positions for GPT-2) -> n_layer x Block -> final norm -> lm_head
+    Block: x = x + attn(norm_1(x));  x = x + mlp(norm_2(x))          (pre-norm residual stream)
+
+The KV cache: when generating, the keys and values of past tokens never change, so we store them (`KVCache`) and
+each new token only computes its own q/k/v. The cache keeps a length per batch row, so rows of different lengths
+(left-padded batches, or a serving engine's slots) live in one tensor; `key_mask` marks which stored slots hold
+real tokens (padding slots are never attended to).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import ConfigError, GenerationError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalization
+# ----------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight. No mean subtraction and no bias (Llama). Computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# ----------------------------------------------------------------------------------------------------------------
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation speeds theta^(-2i/hd), i = 0..hd/2-1, with optional Llama-3 / linear scaling. (hd/2,)"""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":  # positions divided by `factor` == frequencies divided by it
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, smooth blend in between
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise ConfigError(f"unsupported rope_scaling type {kind!r}; lmforge supports 'linear' and 'llama3'")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim (the Hugging Face layout: pairs are (i, i + hd/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i+hd/2) pair of x by its position's angle. x: (B, nh, T, hd), cos/sin: (B, 1, T, hd)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------------------------
+class KVCache:
+    """Pre-allocated keys and values for every layer (a static cache: no reallocation while decoding).
+
+    k, v:      (n_layer, B, nkv, max_len, hd)
+    lengths:   (B,)          slots written so far in each row
+    key_mask:  (B, max_len)  True where the slot holds a real token (False for padding and unwritten slots)
+    positions: (B,)          position id the next real token of each row gets
+
+    `cache.rows(i, j)` is a view of rows i..j-1 that shares storage, so a serving engine can prefill one slot
+    while others keep their state.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        view.lengths, view.key_mask = self.lengths[start:stop], self.key_mask[start:stop]
+        view.positions, view.max_len = self.positions[start:stop], self.max_len
+        return view
+
+    def reset(self, row: int | None = None) -> None:
+        """Forget everything (or one row): the slots are reused, nothing is reallocated."""
+        sel = slice(None) if row is None else slice(row, row + 1)
+        self.lengths[sel] = 0
+        self.key_mask[sel] = False
+        self.positions[sel] = 0
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # (B, T, V)
+    hidden_states: list[torch.Tensor] | None = None  # n_layer + 1 tensors (B, T, C): embeddings, after each block
+    attentions: list[torch.Tensor] | None = None  # n_layer tensors (B, nh, T, S) of attention weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention and MLP
+# ----------------------------------------------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Causal self-attention with multi-head, grouped-query or multi-query heads.
+
+        MHA (nkv == nh)    GQA (1 < nkv < nh)     MQA (nkv == 1)
+        q: h h h h         q: h h h h             q: h h h h
+        k: h h h h         k:  h   h              k:    h
+    Each group of nh/nkv query heads shares one key/value head: a smaller KV cache for the same number of queries.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, nh, nkv, hd = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = nh, nkv, hd
+        self.q_proj = nn.Linear(C, nh * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(C, nkv * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(C, nkv * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(nh * hd, C, bias=config.o_bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos=None, sin=None, mask=None, is_causal=False, cache=None, layer=0, write_idx=None,
+                kv_len=None, need_weights=False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write the new keys/values at each row's slots, then attend to slots [0, kv_len)
+            idx = write_idx[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)  # (B, nkv, T, hd)
+            cache.k[layer].scatter_(2, idx, k.to(cache.k.dtype))
+            cache.v[layer].scatter_(2, idx, v.to(cache.v.dtype))
+            k = cache.k[layer][:, :, :kv_len].to(q.dtype)  # (B, nkv, S, hd)
+            v = cache.v[layer][:, :, :kv_len].to(q.dtype)  # (B, nkv, S, hd)
+        dropout = self.dropout if self.training else 0.0
+        if need_weights:
+            y, weights = _attention_with_weights(q, k, v, mask, is_causal)
+        else:
+            if self.n_kv_head != self.n_head:  # expand shared kv heads to their query groups
+                rep = self.n_head // self.n_kv_head
+                k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+                v = v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            weights = None
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.resid_dropout(self.o_proj(y)), weights
+
+
+def _attention_with_weights(q, k, v, mask, is_causal):
+    """The explicit softmax(q k^T / sqrt(hd) + mask) v, used when attention maps are asked for."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    T, S = scores.shape[-2:]
+    if is_causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights  # (B, nh, T, hd), (B, nh, T, S)
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu(up(x))).  Llama (SwiGLU): down(silu(gate(x)) * up(x)) — a learned gate per channel."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, H, bias = config.n_embd, config.intermediate_size, config.mlp_bias
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, H)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, H)
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = Attention(config)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, need_weights=False, **attn_kwargs):
+        a, weights = self.attn(self.norm_1(x), need_weights=need_weights, **attn_kwargs)
+        x = x + a
+        x = x + self.mlp(self.norm_2(x))
+        return x, weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_embedding == "rope":
+            self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (hd/2,)
+        else:
+            self.inv_freq = None
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied lm_head is counted once)."""
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.config, batch_size, max_len or self.config.block_size,
+                       device=device or p.device, dtype=dtype or p.dtype)
+
+    def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for each (row, position): (B, 1, T, hd). Computed in fp32, then cast (as Hugging Face does)."""
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | ForwardOutput:
+        """Logits for every position (B, T, V), or only the last `logits_to_keep` positions.
+
+        input_ids:      (B, T) token ids
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (left padding for batched generation)
+        position_ids:   (B, T) optional; by default each row counts its real tokens (cached ones included)
+        kv_cache:       a `KVCache`: the new tokens are appended to it and attend to everything cached before
+        inputs_embeds:  (B, T, C) optional embeddings used instead of looking up input_ids (soft prompts)
+        Returns logits, or a `ForwardOutput` when hidden states or attention weights are asked for.
+        """
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T = x.shape[:2]
+        device = x.device
+        new_mask = attention_mask.bool() if attention_mask is not None else None  # (B, T)
+        if new_mask is not None and new_mask.shape != (B, T):
+            raise GenerationError(f"attention_mask shape {tuple(new_mask.shape)} does not match input {(B, T)}")
+
+        # --- positions, and the mask over keys -------------------------------------------------------------
+        mask, is_causal, write_idx, kv_len = None, False, None, None
+        if kv_cache is not None:
+            if kv_cache.batch_size != B:
+                raise GenerationError(f"KV cache holds {kv_cache.batch_size} rows but the input has {B}")
+            write_idx = kv_cache.lengths[:, None] + torch.arange(T, device=device)  # (B, T) slot of each new token
+            kv_len = int(kv_cache.lengths.max()) + T
+            if kv_len > kv_cache.max_len:
+                raise GenerationError(f"sequence of {kv_len} tokens exceeds the KV cache size {kv_cache.max_len}")
+            valid = new_mask if new_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+            if position_ids is None:
+                position_ids = kv_cache.positions[:, None] + valid.long().cumsum(1) - 1  # (B, T)
+                position_ids = position_ids.clamp(min=0)
+            kv_cache.key_mask.scatter_(1, write_idx, valid)
+            keys = kv_cache.key_mask[:, :kv_len]  # (B, S)
+            slots = torch.arange(kv_len, device=device)[None, None, :]  # (1, 1, S)
+            causal = slots <= write_idx[:, :, None]  # (B, T, S)
+            if self.config.sliding_window:
+                causal &= slots > write_idx[:, :, None] - self.config.sliding_window
+            # a padding query sees only itself (a softmax over nothing would be NaN); real queries never see padding
+            mask = (causal & (keys[:, None, :] | (slots == write_idx[:, :, None])))[:, None]  # (B, 1, T, S)
+            if T == 1 and not self.config.sliding_window and bool(mask.all()):
+                mask = None  # one new token that may see every cached slot: no mask needed
+        else:
+            if position_ids is None:
+                if new_mask is not None:
+                    position_ids = (new_mask.long().cumsum(1) - 1).clamp(min=0)
+                else:
+                    position_ids = torch.arange(T, device=device)[None].expand(B, T)
+            if new_mask is None and not self.config.sliding_window:
+                is_causal = True
+            else:
+                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+                if self.config.sliding_window:
+                    causal = causal.triu(-(self.config.sliding_window - 1))
+                mask = causal[None, None]  # (1, 1, T, T)
+                if new_mask is not None:
+                    mask = mask & new_mask[:, None, None, :]  # (B, 1, T, T)
+                    # a fully padded query row would softmax over nothing (NaN): let it see itself
+                    mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
+
+        if self.wpe is not None:
+            if int(position_ids.max()) >= self.config.block_size:
+                raise GenerationError(
+                    f"position {int(position_ids.max())} is beyond the context window of {self.config.block_size}")
+            x = x + self.wpe(position_ids)  # (B, T, C)
+            cos = sin = None
+        else:
+            cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, hd)
+        x = self.drop(x)
+
+        hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
+        for i, block in enumerate(self.blocks):
+            x, w = block(x, need_weights=output_attentions, cos=cos, sin=sin, mask=mask, is_causal=is_causal,
+                         cache=kv_cache, layer=i, write_idx=write_idx, kv_len=kv_len)
+            if output_hidden_states:
+                hidden.append(x)
+            if output_attentions:
+                attentions.append(w)
+        if kv_cache is not None:
+            kv_cache.lengths += T
+            last = position_ids.masked_fill(~valid, -1).max(1).values + 1  # (B,) next position of each row
+            kv_cache.positions.copy_(torch.maximum(kv_cache.positions, last))
+        x = self.norm_f(x)  # (B, T, C)
+        if output_hidden_states:
+            hidden[-1] = x  # as Hugging Face: the last hidden state is after the final norm
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+        if output_hidden_states or output_attentions:
+            return ForwardOutput(logits=logits, hidden_states=hidden, attentions=attentions)
+        return logits
