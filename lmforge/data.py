@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 # A fixed, ordered list so the corpus is the same text on every machine with the same Python version.
 _STDLIB_MODULES = (
@@ -39,7 +40,9 @@ def _module_docs(name: str) -> list[str]:
     for attr in sorted(vars(mod)):
         if attr.startswith("_"):
             continue
-        obj = getattr(mod, attr)
+        with warnings.catch_warnings():  # e.g. typing.re warns when touched
+            warnings.simplefilter("ignore")
+            obj = getattr(mod, attr)
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 80:
