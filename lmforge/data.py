@@ -40,9 +40,7 @@ def _module_docs(name: str) -> list[str]:
     for attr in sorted(vars(mod)):
         if attr.startswith("_"):
             continue
-        with warnings.catch_warnings():  # e.g. typing.re warns when touched
-            warnings.simplefilter("ignore")
-            obj = getattr(mod, attr)
+        obj = getattr(mod, attr)
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None) == name:
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 80:
@@ -55,8 +53,10 @@ def builtin_documents() -> list[str]:
     import pydoc_data.topics
 
     docs = [pydoc_data.topics.topics[k].strip() for k in sorted(pydoc_data.topics.topics)]
-    for name in _STDLIB_MODULES:
-        docs.extend(_module_docs(name))
+    with warnings.catch_warnings():  # touching deprecated aliases (typing.re, typing.io) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in _STDLIB_MODULES:
+            docs.extend(_module_docs(name))
     seen, unique = set(), []
     for d in docs:  # several names alias one object: keep the first copy
         if d and d not in seen:
