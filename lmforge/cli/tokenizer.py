@@ -1,0 +1,176 @@
+"""`lmforge tokenizer train|encode|decode|info`: train a byte-level BPE and look inside it.
+
+    lmforge tokenizer train --vocab-size 2048 --out runs/tok            # the embedded corpus, no download
+    lmforge tokenizer encode -t runs/tok --show "The def statement"     # ids and the pieces they stand for
+    lmforge tokenizer decode -t runs/tok 464 825 2643
+    lmforge tokenizer info -t runs/tok
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import TokenizerError
+
+# alternating background colours make token boundaries visible (as in the tiktokenizer web app)
+_COLOURS = ["\x1b[48;5;153m\x1b[30m", "\x1b[48;5;223m\x1b[30m", "\x1b[48;5;157m\x1b[30m", "\x1b[48;5;217m\x1b[30m"]
+_RESET = "\x1b[0m"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tokenizer", help="train, inspect and run tokenizers",
+                              description="Train a byte-level BPE tokenizer and use it.")
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION")
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    t = sub.add_parser("train", help="learn a BPE vocabulary from text files (default: the embedded corpus)")
+    t.add_argument("files", nargs="*", type=Path, help="UTF-8 text files (none: the embedded stdlib corpus)")
+    t.add_argument("--vocab-size", type=int, default=4096, help="total vocabulary incl. 256 bytes and specials")
+    t.add_argument("--out", required=True, type=Path, help="a directory (gets tokenizer.json) or a .json path")
+    t.add_argument("--special", action="append", default=None, metavar="TOKEN",
+                   help="a special token (repeatable; default: <|endoftext|>)")
+    t.add_argument("--pattern", default="gpt2", help="pre-tokenization: gpt2, gpt4, llama3 or a regex")
+    t.add_argument("--kind", choices=["bpe", "word", "char"], default="bpe",
+                   help="bpe (default), or the teaching baselines word / char")
+    t.add_argument("--workers", type=int, default=None, help="pre-tokenization processes (default: CPU count)")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("encode", help="text -> token ids")
+    _tok_arg(e)
+    e.add_argument("text", nargs="?", help="text to encode (default: --file or stdin)")
+    e.add_argument("--file", type=Path, help="encode this file instead")
+    e.add_argument("--show", action="store_true", help="print each token's piece, coloured")
+    e.add_argument("--allow-special", action="store_true",
+                   help="encode special-token text such as <|endoftext|> as its id (default: an error)")
+    e.set_defaults(func=cmd_encode)
+
+    d = sub.add_parser("decode", help="token ids -> text")
+    _tok_arg(d)
+    d.add_argument("ids", nargs="*", help="ids (space or comma separated; default: stdin)")
+    d.set_defaults(func=cmd_decode)
+
+    i = sub.add_parser("info", help="vocabulary size, special tokens, first merges, compression ratio")
+    _tok_arg(i)
+    i.add_argument("--sample", type=Path, help="text file to measure bytes/token on (default: embedded corpus)")
+    i.add_argument("--merges", type=int, default=10, help="how many first merges to print")
+    i.set_defaults(func=cmd_info)
+
+
+def _tok_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-t", "--tokenizer", required=True, type=Path,
+                   help="tokenizer.json, or a directory holding one (e.g. a model directory)")
+
+
+def _load(path: Path):
+    from ..tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _use_colour() -> bool:
+    return sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
+
+
+def _visible(piece: bytes) -> str:
+    text = piece.decode("utf-8", errors="replace")
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..data import builtin_corpus
+    from ..tokenizer import ENDOFTEXT, Tokenizer
+    from ..tokenizers_basic import CharTokenizer, WordTokenizer
+
+    sources = list(args.files) if args.files else [builtin_corpus()]
+    label = ", ".join(str(f) for f in args.files) if args.files else "the embedded corpus"
+    specials = args.special if args.special is not None else [ENDOFTEXT]
+    t0 = time.perf_counter()
+    if args.kind == "bpe":
+        tok = Tokenizer.train(sources, args.vocab_size, special_tokens=specials, pattern=args.pattern,
+                              num_workers=args.workers)
+    else:
+        cls = WordTokenizer if args.kind == "word" else CharTokenizer
+        tok = cls.train(sources, None if args.kind == "char" else args.vocab_size)
+    dt = time.perf_counter() - t0
+    out = tok.save(args.out)
+    print(f"trained a {args.kind} tokenizer on {label}: vocab {tok.vocab_size}, {len(tok.merges)} merges, "
+          f"{len(tok.special_tokens)} special token(s) in {dt:.1f}s")
+    print(f"saved {out}")
+    if tok.merges:
+        shown = ", ".join(f"{_visible(a)!r}+{_visible(b)!r}" for a, b in tok.merges[:8])
+        print(f"first merges: {shown}")
+    example = "def tokenize(text): return text.split()  # 42 tokens?"
+    ids = tok.encode(example)
+    print(f"example: {example!r} -> {len(ids)} tokens: " + "|".join(_visible(tok.vocab[i]) for i in ids))
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from ..tokenizer import read_text_file
+
+    tok = _load(args.tokenizer)
+    if args.file is not None:
+        text = read_text_file(args.file)
+    elif args.text is not None:
+        text = args.text
+    else:
+        text = sys.stdin.read()
+    ids = tok.encode(text, allowed_special="all" if args.allow_special else frozenset())
+    if not args.show:
+        print(" ".join(map(str, ids)))
+        return 0
+    colour = _use_colour()
+    parts = []
+    for k, i in enumerate(ids):
+        piece = _visible(tok.vocab[i])
+        parts.append(f"{_COLOURS[k % len(_COLOURS)]}{piece}{_RESET}" if colour else piece)
+    print(("" if colour else "|").join(parts))
+    print(" ".join(map(str, ids)))
+    n_bytes = len(text.encode("utf-8"))
+    print(f"{len(ids)} tokens, {n_bytes} bytes, {n_bytes / max(1, len(ids)):.2f} bytes/token")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    tok = _load(args.tokenizer)
+    raw = " ".join(args.ids) if args.ids else sys.stdin.read()
+    try:
+        ids = [int(x) for x in raw.replace(",", " ").split()]
+    except ValueError:
+        bad = next(x for x in raw.replace(",", " ").split() if not x.lstrip("-").isdigit())
+        raise TokenizerError(f"token id {bad!r} is not an integer") from None
+    sys.stdout.write(tok.decode(ids) + "\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..data import builtin_corpus
+    from ..tokenizer import pattern_name, read_text_file
+
+    tok = _load(args.tokenizer)
+    print(f"kind:            {type(tok).__name__} ({getattr(tok, 'kind', '?')})")
+    print(f"vocab size:      {tok.vocab_size}")
+    print(f"merges:          {len(tok.merges)}")
+    pattern = getattr(tok, "pattern", None)
+    if pattern:
+        print(f"pre-tokenizer:   {pattern_name(pattern)}")
+    specials = ", ".join(f"{s}={i}" for s, i in tok.special_tokens.items()) or "(none)"
+    print(f"special tokens:  {specials}")
+    print(f"bos / eos / pad: {tok.bos_token_id} / {tok.eos_token_id} / {tok.pad_token_id}"
+          f"   add_bos_token: {tok.add_bos_token}")
+    print(f"chat template:   {'yes' if tok.chat_template else 'no'}")
+    for k, (a, b) in enumerate(tok.merges[:args.merges]):
+        print(f"  merge {k:>4}: {_visible(a)!r} + {_visible(b)!r} -> {_visible(a + b)!r}")
+    sample = read_text_file(args.sample) if args.sample else builtin_corpus()[:200_000]
+    t0 = time.perf_counter()
+    ids = tok.encode(sample, disallowed_special=())
+    dt = time.perf_counter() - t0
+    n_bytes = len(sample.encode("utf-8"))
+    where = args.sample or "200 KB of the embedded corpus"
+    print(f"compression:     {n_bytes / max(1, len(ids)):.2f} bytes/token on {where} "
+          f"({len(ids)} tokens, {n_bytes / max(dt, 1e-9) / 1e6:.1f} MB/s)")
+    return 0
