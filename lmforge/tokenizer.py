@@ -352,6 +352,42 @@ def train_bpe(counts: dict[bytes, int], num_tokens: int, progress: bool | None =
     return merges
 
 
+def train_bpe_naive(counts: dict[bytes, int], num_tokens: int) -> list[tuple[bytes, bytes]]:
+    """The textbook loop, for teaching and as a test oracle: recount every pair after every merge.
+
+    Same result as `train_bpe` (same tie rule, same handling of a merge that re-creates an existing token), but
+    each merge costs a pass over all pre-tokens — O(merges x corpus) instead of O(merges x affected words).
+    """
+    words = [[bytes([x]) for x in w] for w in counts]
+    freqs = list(counts.values())
+    known = {bytes([i]) for i in range(256)}
+    merges: list[tuple[bytes, bytes]] = []
+    n_new = 0
+    while n_new < num_tokens:
+        pairs: dict[tuple[bytes, bytes], int] = {}
+        for w, f in zip(words, freqs):
+            for p in zip(w, w[1:]):
+                pairs[p] = pairs.get(p, 0) + f
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # highest count, then the greater byte pair
+        merges.append(best)
+        if best[0] + best[1] not in known:
+            known.add(best[0] + best[1])
+            n_new += 1
+        for k, w in enumerate(words):
+            out, i = [], 0
+            while i < len(w):
+                if i < len(w) - 1 and (w[i], w[i + 1]) == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[k] = out
+    return merges
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------
