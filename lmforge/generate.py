@@ -638,6 +638,15 @@ def _eos_ids(lm) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
+def encode_text(tok, text: str) -> list[int]:
+    """Text -> ids with special-token text (e.g. "<|endoftext|>") read as the special token, as Hugging Face
+    tokenizers do for prompts: the prompt's author controls the whole context in a completion API."""
+    try:
+        return list(tok.encode(text, allowed_special="all"))
+    except TypeError:  # a tokenizer without tiktoken-style special-token control
+        return list(tok.encode(text))
+
+
 def encode_prompt(lm, prompt: str | Sequence[int], *, add_bos: bool | None = None) -> list[int]:
     """Text -> ids, with BOS prepended when the tokenizer says the model expects it (Llama, llama2.c).
     A list of ints is taken as already tokenized."""
@@ -646,7 +655,9 @@ def encode_prompt(lm, prompt: str | Sequence[int], *, add_bos: bool | None = Non
             raise GenerationError("a prompt must be a string or a list of token ids")
         return list(prompt)
     tok = lm.tokenizer
-    ids = list(tok.encode(prompt))
+    if tok is None:
+        raise GenerationError("this model has no tokenizer: pass the prompt as a list of token ids")
+    ids = encode_text(tok, prompt)
     if add_bos is None:
         add_bos = bool(getattr(tok, "add_bos_token", False))
     bos = getattr(tok, "bos_token_id", None)
@@ -757,11 +768,9 @@ def _chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
 
 def _encode_chat(lm, text: str) -> list[int]:
     """Chat prompts are tokenized with special tokens recognised and without adding BOS (the template did)."""
-    tok = lm.tokenizer
-    try:
-        return list(tok.encode(text, allowed_special="all"))
-    except TypeError:  # a tokenizer without tiktoken-style special-token control
-        return list(tok.encode(text))
+    if lm.tokenizer is None:
+        raise GenerationError("this model has no tokenizer, so it cannot chat")
+    return encode_text(lm.tokenizer, text)
 
 
 def chat(lm, messages: Sequence[dict], tools: list[dict] | None = None, **controls: Any) -> str:
@@ -839,7 +848,7 @@ def score_batch(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> l
     tok = lm.tokenizer
     for prompt, continuation in pairs:
         ctx = encode_prompt(lm, prompt)
-        cont = list(tok.encode(continuation))
+        cont = encode_prompt(lm, continuation, add_bos=False)
         if not cont:
             raise GenerationError("continuation to score is empty")
         if not ctx:  # nothing to condition the first token on: use the document separator, as lm-eval does
