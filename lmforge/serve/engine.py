@@ -1,0 +1,458 @@
+"""The continuous-batching engine: many requests share one model, one KV cache and one forward per step.
+
+Why batch at all? Decoding one token for one sequence reads every weight of the model once; on a CPU (and even
+more on a GPU) that is bandwidth-bound, so decoding B sequences in one forward costs barely more than one.
+*Static* batching (wait for B requests, run them to the end together) wastes that: short requests sit finished
+while the longest one runs, and new requests wait for the whole batch. *Continuous* (or "in-flight") batching
+(Yu et al. 2022, "Orca"; vLLM, TGI) schedules at the granularity of one decode step instead:
+
+    loop:
+        drop the sequences whose client went away
+        admit waiting requests into free KV-cache slots (prefill: one forward over the prompt)
+        one decode forward for every active slot at once (each row at its own length and position)
+        sample each row with its own controls and RNG; finished rows leave the batch at once
+
+The KV cache (`lmforge.model.KVCache`) is pre-allocated for `max_batch` rows of `max_len` slots and keeps a
+length, a key mask and a next position per row, so rows of different lengths decode together. Active sequences
+are kept packed in rows 0..n-1: when one leaves, the last row's keys and values move into its slot, and the
+decode forward runs on `cache.rows(0, n)` only (its cost follows the number of live requests, not `max_batch`).
+
+The engine speaks token ids (as nanochat's engine does): text, chat templates, stop strings and detokenization
+belong to the server (`lmforge.serve.app`). Sampling reuses `lmforge.generate`'s small pure functions, each
+request with its own `torch.Generator`, so a request's output does not depend on what else is in the batch: a
+seeded request gives the same tokens served alone or among 31 others (tests/test_serve_engine.py checks this).
+
+All model work (prefill, decode, embeddings, scoring) runs on one background thread; other threads talk to it
+through `submit`, `cancel` and `call`, which only touch queues under a lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GenerationError, LmforgeError
+from ..generate import SamplingParams, greedy, process_logits, sample
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusyError(LmforgeError):
+    """The waiting queue is full: the server answers 429 and the client retries later."""
+
+
+class EngineStoppedError(LmforgeError):
+    """The engine is not running (shutting down, or its loop died): the server answers 503."""
+
+
+class TokenConstraint(Protocol):
+    """Restricts which token may come next (used for JSON mode and forced tool calls; see `constrain.py`)."""
+
+    def allows(self, token_id: int) -> bool: ...
+
+    def advance(self, token_id: int) -> None: ...
+
+    def is_complete(self) -> bool: ...
+
+
+@dataclass
+class Event:
+    """What the engine reports for a sequence: one sampled token, the prompt's logprobs, or the end."""
+
+    token_id: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None  # per prompt token
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state inside the engine."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    constraint: TokenConstraint | None = None
+    prompt_logprobs: int | None = None
+    output_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # (1, V) bool: tokens in prompt or output (repetition_penalty)
+    counts: torch.Tensor | None = None  # (1, V) long: generated-token counts (frequency/presence penalties)
+    pending: int | None = None  # sampled, not yet fed through the model
+    cancelled: bool = False
+    finished: bool = False
+    finish_reason: str | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class Engine:
+    """Continuous batching over one `Transformer`.
+
+        engine = Engine(lm.model, max_batch=16, eos_token_ids=[tok.eos_token_id]).start()
+        seq = engine.submit(prompt_ids, SamplingParams(max_new_tokens=20, temperature=0), on_event=print)
+        ...
+        engine.shutdown()
+
+    `submit` is thread-safe and returns at once; events arrive on the engine thread through `on_event` (keep
+    the callback short: hand the event to your own queue or event loop). `params.stop` strings are ignored
+    here (text is the server's business); `params.stop_token_ids` and `eos_token_ids` end a sequence.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_len: int | None = None,
+                 max_queue: int = 256, eos_token_ids: list[int] | tuple[int, ...] = ()):
+        if max_batch < 1:
+            raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.config = model.config
+        self.max_batch = max_batch
+        # the cache holds max_batch x max_len slots per layer; learned positions end at block_size
+        self.max_len = min(max_len or 2048, self.config.block_size)
+        self.max_queue = max_queue
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids if i is not None)
+        self.device = next(model.parameters()).device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.active: list[Sequence] = []  # row i of the cache holds active[i]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.error: str | None = None
+        # counters read by /metrics and the benchmark
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.batch_size_sum = 0  # sum over decode steps of the rows decoded (mean batch = sum / steps)
+
+    # ---- public, thread-safe -------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        with self.cond:
+            if self.running:
+                return self
+            self.running = True
+        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+        with self.cond:
+            pending = list(self.waiting) + list(self.active)
+            calls = list(self.calls)
+            self.waiting.clear()
+            self.active.clear()
+            self.calls.clear()
+        for seq in pending:
+            self._finish(seq, "cancelled")
+        for _, fut in calls:
+            fut.set_exception(EngineStoppedError("the engine shut down"))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[Event], None],
+               constraint: TokenConstraint | None = None, prompt_logprobs: int | None = None) -> Sequence:
+        """Queue a request. Raises GenerationError (bad input), EngineBusyError (queue full), EngineStoppedError.
+
+        prompt_logprobs: report log p(prompt[j] | prompt[:j]) for every j >= 1 (and this many alternatives):
+        what the OpenAI API's `echo` + `logprobs` return, and how lm-evaluation-harness scores a continuation.
+        """
+        if not prompt_ids:
+            raise GenerationError("the prompt is empty: give at least one token")
+        V = self.config.vocab_size
+        bad = [i for i in prompt_ids if not (isinstance(i, int) and 0 <= i < V)]
+        if bad:
+            raise GenerationError(f"token id {bad[0]!r} is outside the vocabulary (size {V})")
+        if len(prompt_ids) + params.max_new_tokens > self.max_len:
+            raise GenerationError(
+                f"prompt of {len(prompt_ids)} tokens + max_tokens {params.max_new_tokens} exceeds the context "
+                f"window of {self.max_len} tokens")
+        seq = Sequence(list(prompt_ids), params, on_event, constraint, prompt_logprobs)
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 2
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self.cond:
+            if not self.running:
+                raise EngineStoppedError(self.error or "the engine is not running")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusyError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self.waiting.append(seq)
+            self.cond.notify_all()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request (client gone, or a stop string matched): its slot is freed before the next step."""
+        with self.cond:
+            seq.cancelled = True
+            self.cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps (model access is never concurrent)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            if not self.running:
+                raise EngineStoppedError(self.error or "the engine is not running")
+            self.calls.append((fn, fut))
+            self.cond.notify_all()
+        return fut
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def num_active(self) -> int:
+        return len(self.active)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, timeout: float | None = None) -> list[int]:
+        """Blocking convenience (tests, benchmarks): the generated ids of one request."""
+        done, out = threading.Event(), []
+
+        def on_event(ev: Event) -> None:
+            if ev.token_id is not None:
+                out.append(ev.token_id)
+            if ev.finish_reason is not None:
+                done.set()
+
+        self.submit(prompt_ids, params, on_event)
+        if not done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        return out
+
+    # ---- the scheduler loop (engine thread) -----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self.cond:
+                        while self.running and not (self.waiting or self.active or self.calls):
+                            self.cond.wait()
+                        if not self.running:
+                            return
+                        calls = list(self.calls)
+                        self.calls.clear()
+                        for seq in [s for s in self.waiting if s.cancelled]:
+                            self.waiting.remove(seq)
+                            self._finish(seq, "cancelled")
+                        admit = []
+                        while self.waiting and len(self.active) + len(admit) < self.max_batch:
+                            admit.append(self.waiting.popleft())
+                    for fn, fut in calls:
+                        if fut.set_running_or_notify_cancel():
+                            try:
+                                fut.set_result(fn())
+                            except Exception as e:  # the caller gets it from the future and decides
+                                fut.set_exception(e)
+                    self._drop_cancelled()
+                    for seq in admit:
+                        self._prefill(seq)
+                    if self.active:
+                        self._decode_step()
+        except Exception as e:  # a bug: fail every request loudly instead of leaving them hanging
+            log.exception("engine loop crashed")
+            self.error = f"engine stopped after an internal error: {type(e).__name__}: {e}"
+            with self.cond:
+                self.running = False
+                pending = list(self.waiting) + list(self.active)
+                self.waiting.clear()
+                self.active.clear()
+            for seq in pending:
+                self._finish(seq, "error")
+            self.shutdown()
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self.active))):
+            seq = self.active[row]
+            if seq.cancelled:
+                self._retire(row, "cancelled")
+
+    def _retire(self, row: int, reason: str) -> None:
+        """Free a cache row, keeping active rows packed: the last row moves into the hole."""
+        seq = self.active[row]
+        last = len(self.active) - 1
+        c = self.cache
+        if row != last:
+            L = int(c.lengths[last])
+            c.k[:, row, :, :L] = c.k[:, last, :, :L]
+            c.v[:, row, :, :L] = c.v[:, last, :, :L]
+            c.key_mask[row] = c.key_mask[last]
+            c.lengths[row] = c.lengths[last]
+            c.positions[row] = c.positions[last]
+            self.active[row] = self.active[last]
+        self.active.pop()
+        c.reset(last)
+        self._finish(seq, reason)
+
+    def _prefill(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            self._finish(seq, "cancelled")
+            return
+        row = len(self.active)
+        self.cache.reset(row)
+        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        want_prompt = seq.prompt_logprobs is not None
+        logits = self.model(ids, kv_cache=self.cache.rows(row, row + 1),
+                            logits_to_keep=0 if want_prompt else 1)  # (1, T or 1, V)
+        self.prompt_tokens += len(seq.prompt_ids)
+        V = self.config.vocab_size
+        p = seq.params
+        if p.repetition_penalty not in (None, 1.0):
+            seq.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
+            seq.seen[0, ids[0]] = True
+        if p.frequency_penalty or p.presence_penalty:
+            seq.counts = torch.zeros(1, V, dtype=torch.long, device=self.device)
+        self.active.append(seq)
+        if want_prompt:
+            self._send(seq, Event(prompt_logprobs=self._prompt_logprobs(seq, logits[0])))
+        if p.max_new_tokens == 0:
+            self._retire(row, "length")
+            return
+        self._emit_rows([row], logits[:, -1])
+
+    def _decode_step(self) -> None:
+        n = len(self.active)
+        ids = torch.tensor([[s.pending] for s in self.active], dtype=torch.long, device=self.device)  # (n, 1)
+        logits = self.model(ids, kv_cache=self.cache.rows(0, n))  # (n, 1, V), each row at its own position
+        self.steps += 1
+        self.batch_size_sum += n
+        self._emit_rows(list(range(n)), logits[:, -1])
+
+    def _emit_rows(self, rows: list[int], logits: torch.Tensor) -> None:
+        """Sample the next token of each active[row] from logits (len(rows), V); report it; retire finished rows."""
+        seqs = [self.active[r] for r in rows]
+        tokens = self._sample(seqs, logits)
+        need_lp = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        logprobs = F.log_softmax(logits[need_lp].float(), dim=-1) if need_lp else None  # the model's own
+        lp_row = {i: j for j, i in enumerate(need_lp)}
+        done: list[tuple[int, str]] = []
+        now = time.perf_counter()
+        for i, (row, seq, token) in enumerate(zip(rows, seqs, tokens)):
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if token is None:  # the constraint allows nothing more
+                done.append((row, "stop"))
+                continue
+            p = seq.params
+            seq.output_ids.append(token)
+            self.generated_tokens += 1
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+            if seq.counts is not None:
+                seq.counts[0, token] += 1
+            if not p.ignore_eos and (token in self.eos_token_ids or token in p.stop_token_ids):
+                done.append((row, "stop"))  # the stop token is not part of the output
+                continue
+            ev = Event(token_id=token)
+            if i in lp_row:
+                lp = logprobs[lp_row[i]]
+                ev.logprob = float(lp[token])
+                ev.top_logprobs = _top(lp, p.top_logprobs)
+            self._send(seq, ev)
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
+                if seq.constraint.is_complete():
+                    done.append((row, "stop"))
+                    continue
+            if len(seq.output_ids) >= p.max_new_tokens or int(self.cache.lengths[row]) + 1 >= self.max_len:
+                done.append((row, "length"))
+                continue
+            seq.pending = token
+        for row, reason in sorted(done, reverse=True):  # highest row first: moves never touch a retired row
+            self._retire(row, reason)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
+        """One token per sequence with `lmforge.generate`'s controls. Rows with the same controls are processed
+        as one batch; every row draws from its own generator, so its tokens do not depend on its neighbours."""
+        out: list[int | None] = [None] * len(seqs)
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            p = s.params
+            key = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.frequency_penalty,
+                   p.presence_penalty)
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            params = seqs[idx[0]].params
+            seen = torch.cat([seqs[i].seen for i in idx]) if seqs[idx[0]].seen is not None else None
+            counts = torch.cat([seqs[i].counts for i in idx]) if seqs[idx[0]].counts is not None else None
+            scores = process_logits(logits[idx], params, seen, counts)  # (b, V)
+            free = [j for j, i in enumerate(idx) if seqs[i].constraint is None]
+            if free:
+                sub = scores[free]
+                picked = greedy(sub) if params.greedy else sample(sub, [seqs[idx[j]].generator for j in free])
+                for j, t in zip(free, picked.tolist()):
+                    out[idx[j]] = t
+            for j, i in enumerate(idx):
+                if seqs[i].constraint is not None:
+                    out[i] = self._sample_constrained(seqs[i], scores[j], logits[i].float())
+        return out
+
+    @staticmethod
+    def _sample_constrained(seq: Sequence, scores: torch.Tensor, raw: torch.Tensor) -> int | None:
+        """Rejection sampling: draw as usual; a token the constraint refuses is removed and the draw repeated.
+        This samples exactly the controlled distribution restricted to the allowed tokens (renormalized)."""
+        c, p = seq.constraint, seq.params
+        scores = scores.clone()
+
+        def pick(s: torch.Tensor) -> int:
+            return int(greedy(s[None])[0]) if p.greedy else int(sample(s[None], seq.generator)[0])
+
+        for _ in range(32):
+            if not bool(torch.isfinite(scores).any()):
+                break
+            token = pick(scores)
+            if c.allows(token):
+                return token
+            scores[token] = float("-inf")
+        # Rare: most of the mass sits on refused tokens. Scan the rest (the filtered pool first, then everything).
+        for pool in (scores, raw):
+            order = torch.argsort(pool, descending=True).tolist()
+            allowed = [i for i in order if pool[i] > float("-inf") and c.allows(i)]
+            if allowed:
+                masked = torch.full_like(pool, float("-inf"))
+                masked[allowed] = pool[allowed]
+                return pick(masked)
+        return None
+
+    @staticmethod
+    def _prompt_logprobs(seq: Sequence, logits: torch.Tensor) -> list:
+        """log p(prompt[j] | prompt[:j]) for j >= 1 with the top alternatives; None for the first. logits: (T, V)."""
+        k = seq.prompt_logprobs or 0
+        logprobs = F.log_softmax(logits[:-1].float(), dim=-1)  # (T-1, V): position j predicts token j+1
+        targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long, device=logits.device)
+        picked = logprobs.gather(1, targets[:, None])[:, 0].tolist() if len(targets) else []
+        out: list = [None]
+        for j, lp in enumerate(picked):
+            out.append((lp, _top(logprobs[j], k)))
+        return out
+
+    def _send(self, seq: Sequence, ev: Event) -> None:
+        try:
+            seq.on_event(ev)
+        except Exception:  # a broken callback (e.g. its event loop closed) cancels that request, nothing else
+            log.exception("event callback failed; cancelling the request")
+            seq.cancelled = True
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finished:
+            return
+        seq.finished, seq.finish_reason = True, reason
+        self._send(seq, Event(finish_reason=reason, error=self.error if reason == "error" else None))
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token id, logprob) pairs of a (V,) row, most likely first."""
+    if not k:
+        return []
+    vals, ids = logprobs.topk(min(k, logprobs.shape[-1]))
+    return list(zip(ids.tolist(), vals.tolist()))
