@@ -392,6 +392,28 @@ def train_bpe_naive(counts: dict[bytes, int], num_tokens: int) -> list[tuple[byt
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------
 
+
+def _check_ids(vocab: dict[int, bytes], ids: Iterable[int], size: int) -> list[int]:
+    out = []
+    for i in ids:
+        try:
+            j = int(i)  # plain ints, numpy ints, 0-d tensors
+        except (TypeError, ValueError):
+            raise TokenizerError(f"token id {i!r} is not an integer") from None
+        if j not in vocab:
+            raise TokenizerError(f"token id {j} is not in the vocabulary (size {size})")
+        out.append(j)
+    return out
+
+
+def _join_bytes(vocab: dict[int, bytes], ids: Iterable[int], size: int) -> bytes:
+    if not isinstance(ids, list):
+        ids = list(ids)
+    try:
+        return b"".join([vocab[i] for i in ids])
+    except (KeyError, TypeError):  # rare: numpy/torch ints, or a bad id -> check one by one
+        return b"".join([vocab[i] for i in _check_ids(vocab, ids, size)])
+
 AllowedSpecial = Literal["all"] | Collection[str]
 
 
@@ -620,8 +642,6 @@ class Tokenizer:
         return ids
 
     def _encode_ordinary_py(self, text: str) -> list[int]:
-        if self.normalizer == "NFC":
-            text = unicodedata.normalize("NFC", text)
         out: list[int] = []
         cache = self._cache
         for piece in self._re.findall(text):
@@ -639,7 +659,7 @@ class Tokenizer:
         """The tiktoken.Encoding for these ranks, or None when the ranks cannot be expressed in tiktoken's rule."""
         if not self._tt_checked:
             self._tt_checked = True
-            if self.use_fast and self.normalizer is None and not self.ignore_merges and self._ranks_consistent():
+            if self.use_fast and self._ranks_consistent():
                 import tiktoken
 
                 try:
@@ -656,7 +676,8 @@ class Tokenizer:
         Needed: every non-byte token is made by exactly one merge, ids grow with merge order (an id is the
         tiktoken rank), and every token encodes to itself under the merge rule (a token that merge-order BPE
         cannot reach, e.g. "abc" when the merges force "a"+"bc" but only "ab"+"c" is learned, would be
-        reachable under tiktoken's rule).
+        reachable under tiktoken's rule). The last condition also makes Llama 3's `ignore_merges` a no-op: a
+        pre-token that is a whole token already encodes to itself.
         """
         if len(self._merge_ranks) != len(self.merges) or len(self._mergeable) != 256 + len(self.merges):
             return False
@@ -683,6 +704,8 @@ class Tokenizer:
         """Encode text with no special-token handling at all (special-token text is plain text)."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        if self.normalizer == "NFC":  # Qwen 2: canonical composition first ("e" + U+0301 -> "é")
+            text = unicodedata.normalize("NFC", text)
         if self.added_tokens:
             return self._encode_with_named(text, set(), fast)
         tt = self._fast() if fast is not False else None
@@ -715,8 +738,10 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
         allowed = self._resolve_special(text, allowed_special, disallowed_special)
-        if not allowed and not self.added_tokens:
+        if not allowed:
             return self.encode_ordinary(text, fast=fast)
+        if self.normalizer == "NFC":
+            text = unicodedata.normalize("NFC", text)
         if not self.added_tokens:
             tt = self._fast() if fast is not False else None
             if tt is not None:
@@ -753,12 +778,7 @@ class Tokenizer:
     # ------------------------------------------------------------------------------------------------ decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the exact bytes (a token may hold part of a UTF-8 character; join bytes before decoding them)."""
-        vocab = self._vocab
-        try:
-            return b"".join([vocab[int(i)] for i in ids])
-        except (KeyError, ValueError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, (int,)) or int(i) not in vocab)
-            raise TokenizerError(f"token id {bad!r} is not in the vocabulary (size {self.vocab_size})") from None
+        return _join_bytes(self._vocab, ids, self.vocab_size)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids -> text. Bytes that do not form valid UTF-8 (ids that split a character) become U+FFFD."""
@@ -1162,21 +1182,13 @@ class HFTokenizer:
         return [self.encode(t, **kwargs) for t in texts]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        ids = list(ids)
-        try:
-            out = b"".join([self._vocab[int(i)] for i in ids])
-        except (KeyError, ValueError, TypeError):
-            bad = next(i for i in ids if not isinstance(i, int) or i not in self._vocab)
-            raise TokenizerError(f"token id {bad!r} is not in the vocabulary (size {self.vocab_size})") from None
+        out = _join_bytes(self._vocab, ids, self.vocab_size)
         if self._strip_leading_space and out.startswith(b" "):
             out = out[1:]
         return out
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = list(ids)
-        for i in ids:
-            if not isinstance(i, int) or i not in self._vocab:
-                raise TokenizerError(f"token id {i!r} is not in the vocabulary (size {self.vocab_size})")
+        ids = _check_ids(self._vocab, ids, self.vocab_size)
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def id_to_token(self, i: int) -> bytes:
