@@ -1,0 +1,157 @@
+"""`lmforge generate` and `lmforge chat`: run a model from the terminal.
+
+    lmforge generate runs/demo --prompt "The def statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
+    lmforge generate stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --temperature 0 --stream
+    echo "Hello" | lmforge generate runs/demo --seed 0             # the prompt from stdin
+    lmforge chat runs/chat-model --system "You are terse."          # /reset clears history, /exit quits
+
+`generate` prints only the completion (the prompt is not echoed). Every control defaults to the model
+directory's generation_config.json; flags override it. `chat` keeps the conversation history, renders it with the
+model's chat template (ChatML when it has none), streams the reply, and reads one message per line when stdin is
+not a terminal (so it can be scripted: `printf 'Hi\\n/exit\\n' | lmforge chat MODEL`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import GenerationError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    g = subparsers.add_parser("generate", help="complete a prompt with a model",
+                              description="Complete a prompt; prints only the completion.")
+    _model_args(g)
+    g.add_argument("--prompt", "-p", help="the prompt text (default: read stdin)")
+    g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
+    g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    _control_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = subparsers.add_parser("chat", help="interactive chat with a model (history, streamed replies)",
+                              description="Chat with a model in the terminal. /reset clears the history, /exit quits.")
+    _model_args(c)
+    c.add_argument("--system", help="a system message that starts every conversation")
+    _control_args(c)
+    c.set_defaults(func=cmd_chat)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model directory, Hugging Face directory or Hub id, .gguf or llama2.c .bin")
+    p.add_argument("--tokenizer", help="tokenizer file for a llama2.c .bin model (default: beside it)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="cpu (default), auto, cuda, mps")
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    """Every control defaults to None: the model's generation_config.json decides unless a flag is given."""
+    p.add_argument("--max-new-tokens", "-n", type=int, help="most tokens to generate")
+    p.add_argument("--temperature", "-t", type=float, help="0 = greedy; <1 sharper, >1 flatter")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the smallest set of tokens with mass >= p")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, help=">1 discourages tokens already in the text")
+    p.add_argument("--frequency-penalty", type=float, help="OpenAI: subtract penalty x count in the output")
+    p.add_argument("--presence-penalty", type=float, help="OpenAI: subtract penalty once if in the output")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable; not printed)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+
+
+CONTROLS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+            "presence_penalty", "stop", "seed")
+
+
+def _controls(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in CONTROLS if getattr(args, k, None) is not None}
+
+
+def _unescape(text: str) -> str:
+    r"""Let a shell user write a newline or tab stop as --stop '\n' or '\t'."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def _load(args: argparse.Namespace):
+    from ..checkpoint import load
+
+    lm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
+    if lm.tokenizer is None:
+        raise GenerationError(f"{args.model}: the model has no tokenizer to turn text into ids")
+    return lm
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..generate import generate, stream
+
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise GenerationError("give --prompt TEXT or pipe the prompt on stdin")
+        prompt = sys.stdin.read()
+    controls = _controls(args)
+    if "stop" in controls:
+        controls["stop"] = [_unescape(s) for s in controls["stop"]]
+    lm = _load(args)
+    if args.stream:
+        for delta in stream(lm, prompt, truncate=args.truncate, **controls):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(generate(lm, prompt, truncate=args.truncate, **controls))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _fit_history(lm, messages: list[dict], room: int) -> list[dict]:
+    """Drop the oldest exchanges (never the system message) until the rendered chat leaves `room` tokens free."""
+    from ..generate import _encode_chat, chat_prompt
+
+    block = lm.model.config.block_size
+    while True:
+        n = len(_encode_chat(lm, chat_prompt(lm, messages)))
+        if n + room <= block:
+            return messages
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:  # only the newest message is left: let generation report the problem
+            return messages
+        messages = messages[:first] + messages[first + 1:]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ..generate import chat_stream
+
+    lm = _load(args)
+    controls = _controls(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    if interactive:
+        print(f"chatting with {args.model} — /reset clears the history, /exit quits", file=sys.stderr)
+    room = min(controls.get("max_new_tokens") or lm.generation_config.max_new_tokens or 64, 64)
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break  # end of piped input
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = list(system)
+            print("(history cleared)", file=sys.stderr if interactive else sys.stdout)
+            continue
+        if not line.strip():
+            continue
+        history = _fit_history(lm, history + [{"role": "user", "content": line}], room)
+        reply = []
+        for delta in chat_stream(lm, history, **controls):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
