@@ -116,18 +116,19 @@ _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".json")
 
 
 def _safe_cut(buf: str) -> int:
-    """Index at which `buf` can be cut without changing GPT-2-style pre-tokens: just after a newline followed by a
-    non-space character (searching from the end), else before a space that follows and precedes non-spaces; 0 when
-    there is no such place.
+    """Index at which `buf` can be cut without changing GPT-2-style pre-tokens: just after a single newline between
+    two non-space characters (searching from the end), else before a single space between non-spaces; 0 when there
+    is no such place. (A run of whitespace must not be cut: "\\n\\n" at the end of a piece is one token, but two
+    before a word.)
 
-    >>> _safe_cut("one\\ntwo\\n three\\nfour")
-    15
+    >>> _safe_cut("one\\ntwo\\n\\nthree\\n four")
+    4
     """
-    i = buf.rfind("\n", 0, len(buf) - 1)
-    while i >= 0:
-        if not buf[i + 1].isspace():
+    i = buf.rfind("\n", 1, len(buf) - 1)
+    while i > 0:
+        if not buf[i - 1].isspace() and not buf[i + 1].isspace():
             return i + 1
-        i = buf.rfind("\n", 0, i)
+        i = buf.rfind("\n", 1, i)
     i = buf.rfind(" ", 1, len(buf) - 1)
     while i > 0:
         if not buf[i - 1].isspace() and not buf[i + 1].isspace():
