@@ -127,8 +127,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     parts = []
     for k, i in enumerate(ids):
         piece = _visible(tok.vocab[i])
-        parts.append(f"{_COLOURS[k % len(_COLOURS)]}{piece}{_RESET}" if colour else piece)
-    print(("" if colour else "|").join(parts))
+        parts.append(f"{_COLOURS[k % len(_COLOURS)]}{piece}{_RESET}" if colour else f"[{piece}]")
+    print("".join(parts))
     print(" ".join(map(str, ids)))
     n_bytes = len(text.encode("utf-8"))
     print(f"{len(ids)} tokens, {n_bytes} bytes, {n_bytes / max(1, len(ids)):.2f} bytes/token")
