@@ -22,11 +22,12 @@ request abandoned) cancels its sequences the same way.
 
 Function calling. The tool schemas are shown to the model through the chat template (templates that know `tools`
 get them as the `tools` variable; for others a system message lists them and asks for a JSON reply
-`{"name": ..., "arguments": {...}}`). With `tool_choice="required"` or a named function the output is *constrained*
-to that shape (`constrain.py`), so even a small model produces a parseable call; with `"auto"` the model's text
-is parsed and, if it is such a JSON object naming a known tool, returned as `tool_calls` (finish_reason
-`tool_calls`). `response_format={"type": "json_object"}` constrains the output to JSON syntax; `json_schema`
-gets the same syntax guarantee but its schema is not enforced (docs/serving.md).
+`{"name": ..., "arguments": {...}}`). With `tool_choice="required"` or a named function the output is
+*constrained* to that shape, the arguments following the tool's parameter schema (`constrain.py`), so even a
+small model produces a parseable call; with `"auto"` the model's text is parsed and, if it is such a JSON object
+naming a known tool, returned as `tool_calls` (finish_reason `tool_calls`). `response_format={"type":
+"json_object"}` constrains the output to JSON syntax, `{"type": "json_schema", ...}` also to the schema's
+structure (the subset described in `constrain.schema_machine`).
 
 Errors are OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}` with a fitting status (400 bad
 request, 401 bad API key, 404 unknown model or route, 413 body too large, 422 schema violation, 429 queue full,
@@ -708,6 +709,7 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _tool_names(tools: list[dict[str, Any]]) -> list[str]:
+    """The function names of an OpenAI `tools` list (checked)."""
     names = []
     for i, t in enumerate(tools):
         fn = t.get("function") if isinstance(t, dict) else None
@@ -805,11 +807,20 @@ async def create_chat_completion(state: ServerState, body: ChatRequest, request:
         raise APIError(400, f"response_format type must be text, json_object or json_schema, got {rf_type!r}",
                        param="response_format")
 
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in tools} if tools else {}
+    rf_schema = None
+    if rf_type == "json_schema":
+        js = rf.get("json_schema")
+        rf_schema = js.get("schema") if isinstance(js, dict) else None
+        if not isinstance(rf_schema, dict):
+            raise APIError(400, "response_format json_schema needs json_schema.schema (an object)",
+                           param="response_format")
+
     def constraint():
         if forced:
-            return tool_call_constraint(state.token_bytes(), forced)
+            return tool_call_constraint(state.token_bytes(), {n: schemas[n] for n in forced})
         if rf_type in ("json_object", "json_schema"):
-            return json_constraint(state.token_bytes())
+            return json_constraint(state.token_bytes(), rf_schema)
         return None
 
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -10,22 +10,27 @@ is what Outlines (Willard & Louf 2023) and llama.cpp grammars do; here it is int
 simple and fast enough because a draw is checked only against the tokens actually sampled.
 
 What is checked: JSON *syntax* (RFC 8259) with an object at the top level, as OpenAI's
-`response_format={"type": "json_object"}` promises. A JSON schema (`json_schema` response format) is not
-enforced beyond that: the server validates the result parses and documents the gap. Runs of whitespace are
-capped (at most 2 bytes) so a model cannot stall in an endless stream of spaces.
+`response_format={"type": "json_object"}` promises; with a schema, also its structure (see `schema_machine` for
+the supported subset). Runs of whitespace are capped (at most 2 bytes) so a model cannot stall in an endless
+stream of spaces. Strings have no length limit unless the schema sets `maxLength`, so a model that never closes
+its string runs until max_tokens (finish_reason "length", the same as OpenAI).
 
     c = JsonConstraint.for_tokens(token_bytes)        # token_bytes[i] = the bytes token i decodes to
     c.allows(tid); c.advance(tid); c.is_complete()    # the `TokenConstraint` protocol of the engine
 
-`tool_call_constraint(token_bytes, names)` forces `{"name": "<one of names>", "arguments": {...}}`.
+`tool_call_constraint(token_bytes, {name: parameters_schema})` forces `{"name": ..., "arguments": {...}}` with
+the arguments following the tool's JSON schema (`schema_machine`: the subset OpenAI's strict mode uses), and
+`json_constraint(token_bytes, schema)` does the same for `response_format={"type": "json_schema", ...}`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
+from typing import Any
 
-_WS = b" \t\n\r"
+_WS = b" \n"  # a subset of JSON whitespace (no tabs, no carriage returns): still valid JSON
 _MAX_WS = 2
 
 
@@ -48,7 +53,12 @@ class JsonMachine:
         self.number = ""  # the number's text so far (checked by a tiny grammar)
         self.ws = 0
         self.object_only = object_only
-        self.complete = False
+        self.done = False
+
+    @property
+    def complete(self) -> bool:
+        """A whole value has been read (a top-level number is complete as soon as it is a valid number)."""
+        return self.done or (self.state == "number" and not self.stack and _number_complete(self.number))
 
     def clone(self) -> "JsonMachine":
         new = copy.copy(self)
@@ -168,7 +178,7 @@ class JsonMachine:
         if key:
             self.state, self.in_key = "colon", False
         elif not self.stack:
-            self.state, self.complete = "done", True
+            self.state, self.done = "done", True
         else:
             self.state = "after"
 
@@ -177,9 +187,12 @@ _NUMBER_PREFIX = re.compile(r"-?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
+MAX_NUMBER_LEN = 24  # characters: more digits than a float64 carries; stops a model typing digits forever
+
+
 def _number_prefix_ok(s: str) -> bool:
     """Could `s` still grow into a JSON number? ('-', '0.', '1e' yes; '01', '1.e' no)."""
-    return _NUMBER_PREFIX.fullmatch(s) is not None
+    return len(s) <= MAX_NUMBER_LEN and _NUMBER_PREFIX.fullmatch(s) is not None
 
 
 def _number_complete(s: str) -> bool:
@@ -237,13 +250,15 @@ class SequenceMachine:
         return new
 
     def feed(self, b: int) -> bool:
-        while self.i < len(self.parts):
-            part = self.parts[self.i]
+        i = self.i
+        while i < len(self.parts):
+            part = self.parts[i]
             if part.feed(b):
+                self.i = i
                 return True
             if not part.complete:
                 return False
-            self.i += 1
+            i += 1
         return False
 
     @property
@@ -251,18 +266,231 @@ class SequenceMachine:
         return all(p.complete for p in self.parts[self.i:])
 
 
+class _String:
+    """A JSON string (quotes included), at most `max_len` characters of content when given."""
+
+    def __init__(self, max_len: int | None = None):
+        self.state, self.n, self.max_len, self.unicode_left = "open", 0, max_len, 0
+
+    def clone(self):
+        return copy.copy(self)
+
+    def feed(self, b: int) -> bool:
+        s = self.state
+        if s == "open":
+            if b == 0x22:
+                self.state = "chars"
+                return True
+            return False
+        if s == "chars":
+            if b == 0x22:
+                self.state = "done"
+                return True
+            full = self.max_len is not None and self.n >= self.max_len
+            if b == 0x5C and not full:
+                self.state, self.n = "escape", self.n + 1
+                return True
+            if b < 0x20 or full:
+                return False
+            if not 0x80 <= b < 0xC0:  # count characters, not UTF-8 continuation bytes
+                self.n += 1
+            return True
+        if s == "escape":
+            if b == ord("u"):
+                self.state, self.unicode_left = "unicode", 4
+                return True
+            if b in b'"\\/bfnrt':
+                self.state = "chars"
+                return True
+            return False
+        if s == "unicode":
+            if chr(b) not in "0123456789abcdefABCDEF":
+                return False
+            self.unicode_left -= 1
+            if not self.unicode_left:
+                self.state = "chars"
+            return True
+        return False
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "done"
+
+
+class _Number:
+    """A JSON number (an integer when `integer`)."""
+
+    def __init__(self, integer: bool = False):
+        self.text, self.integer = "", integer
+
+    def clone(self):
+        return copy.copy(self)
+
+    def feed(self, b: int) -> bool:
+        c = chr(b)
+        if self.integer and c in ".eE":
+            return False
+        if _number_prefix_ok(self.text + c):
+            self.text += c
+            return True
+        return False
+
+    @property
+    def complete(self) -> bool:
+        return _number_complete(self.text)
+
+
+class _Array:
+    """`[item, item, ...]` with items made by `make_item` (", " between them)."""
+
+    def __init__(self, make_item):
+        self.make_item, self.state, self.item, self.space = make_item, "open", None, False
+
+    def clone(self):
+        new = copy.copy(self)
+        new.item = self.item.clone() if self.item is not None else None
+        return new
+
+    def _start_item(self, b: int) -> bool:
+        item = self.make_item()
+        if item.feed(b):
+            self.item, self.state = item, "item"
+            return True
+        return False
+
+    def feed(self, b: int) -> bool:
+        s = self.state
+        if s == "open":
+            if b == ord("["):
+                self.state = "first"
+                return True
+            return False
+        if s == "first":
+            if b == ord("]"):
+                self.state = "done"
+                return True
+            return self._start_item(b)
+        if s == "item":
+            if self.item.feed(b):
+                return True
+            if not self.item.complete:
+                return False
+            if b == ord(","):
+                self.state = "comma"
+                return True
+            if b == ord("]"):
+                self.state = "done"
+                return True
+            return False
+        if s == "comma":
+            if b == ord(" "):
+                self.state = "next"
+                return True
+            return False
+        if s == "next":
+            return self._start_item(b)
+        return False
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "done"
+
+
+class _OneOf:
+    """Any one of several machines, run side by side; those that refuse a byte drop out."""
+
+    def __init__(self, alternatives: list):
+        self.alts = alternatives
+
+    def clone(self):
+        return _OneOf([a.clone() for a in self.alts])
+
+    def feed(self, b: int) -> bool:
+        alive = []
+        for a in self.alts:
+            a = a.clone()
+            if a.feed(b):
+                alive.append(a)
+        if not alive:
+            return False
+        self.alts = alive
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return any(a.complete for a in self.alts)
+
+
+def schema_machine(schema: Any, depth: int = 0):
+    """A byte machine for the JSON documents a (subset of) JSON Schema describes.
+
+    Supported: type object (every listed property, in order: OpenAI's strict mode makes all of them required),
+    array (items), string (maxLength), integer, number, boolean, null, enum, const, anyOf/oneOf, a list of
+    types. Anything else (or nesting deeper than 8) falls back to "any JSON value". Output is canonical:
+    `{"a": 1, "b": [2, 3]}` (one space after ':' and ','), which is valid JSON and easy for a model to follow.
+    >>> m = schema_machine({"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}})
+    >>> all(m.feed(b) for b in b'{"unit": "f"}'), m.complete
+    (True, True)
+    """
+    if not isinstance(schema, dict) or depth > 8:
+        return JsonMachine(object_only=False)
+    if "const" in schema:
+        return _Literal(json.dumps(schema["const"], ensure_ascii=False).encode())
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return _OneOf([_Literal(json.dumps(v, ensure_ascii=False).encode()) for v in schema["enum"]])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _OneOf([schema_machine(s, depth + 1) for s in schema[key]])
+    t = schema.get("type")
+    if isinstance(t, list) and t:
+        return _OneOf([schema_machine({**schema, "type": x}, depth + 1) for x in t])
+    if t == "object" or (t is None and isinstance(schema.get("properties"), dict)):
+        props = schema.get("properties")
+        if not isinstance(props, dict) or not props:
+            return JsonMachine(object_only=True)
+        parts: list = []
+        for i, (name, sub) in enumerate(props.items()):
+            sep = "{" if i == 0 else ", "
+            parts.append(_Literal((sep + json.dumps(name, ensure_ascii=False) + ": ").encode()))
+            parts.append(schema_machine(sub, depth + 1))
+        parts.append(_Literal(b"}"))
+        return SequenceMachine(parts)
+    if t == "array":
+        items = schema.get("items", {})
+        return _Array(lambda: schema_machine(items, depth + 1))
+    if t == "string":
+        ml = schema.get("maxLength")
+        return _String(ml if isinstance(ml, int) and ml >= 0 else None)
+    if t in ("integer", "number"):
+        return _Number(integer=t == "integer")
+    if t == "boolean":
+        return _OneOf([_Literal(b"true"), _Literal(b"false")])
+    if t == "null":
+        return _Literal(b"null")
+    return JsonMachine(object_only=False)
+
+
 class ByteConstraint:
     """Adapts a byte machine to the engine's token-level `TokenConstraint` protocol."""
 
     def __init__(self, machine, token_bytes: list[bytes]):
         self.machine, self.token_bytes = machine, token_bytes
+        self._by_first = _first_byte_index(token_bytes)
 
     def allows(self, token_id: int) -> bool:
-        data = self.token_bytes[token_id] if token_id < len(self.token_bytes) else b""
+        data = self.token_bytes[token_id] if 0 <= token_id < len(self.token_bytes) else b""
         if not data:
             return False
         m = self.machine.clone()
         return all(m.feed(b) for b in data)
+
+    def candidates(self) -> list[int]:
+        """A superset of the allowed tokens: those whose first byte the machine accepts now (fast to compute)."""
+        out: list[int] = []
+        for b, ids in self._by_first.items():
+            if self.machine.clone().feed(b):
+                out.extend(ids)
+        return out
 
     def advance(self, token_id: int) -> None:
         for b in self.token_bytes[token_id]:
@@ -273,13 +501,35 @@ class ByteConstraint:
         return self.machine.complete
 
 
-def json_constraint(token_bytes: list[bytes]) -> ByteConstraint:
-    """JSON mode: the output is one JSON object."""
-    return ByteConstraint(JsonMachine(object_only=True), token_bytes)
+_FIRST_BYTE_CACHE: dict[int, dict[int, list[int]]] = {}
 
 
-def tool_call_constraint(token_bytes: list[bytes], names: list[str]) -> ByteConstraint:
-    """Forced function call: `{"name": "<one of names>", "arguments": {...}}`."""
-    parts = [_Literal(b'{"name": "'), _Choice([n.encode() for n in names]), _Literal(b'", "arguments": '),
-             JsonMachine(object_only=True), _Literal(b"}")]
-    return ByteConstraint(SequenceMachine(parts), token_bytes)
+def _first_byte_index(token_bytes: list[bytes]) -> dict[int, list[int]]:
+    """first byte -> ids of the tokens starting with it (cached per vocabulary table)."""
+    key = id(token_bytes)
+    idx = _FIRST_BYTE_CACHE.get(key)
+    if idx is None:
+        idx = {}
+        for i, data in enumerate(token_bytes):
+            if data:
+                idx.setdefault(data[0], []).append(i)
+        _FIRST_BYTE_CACHE.clear()  # one server, one vocabulary: keep only the latest table
+        _FIRST_BYTE_CACHE[key] = idx
+    return idx
+
+
+def json_constraint(token_bytes: list[bytes], schema: dict | None = None) -> ByteConstraint:
+    """JSON mode: the output is one JSON object (matching `schema` when one is given)."""
+    machine = schema_machine(schema) if schema else JsonMachine(object_only=True)
+    return ByteConstraint(machine, token_bytes)
+
+
+def tool_call_constraint(token_bytes: list[bytes], tools: dict[str, dict | None]) -> ByteConstraint:
+    """Forced function call `{"name": "<tool>", "arguments": <its parameters>}` for one of `tools`
+    (name -> JSON schema of the parameters, or None for "any object")."""
+    alts = []
+    for name, params in tools.items():
+        args = schema_machine(params) if params else JsonMachine(object_only=True)
+        head = ('{"name": ' + json.dumps(name) + ', "arguments": ').encode()
+        alts.append(SequenceMachine([_Literal(head), args, _Literal(b"}")]))
+    return ByteConstraint(alts[0] if len(alts) == 1 else _OneOf(alts), token_bytes)

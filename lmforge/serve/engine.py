@@ -63,6 +63,8 @@ class TokenConstraint(Protocol):
 
     def is_complete(self) -> bool: ...
 
+    # optional: `candidates() -> list[int]`, a superset of the allowed ids that is cheap to compute
+
 
 @dataclass
 class Event:
@@ -197,7 +199,12 @@ class Engine:
         """Stop a request (client gone, or a stop string matched): its slot is freed before the next step."""
         with self.cond:
             seq.cancelled = True
+            queued = seq in self.waiting
+            if queued:  # never started: leave the queue now (it no longer counts against max_queue)
+                self.waiting.remove(seq)
             self.cond.notify_all()
+        if queued:
+            self._finish(seq, "cancelled")
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the engine thread between two steps (model access is never concurrent)."""
@@ -399,25 +406,19 @@ class Engine:
 
     @staticmethod
     def _sample_constrained(seq: Sequence, scores: torch.Tensor, raw: torch.Tensor) -> int | None:
-        """Rejection sampling: draw as usual; a token the constraint refuses is removed and the draw repeated.
-        This samples exactly the controlled distribution restricted to the allowed tokens (renormalized)."""
+        """Draw as usual; if the constraint refuses the token, draw again from the distribution restricted to
+        the allowed tokens (renormalized). The result follows exactly that restricted distribution."""
         c, p = seq.constraint, seq.params
-        scores = scores.clone()
 
         def pick(s: torch.Tensor) -> int:
             return int(greedy(s[None])[0]) if p.greedy else int(sample(s[None], seq.generator)[0])
 
-        for _ in range(32):
-            if not bool(torch.isfinite(scores).any()):
-                break
-            token = pick(scores)
-            if c.allows(token):
-                return token
-            scores[token] = float("-inf")
-        # Rare: most of the mass sits on refused tokens. Scan the rest (the filtered pool first, then everything).
-        for pool in (scores, raw):
-            order = torch.argsort(pool, descending=True).tolist()
-            allowed = [i for i in order if pool[i] > float("-inf") and c.allows(i)]
+        token = pick(scores)
+        if c.allows(token):
+            return token
+        candidates = c.candidates() if hasattr(c, "candidates") else range(scores.shape[-1])
+        for pool in (scores, raw):  # the controlled distribution; if it allows nothing, the model's own
+            allowed = [i for i in candidates if pool[i] > float("-inf") and c.allows(i)]
             if allowed:
                 masked = torch.full_like(pool, float("-inf"))
                 masked[allowed] = pool[allowed]
