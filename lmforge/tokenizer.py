@@ -315,33 +315,53 @@ def train_bpe(counts: dict[bytes, int], num_tokens: int, progress: bool | None =
         merges.append((token_bytes[a], token_bytes[b]))
         bar.update(1)
 
+        # Rewrite only the words that contain (a, b), and change only the pairs around each occurrence:
+        # "x a b y" -> "x z y" removes (x, a) and (b, y), adds (x, z) and (z, y). Consecutive occurrences
+        # ("a b a b" -> "z z") work out because the left neighbour is read from the already-rewritten word.
+        # The word index is allowed to go stale (a word listed under a pair it no longer has is skipped).
         touched: set[tuple[int, int]] = set()
+        pc = pair_counts
         for wi in where.pop((a, b), ()):
-            w, f = words[wi], freqs[wi]
+            w = words[wi]
+            n = len(w)
+            try:
+                i = w.index(a)
+            except ValueError:
+                continue
+            f = freqs[wi]
             new: list[int] = []
-            i, n = 0, len(w)
-            while i < n:
-                if i < n - 1 and w[i] == a and w[i + 1] == b:
+            start = 0
+            found = False
+            while True:
+                if i + 1 < n and w[i + 1] == b:
+                    found = True
+                    new.extend(w[start:i])
+                    if new:
+                        left = new[-1]
+                        pc[(left, a)] -= f
+                        p = (left, z)
+                        pc[p] = pc.get(p, 0) + f
+                        touched.add(p)
+                        where.setdefault(p, set()).add(wi)
+                    if i + 2 < n:
+                        right = w[i + 2]
+                        pc[(b, right)] -= f
+                        p = (z, right)
+                        pc[p] = pc.get(p, 0) + f
+                        touched.add(p)
+                        where.setdefault(p, set()).add(wi)
                     new.append(z)
-                    i += 2
+                    start = i + 2
+                    nxt = start
                 else:
-                    new.append(w[i])
-                    i += 1
-            old_pairs = list(zip(w, w[1:]))
-            new_pairs = list(zip(new, new[1:]))
-            for p in old_pairs:
-                pair_counts[p] -= f
-            for p in new_pairs:
-                pair_counts[p] = pair_counts.get(p, 0) + f
-                if z in p:
-                    touched.add(p)
-            old_set, new_set = set(old_pairs), set(new_pairs)
-            for p in old_set - new_set:
-                if p != (a, b):
-                    where[p].discard(wi)
-            for p in new_set - old_set:
-                where.setdefault(p, set()).add(wi)
-            words[wi] = new
+                    nxt = i + 1
+                try:
+                    i = w.index(a, nxt)
+                except ValueError:
+                    break
+            if found:
+                new.extend(w[start:])
+                words[wi] = new
         pair_counts.pop((a, b), None)
         # only pairs that contain the new token can have *grown*; every other change was a decrease (lazy above)
         for p in touched:
