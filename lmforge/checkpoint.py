@@ -162,7 +162,8 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
     model.load_state_dict(sd, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear) and \
+            isinstance(model.wte, torch.nn.Embedding):  # assign=True replaced wte.weight: tie the head to it again
         model.lm_head.weight = model.wte.weight
     if config.pos_embedding == "rope":
         model.inv_freq = rope_inv_freq(config).to(device)  # a non-persistent buffer: recomputed, kept in fp32
