@@ -27,7 +27,7 @@ def build_tiny_model(path: Path, seed: int = 0, family: str = "llama") -> Path:
                           progress=False)
     torch.manual_seed(seed)
     extra = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2) if family == "llama" else {}
-    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=512, n_layer=2, n_head=4, n_embd=64, init_std=0.3,
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=2, n_head=4, n_embd=64, init_std=0.3,
                       name=f"tiny-{family}", **extra)
     model = Transformer(cfg).eval()
     lm = LM(model, tok, cfg, GenerationConfig(temperature=1.0, max_new_tokens=32))

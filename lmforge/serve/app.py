@@ -228,10 +228,6 @@ class Metrics:
 _OPEN_PATHS = ("/", "/health", "/static")
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 def _error_body(status: int, message: str, type: str, code: str | None) -> bytes:
     return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
 
@@ -272,23 +268,30 @@ class GuardMiddleware:
             if length is not None and length.isdigit() and int(length) > limit:
                 return await self._reply(send_wrapper, 413, f"request body of {int(length)} bytes exceeds the limit "
                                          f"of {limit} bytes", "invalid_request_error", "request_too_large")
-            received = 0
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # chunked upload (no content-length): read it here, up to the limit, then replay it to the app
+                chunks, total, more = [], 0, True
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return  # the client went away while uploading
+                    chunks.append(message.get("body", b""))
+                    total += len(chunks[-1])
+                    if total > limit:
+                        return await self._reply(send_wrapper, 413, f"request body exceeds the limit of {limit} "
+                                                 "bytes", "invalid_request_error", "request_too_large")
+                    more = message.get("more_body", False)
+                replayed = False
 
-            async def receive_limited():
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise _BodyTooLarge()
-                return message
+                async def replay():
+                    nonlocal replayed
+                    if not replayed:
+                        replayed = True
+                        return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                    return await receive()
 
-            try:
-                await self.app(scope, receive_limited, send_wrapper)
-            except _BodyTooLarge:
-                if not status_box[0]:
-                    await self._reply(send_wrapper, 413, f"request body exceeds the limit of {limit} bytes",
-                                      "invalid_request_error", "request_too_large")
+                return await self.app(scope, replay, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = path if path.startswith(("/v1/", "/health", "/metrics", "/tokeniz", "/detokenize")) \
                 else "other"
