@@ -435,6 +435,7 @@ def _join_bytes(vocab: dict[int, bytes], ids: Iterable[int], size: int) -> bytes
         return b"".join([vocab[i] for i in _check_ids(vocab, ids, size)])
 
 AllowedSpecial = Literal["all"] | Collection[str]
+_CONSISTENT: dict[int, bool] = {}  # hash of (merges, vocab) -> result of Tokenizer._check_ranks
 
 
 class Tokenizer:
@@ -701,6 +702,14 @@ class Tokenizer:
         """
         if len(self._merge_ranks) != len(self.merges) or len(self._mergeable) != 256 + len(self.merges):
             return False
+        # the check costs ~1 s for GPT-2's 50,000 merges: remember the answer for identical vocabularies
+        key = hash((tuple(self.merges), tuple(sorted(self._mergeable.items(), key=lambda kv: kv[1]))))
+        if key in _CONSISTENT:
+            return _CONSISTENT[key]
+        _CONSISTENT[key] = ok = self._check_ranks()
+        return ok
+
+    def _check_ranks(self) -> bool:
         last = max(self._byte_ids)
         for rank, (a, b) in enumerate(self.merges):
             z = self._mergeable[a + b]

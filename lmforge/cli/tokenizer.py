@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"first merges: {shown}")
     example = "def tokenize(text): return text.split()  # 42 tokens?"
     ids = tok.encode(example)
-    print(f"example: {example!r} -> {len(ids)} tokens: " + "|".join(_visible(tok.vocab[i]) for i in ids))
+    print(f"example: {example!r} -> {len(ids)} tokens: " + "".join(f"[{_visible(tok.vocab[i])}]" for i in ids))
     return 0
 
 
@@ -166,6 +166,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     for k, (a, b) in enumerate(tok.merges[:args.merges]):
         print(f"  merge {k:>4}: {_visible(a)!r} + {_visible(b)!r} -> {_visible(a + b)!r}")
     sample = read_text_file(args.sample) if args.sample else builtin_corpus()[:200_000]
+    getattr(tok, "has_fast_path", None)  # build the tiktoken fast path before timing
     t0 = time.perf_counter()
     ids = tok.encode(sample, disallowed_special=())
     dt = time.perf_counter() - t0
