@@ -801,8 +801,17 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], *, allowed_special: AllowedSpecial = frozenset(),
                      disallowed_special: AllowedSpecial = "all", fast: bool | None = None) -> list[list[int]]:
-        return [self.encode(t, allowed_special=allowed_special, disallowed_special=disallowed_special, fast=fast)
-                for t in texts]
+        """Encode many texts; on the fast path tiktoken spreads them over threads."""
+        tt = self._fast() if fast is not False else None
+        if tt is None or self.added_tokens or self.normalizer or len(texts) < 2:
+            return [self.encode(t, allowed_special=allowed_special, disallowed_special=disallowed_special,
+                                fast=fast) for t in texts]
+        allowed = set()
+        for t in texts:  # the same checks (and error) as encode, before any work
+            if not isinstance(t, str):
+                raise TokenizerError(f"encode expects a str, got {type(t).__name__}")
+            allowed = self._resolve_special(t, allowed_special, disallowed_special)
+        return tt.encode_batch(list(texts), allowed_special=allowed, disallowed_special=())
 
     # ------------------------------------------------------------------------------------------------ decoding
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -1011,6 +1020,8 @@ def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None =
             (specials if t.get("special") else added)[t["content"]] = int(t["id"])
         except (KeyError, TypeError, ValueError, AttributeError):
             raise TokenizerError(f"{source}: malformed added_tokens entry {t!r}") from None
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            byte_level = False  # whitespace-eating added tokens (RoBERTa's <mask>): leave them to `tokenizers`
     names = {**added, **specials}
 
     def pick(key: str) -> str | None:

@@ -112,7 +112,7 @@ def test_documents_are_not_merged_across():
     assert counts == Counter({b"hello": 1, b"world": 1})
 
 
-@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN])
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, GPT4_PATTERN], ids=["gpt2", "gpt4"])
 def test_parallel_pretokenization_equals_serial(pattern):
     text = data_file("war_and_peace/warpeace_input.txt").read_text(encoding="utf-8")[:1_500_000]
     serial = count_pretokens([text], pattern, num_workers=1)
@@ -206,6 +206,10 @@ def test_special_token_semantics_like_tiktoken(gpt2, tiktoken_gpt2):
     assert gpt2.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
     # a special is only disallowed when named: disallowed_special={} with nothing allowed -> plain text
     assert gpt2.encode_batch(["x<|endoftext|>", "y"], allowed_special="all") == [[87, 50256], [88]]
+    assert gpt2.encode_batch(["x<|endoftext|>", "y"], disallowed_special=()) == tiktoken_gpt2.encode_batch(
+        ["x<|endoftext|>", "y"], disallowed_special=())
+    with pytest.raises(TokenizerError, match="disallowed"):
+        gpt2.encode_batch(["fine", "not <|endoftext|> fine"])
 
 
 def test_fast_and_pure_paths_agree_on_trained_tokenizer(small_tok):

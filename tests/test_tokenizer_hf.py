@@ -112,6 +112,14 @@ def test_load_gpt2_tokenizer_json_built_by_tokenizers(tmp_path):
     verdict = data_file("the-verdict.txt").read_text(encoding="utf-8")
     for text in TEXTS + SPECIAL_TEXTS[:2] + [verdict]:
         assert tok.encode(text, allowed_special="all") == _hf_ids(hf, text)
+    # RoBERTa-style: an added token that eats the space before it is left to `tokenizers` (the wrapper)
+    hf.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    hf.save(str(tmp_path / "roberta.json"))
+    wrapped = Tokenizer.load(tmp_path / "roberta.json")
+    assert isinstance(wrapped, HFTokenizer) and wrapped.vocab[hf.token_to_id("Ġthe")] == b" the"
+    text = "The capital of France is <mask>."
+    assert wrapped.encode(text, allowed_special="all") == _hf_ids(hf, text)
+    assert wrapped.encode("plain text here") == tok.encode("plain text here")
 
 
 def _llama3_style(corpus: str, nfc: bool = False) -> HF:
@@ -241,3 +249,20 @@ def test_corrupt_bpe_model_is_a_clear_error(tmp_path, trained):
     (tmp_path / "bad2.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(TokenizerError, match="corrupt"):
         Tokenizer.load(tmp_path / "bad2.json")
+
+
+def test_metaspace_tokenizer_json_wrapper_decode_bytes_matches_decode(corpus, tmp_path):
+    from tokenizers import SentencePieceBPETokenizer
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator([corpus[:6000]], vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                           show_progress=False)
+    sp.save(str(tmp_path / "sp.json"))
+    hf = HF.from_file(str(tmp_path / "sp.json"))
+    tok = Tokenizer.load(tmp_path / "sp.json")
+    assert isinstance(tok, HFTokenizer) and tok.vocab[hf.token_to_id("▁the")] == b" the"
+    for text in ["The picture was painted.", "  two  spaces", "Ｆｕｌｌｗｉｄｔｈ and ﬁ"]:
+        ids = tok.encode(text)
+        assert ids == _hf_ids(hf, text)
+        assert tok.decode(ids) == hf.decode(ids)
+        assert tok.decode_bytes(ids).decode() == tok.decode(ids)
