@@ -246,8 +246,12 @@ def count_pretokens(texts: Sequence[str], pattern: str = GPT2_PATTERN, special_t
             bar.close()
     else:
         compiled = regex.compile(pattern)
+        bar = tqdm(total=total, unit="char", unit_scale=True, desc="pre-tokenize", disable=progress is False
+                   if progress is not None else None)
         for p in pieces:
             counts.update(compiled.findall(p))
+            bar.update(len(p))
+        bar.close()
     return Counter({k.encode("utf-8"): v for k, v in counts.items()})
 
 
@@ -434,7 +438,14 @@ def _join_bytes(vocab: dict[int, bytes], ids: Iterable[int], size: int) -> bytes
     except (KeyError, TypeError):  # rare: numpy/torch ints, or a bad id -> check one by one
         return b"".join([vocab[i] for i in _check_ids(vocab, ids, size)])
 
+
 AllowedSpecial = Literal["all"] | Collection[str]
+
+
+@lru_cache(maxsize=64)
+def _alternation_cached(tokens: frozenset[str]) -> "regex.Pattern":
+    return regex.compile("|".join(regex.escape(s) for s in sorted(tokens, key=lambda t: (-len(t), t))))
+
 _CONSISTENT: dict[int, bool] = {}  # hash of (merges, vocab) -> result of Tokenizer._check_ranks
 
 
@@ -498,7 +509,6 @@ class Tokenizer:
             self._merge_ranks.setdefault(pair, (rank, z))
         self._cache: dict[bytes, list[int]] = {}
         self._re = regex.compile(self.pattern)
-        self._special_re = self._alternation(named) if named else None
         self.bos_token_id = self._special_id(bos_token, "bos_token")
         self.eos_token_id = self._special_id(eos_token, "eos_token")
         self.pad_token_id = self._special_id(pad_token, "pad_token")
@@ -629,7 +639,8 @@ class Tokenizer:
 
     @staticmethod
     def _alternation(tokens: Iterable[str]) -> "regex.Pattern":
-        return regex.compile("|".join(regex.escape(s) for s in sorted(tokens, key=len, reverse=True)))
+        """One regex matching any of `tokens`, longest first (so "<|endoftext|>" beats a shorter prefix)."""
+        return _alternation_cached(frozenset(tokens))
 
     # ------------------------------------------------------------------------------------------------ encoding
     def _bpe(self, word: bytes) -> list[int]:
