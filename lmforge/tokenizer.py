@@ -1134,8 +1134,9 @@ class HFTokenizer:
         self.pad_token_id = named.get(pad_token) if pad_token else None
         model = data.get("model") or {}
         self.unk_token = model.get("unk_token")
-        self._vocab = self._build_vocab()
         dec = json.dumps(data.get("decoder"))
+        self._byte_level_decoder = '"ByteLevel"' in dec
+        self._vocab = self._build_vocab()
         # SentencePiece decoders drop the space "▁" that the normalizer put before the first word
         self._strip_leading_space = '"Strip"' in dec or ('"Metaspace"' in dec and '"never"' not in dec)
         if model.get("type") == "BPE":
@@ -1155,8 +1156,9 @@ class HFTokenizer:
         return cls(hf, data, **kwargs)
 
     def _piece_bytes(self, piece: str) -> bytes:
-        dec = json.dumps(self._data.get("decoder"))
-        if '"ByteLevel"' in dec:
+        """The bytes a vocabulary entry stands for: "Ġthe" (byte-level) or "▁the" (SentencePiece) -> b" the",
+        "<0x0A>" (byte fallback) -> b"\\n", "##ing" (WordPiece continuation) -> b"ing"."""
+        if self._byte_level_decoder:
             try:
                 return unicode_to_token(piece)
             except KeyError:
