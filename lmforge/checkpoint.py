@@ -141,7 +141,7 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
 
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, init_weights=False)
     if qconfig:
         from .quantize import prepare_for_load
 

@@ -254,7 +254,8 @@ class Block(nn.Module):
 # The model
 # ----------------------------------------------------------------------------------------------------------------
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_weights: bool = True):
+        """`init_weights=False` skips the random init (used when every tensor is about to be loaded)."""
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -269,10 +270,11 @@ class Transformer(nn.Module):
             self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # (hd/2,)
         else:
             self.inv_freq = None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+        if init_weights:
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+                if name.endswith(("o_proj.weight", "down_proj.weight")):
+                    nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
