@@ -37,8 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
+from ..data import Batches as _Batches
 from ..errors import DataError
 
 IGNORE_INDEX = -100
@@ -314,48 +316,34 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
     return rows
 
 
-class Batches:
-    """index -> batch over a fixed list of items, reshuffled every epoch with a seed (so resume is exact).
+class Batches(_Batches):
+    """index -> batch over a list of items (the loop's data source), reshuffled per epoch from (seed, epoch).
 
-    `weights` (one per item) switch to sampling with replacement in proportion to them (class balancing).
-    Works as the training loop's data source: `train(model, Batches(...), ...)`.
+    `lmforge.data.Batches` plus class balancing: with `weights` (one per item) each epoch draws its items with
+    replacement in proportion to the weights, so a rare class is seen as often as a common one.
     """
 
     def __init__(self, items: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any],
                  shuffle: bool = True, seed: int = 0, weights: Sequence[float] | None = None):
         if not items:
-            raise DataError("no training examples")
-        self.items, self.batch_size, self.collate = list(items), batch_size, collate
-        self.shuffle, self.seed = shuffle, seed
-        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
-        self.per_epoch = max(1, len(self.items) // batch_size) if shuffle else -(-len(self.items) // batch_size)
-        self._order: tuple[int, list[int]] | None = None
+            raise DataError("no examples to make batches of")
+        super().__init__(list(items), batch_size, shuffle=shuffle, drop_last=shuffle and len(items) >= batch_size,
+                         seed=seed, collate=collate)
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            self.weights = w / w.sum()
 
-    def __len__(self) -> int:
-        return self.per_epoch
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        if self._order is None or self._order[0] != epoch:
-            if self.weights is not None:
-                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                order = torch.multinomial(self.weights, len(self.items), replacement=True, generator=g).tolist()
-            elif self.shuffle:
-                order = list(range(len(self.items)))
-                random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            else:
-                order = list(range(len(self.items)))
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def __call__(self, index: int) -> Any:
-        epoch, k = divmod(index, self.per_epoch)
-        order = self._epoch_order(epoch)
-        picked = order[k * self.batch_size:(k + 1) * self.batch_size]
-        return self.collate([self.items[i] for i in picked])
+    def _order(self, epoch: int) -> np.ndarray:
+        if self.weights is None:
+            return super()._order(epoch)
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        return rng.choice(len(self.dataset), size=len(self.dataset), replace=True, p=self.weights)
 
     def all(self) -> list[Any]:
         """Every batch of one pass in order (for evaluation)."""
-        return [self.collate(self.items[s:s + self.batch_size]) for s in range(0, len(self.items), self.batch_size)]
+        return [self.collate(self.dataset[s:s + self.batch_size])
+                for s in range(0, len(self.dataset), self.batch_size)]
 
 
 def balanced_weights(labels: Sequence[int]) -> list[float]:

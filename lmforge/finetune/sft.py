@@ -1,0 +1,125 @@
+"""Recipe: supervised instruction fine-tuning (SFT) on Alpaca-format or chat-messages data.
+
+    lmforge finetune sft runs/demo --data instruction-data.json --out runs/sft --epochs 2
+    lmforge finetune sft runs/demo --data chats.jsonl --out runs/sft-lora --lora-r 8 --lora-targets all-linear
+
+The model learns to continue a prompt (Alpaca template or chat template) with the response; the loss counts
+response tokens only (`finetune.data`). After training it writes the course's evaluation file: the test split
+with the model's answers (`test_responses.json`, fields instruction/input/output/model_response) and scores
+them against the expected outputs with ROUGE-L (`finetune.metrics`). Held-out loss is logged by the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..train import train
+from ..utils import atomic_write_json
+from . import common
+from . import data as D
+from .losses import response_loss
+from .metrics import rouge_l
+
+
+@dataclass
+class SFTConfig(common.FinetuneConfig):
+    split: list[float] = field(default_factory=lambda: [0.85, 0.05, 0.1], metadata={
+        "help": "train,val,test fractions used when no val/test files are given (the course's 85/5/10)"})
+    chat_template: str = field(default="", metadata={
+        "help": "chat data: a Jinja template file (default: the model's own template, else ChatML)"})
+    packing: bool = field(default=False, metadata={"help": "pack examples into full rows instead of padding"})
+    max_new_tokens: int = field(default=128, metadata={"help": "answer length when generating for the test split"})
+    eval_generate: int = field(default=-1, metadata={
+        "help": "test records to answer and score with ROUGE-L (-1: all, 0: none)"})
+    rouge_before: bool = field(default=False, metadata={"help": "also answer the test split before training"})
+    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    max_steps: int = field(default=500, metadata={"help": "optimizer steps (unless --epochs is given)"})
+    eval_at_start: bool = field(default=True, metadata={"help": "held-out loss before the first step"})
+
+
+def load_splits(cfg: common.FinetuneConfig) -> dict[str, list[dict]]:
+    records = D.read_records(cfg.data)
+    if cfg.val_data or cfg.test_data:
+        return {"train": records, "val": D.read_records(cfg.val_data) if cfg.val_data else [],
+                "test": D.read_records(cfg.test_data) if cfg.test_data else []}
+    return dict(zip(("train", "val", "test"), D.split(records, cfg.split, cfg.split_seed)))
+
+
+def chat_template(cfg: SFTConfig, lm) -> str | None:
+    if cfg.chat_template:
+        return Path(cfg.chat_template).read_text(encoding="utf-8")
+    return lm.chat_template  # None -> ChatML
+
+
+def sft_batches(cfg: SFTConfig, lm, parts: dict[str, list[dict]], template: str | None, log=print):
+    """(train batch source, validation batches) of response-masked examples."""
+    L = common.max_length(cfg, lm.model)
+    pad = common.pad_id(lm.tokenizer)
+    ex: dict[str, list[D.Example]] = {}
+    for split in ("train", "val"):
+        items = [D.truncate(D.sft_example(lm.tokenizer, r, i, template, f"{split} data"), L)
+                 for i, r in enumerate(parts[split])]
+        kept = [e for e in items if any(e.target[1:])]
+        if len(kept) < len(items):
+            log(f"note: {len(items) - len(kept)} {split} examples have no response token within max_length={L}")
+        ex[split] = kept
+    if not ex["train"]:
+        raise DataError(f"no training example has a response token within max_length={L} tokens; the prompts are "
+                        f"too long: raise --max-length (the model's context is {lm.model.config.block_size})")
+    train_items = D.pack(ex["train"], L) if cfg.packing else ex["train"]
+    collate = lambda b: D.pad_collate(b, pad, L)  # noqa: E731
+    batches = D.Batches(train_items, cfg.batch_size, collate, seed=cfg.seed)
+    val = D.Batches(ex["val"], cfg.batch_size, collate, shuffle=False).all() if ex["val"] else None
+    log(f"SFT: {len(ex['train'])} train examples ({len(train_items)} rows{' packed' if cfg.packing else ''}), "
+        f"{len(ex['val'])} val, max {L} tokens")
+    return batches, val
+
+
+def answer_and_score(lm, records: list[dict], cfg: SFTConfig, template: str | None) -> tuple[list[dict], float]:
+    """Greedy answers for `records` and their mean ROUGE-L F against the expected outputs."""
+    from ..chat_template import end_of_turn_markers
+
+    if cfg.eval_generate == 0 or not records:
+        return [], float("nan")
+    records = records if cfg.eval_generate < 0 else records[:cfg.eval_generate]
+    stop = end_of_turn_markers(template) if any(D.is_chat_record(r) for r in records) else []
+    answers: list[dict[str, Any]] = []
+    chunk = max(1, cfg.batch_size)
+    for s in range(0, len(records), chunk):
+        batch = records[s:s + chunk]
+        texts = lm.generate([D.sft_prompt(r, template) for r in batch], max_new_tokens=cfg.max_new_tokens,
+                            temperature=0.0, stop=stop or None, truncate=True)
+        for r, t in zip(batch, texts):
+            answers.append({**r, "model_response": str(t).strip()})
+    score = sum(rouge_l(a["model_response"], D.sft_reference(a))["fmeasure"] for a in answers) / len(answers)
+    return answers, score
+
+
+def run_sft(cfg: SFTConfig, log=print) -> dict:
+    """Train; write test_responses.json and metrics.json; returns the metrics."""
+    cfg.check_paths()
+    lm = common.load_base(cfg)
+    out = Path(cfg.out)
+    parts = load_splits(cfg)
+    template = chat_template(cfg, lm)
+    batches, val = sft_batches(cfg, lm, parts, template, log)
+    metrics: dict[str, Any] = {}
+    if cfg.rouge_before:
+        _, metrics["rouge_l_before"] = answer_and_score(lm, parts["test"], cfg, template)
+        log(f"ROUGE-L before training: {metrics['rouge_l_before']:.4f}")
+    uses_lora = common.maybe_lora(lm.model, cfg, log)
+    result = train(lm.model, batches, cfg.train_config(len(batches)), val_data=val, loss_fn=response_loss,
+                   out_dir=out, save_model=common.lm_saver(lm, cfg, uses_lora), log=log)
+    vals = [r["val_loss"] for r in result.history if "val_loss" in r]
+    metrics.update(val_loss_before=vals[0] if vals else None, val_loss_after=result.val_loss,
+                   train_loss=result.train_loss, steps=result.step)
+    answers, metrics["rouge_l"] = answer_and_score(lm, parts["test"], cfg, template)
+    if answers:
+        atomic_write_json(out / "test_responses.json", answers)
+        log(f"ROUGE-L on {len(answers)} test answers: {metrics['rouge_l']:.4f} ({out / 'test_responses.json'})")
+    common.finish(lm, cfg, uses_lora, log)
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
