@@ -184,6 +184,10 @@ def _load_tokenizer(d: Path, family: str | None = None):
     A GPT-2 checkpoint's vocab.json/merges.txt are the very files OpenAI published as encoder.json/vocab.bpe, so
     they take lmforge's GPT-2 path (tiktoken-compatible); any other tokenizer.json goes through `Tokenizer.load`.
     """
+    if (d / "tokenizer.bin").exists() and not (d / "tokenizer.json").exists():  # llama2.c's format, kept as is
+        from .llama2c import Llama2cTokenizer
+
+        return Llama2cTokenizer.load(d / "tokenizer.bin")
     if not any((d / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return None
     from .tokenizer import Tokenizer

@@ -420,20 +420,18 @@ def to_hf_model(model: torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 def save_hf_tokenizer(tok, directory, chat_template: str | None = None, model_max_length: int | None = None) -> None:
     """Write tokenizer.json + tokenizer_config.json that `transformers.AutoTokenizer` loads with no custom code."""
-    import json
     from pathlib import Path
 
     from .utils import atomic_write_json
 
-    if not hasattr(tok, "to_hf_dict"):
+    if not (hasattr(tok, "to_hf_dict") and hasattr(tok, "tokenizer_config")):
         raise CheckpointError(f"cannot export a {type(tok).__name__} to Hugging Face tokenizer files")
     d = Path(directory)
-    tok.save(d)
-    cfg_path = d / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    cfg = dict(tok.tokenizer_config())
+    atomic_write_json(d / "tokenizer.json", tok.to_hf_dict())
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     if model_max_length:
         cfg["model_max_length"] = int(model_max_length)
     if chat_template:
         cfg["chat_template"] = chat_template
-    atomic_write_json(cfg_path, cfg)
+    atomic_write_json(d / "tokenizer_config.json", cfg)

@@ -230,6 +230,59 @@ class Llama2cTokenizer:
         atomic_write_bytes(path, b"".join(out))
         return path
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """This tokenizer as a Hugging Face tokenizer.json (the SentencePiece-BPE layout of Llama 2's).
+
+        Spaces become "▁" and one is prepended (the dummy prefix); the BPE model has byte fallback. HF's BPE applies
+        merges by rank, llama2.c by the score of the merged token, so the merges are every (left, right) split of
+        each token into two tokens, ordered by that token's score: the same choice at every step.
+        """
+        def piece(i: int) -> str:
+            if i in (self.UNK, self.BOS, self.EOS):
+                return {0: "<unk>", 1: "<s>", 2: "</s>"}[i]
+            return self.pieces[i].decode("utf-8", errors="replace").replace(" ", "\u2581")
+
+        vocab = {piece(i): i for i in range(self.vocab_size)}
+        ordinary = {p: i for p, i in self._lookup.items() if i >= 259}
+        merges = []
+        for merged, i in sorted(ordinary.items(), key=lambda kv: (-self.scores[kv[1]], kv[1])):
+            for k in range(1, len(merged)):
+                a, b = merged[:k], merged[k:]
+                if a in ordinary and b in ordinary:
+                    merges.append((self.scores[i], i, ordinary[a], ordinary[b]))
+        merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+        special = [{"id": i, "content": piece(i), "single_word": False, "lstrip": False, "rstrip": False,
+                    "normalized": False, "special": True} for i in (self.UNK, self.BOS, self.EOS)]
+        return {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+            "pre_tokenizer": None,
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [self.BOS], "tokens": ["<s>"]}}},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                      "vocab": vocab, "merges": [[piece(a), piece(b)] for _, _, a, b in merges]},
+        }
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        """tokenizer_config.json for `transformers.AutoTokenizer` (BOS added, as Llama 2's tokenizer does)."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+                "clean_up_tokenization_spaces": False, "legacy": True,
+                "added_tokens_decoder": {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
+                                                  "single_word": False, "special": True}
+                                         for i, c in ((0, "<unk>"), (1, "<s>"), (2, "</s>"))}}
+
     # ---- basics -------------------------------------------------------------------------------------------------
     @property
     def vocab(self) -> dict[int, bytes]:

@@ -95,7 +95,9 @@ def test_rope_permutation_is_an_inverse_pair():
 
 def test_llama2c_save_and_reload_lmforge_dir(stories, tmp_path):
     stories.save(tmp_path / "m")
+    assert (tmp_path / "m" / "tokenizer.bin").read_bytes() == data_file("stories260K/tok512.bin").read_bytes()
     lm = lmforge.load(tmp_path / "m")
+    assert isinstance(lm.tokenizer, Llama2cTokenizer) and lm.generation_config.eos_token_id == 2
     x = torch.randint(0, 512, (1, 12))
     torch.testing.assert_close(lm.model(x), stories.model(x), atol=0, rtol=0)
 
@@ -113,3 +115,21 @@ def test_bad_llama2c_files(tmp_path):
     (tmp_path / "tok.bin").write_bytes(data_file("stories260K/tok512.bin").read_bytes()[:3000])
     with pytest.raises(TokenizerError):
         Llama2cTokenizer.load(tmp_path / "tok.bin")
+
+
+def test_export_to_hf_reproduces_llama2c(stories, tmp_path):
+    """lmforge export of stories260K: transformers' own Llama + AutoTokenizer give llama2.c's check text."""
+    transformers = pytest.importorskip("transformers")
+    from lmforge.checkpoint import export_hf
+
+    export_hf(stories, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = stories.tokenizer
+    lines = [ln for ln in data_file("tinyshakespeare/input.txt").read_text().split("\n") if ln][:200]
+    for text in lines + ["snow \u2603 and caf\u00e9 \u6771\u4eac", "  two  spaces\tand tab\n", "Lily's"]:
+        assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    assert tok("Once upon a time")["input_ids"] == [1] + ours.encode("Once upon a time")  # BOS added by HF
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = tok("Once upon a time", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=201 - ids.shape[1], do_sample=False)
+    assert tok.decode(out[0], skip_special_tokens=True) == _check_text()
