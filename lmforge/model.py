@@ -190,14 +190,22 @@ class Attention(nn.Module):
         if need_weights:
             y, weights = _attention_with_weights(q, k, v, mask, is_causal)
         else:
-            if self.n_kv_head != self.n_head:  # expand shared kv heads to their query groups
+            gqa = self.n_kv_head != self.n_head
+            if gqa and not _SDPA_GQA:  # expand shared kv heads to their query groups
                 rep = self.n_head // self.n_kv_head
                 k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
                 v = v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+            # torch >= 2.5: SDPA maps each query group to its shared kv head itself (no copies, bitwise the same)
+            gqa_arg = {"enable_gqa": True} if gqa and _SDPA_GQA else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                               **gqa_arg)
             weights = None
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
-        return self.resid_dropout(self.o_proj(y)), weights
+        y = self.o_proj(y)
+        return (self.resid_dropout(y) if self.dropout else y), weights  # skipping a no-op module saves decode time
+
+
+_SDPA_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= exists
 
 
 def _attention_with_weights(q, k, v, mask, is_causal):
@@ -232,7 +240,8 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, H)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # (B, T, H)
-        return self.dropout(self.down_proj(h))
+        h = self.down_proj(h)
+        return self.dropout(h) if self.dropout.p else h
 
 
 class Block(nn.Module):
@@ -381,7 +390,8 @@ class Transformer(nn.Module):
             cos = sin = None
         else:
             cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, hd)
-        x = self.drop(x)
+        if self.drop.p:
+            x = self.drop(x)
 
         hidden, attentions = ([x] if output_hidden_states else None), ([] if output_attentions else None)
         for i, block in enumerate(self.blocks):

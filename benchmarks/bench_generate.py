@@ -1,0 +1,139 @@
+"""Generation speed: lmforge vs transformers `generate` on the same weights, in the same run (fp32, CPU).
+
+    .venv/bin/python benchmarks/bench_generate.py                 # everything (several minutes on 2 loaded cores)
+    .venv/bin/python benchmarks/bench_generate.py --quick         # fewer tokens, for a smoke run
+
+Measures, for a 124M GPT-2-shaped model (random weights, transformers' own init) and llama2.c's stories260K:
+  * decode tokens/s, batch 1, greedy, N new tokens (EOS ignored so both produce exactly N), best of --repeats;
+  * batched throughput: 8 prompts in one left-padded batch vs the same prompts one at a time (lmforge);
+  * time to first token for a 512-token prompt (prefill + one sampled token).
+Both libraries decode greedily from identical weights; the token ids are compared and the check is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import transformers  # noqa: E402
+
+from lmforge.checkpoint import load  # noqa: E402
+from lmforge.generate import generate  # noqa: E402
+from lmforge.hf import from_hf_model, to_hf_model  # noqa: E402
+from lmforge.lm import LM  # noqa: E402
+from lmforge.utils import shared_data_dir  # noqa: E402
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Best wall time of `repeats` calls (the least disturbed by other work on a shared machine)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), out
+
+
+def hf_generate(hf_model, ids: list[list[int]], n: int, pad: int = 0):
+    T = max(map(len, ids))
+    x = torch.tensor([[pad] * (T - len(p)) + p for p in ids])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in ids])
+    with torch.inference_mode():
+        out = hf_model.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                eos_token_id=None, pad_token_id=pad)
+    return out[:, T:].tolist()
+
+
+def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list[str]) -> None:
+    n, r = args.new_tokens, args.repeats
+    hf_model.eval()
+    # warm up both (first calls allocate and initialise lazily)
+    generate(lm, prompt, temperature=0, max_new_tokens=4, ignore_eos=True)
+    hf_generate(hf_model, [prompt], 4)
+
+    t_ours, ours = timed(lambda: generate(lm, prompt, temperature=0, max_new_tokens=n, ignore_eos=True), r)
+    t_hf, theirs = timed(lambda: hf_generate(hf_model, [prompt], n), r)
+    same = ours.token_ids == theirs[0]
+    ratio = t_hf / t_ours
+    print(f"[{name}] decode batch 1, {n} new tokens: lmforge {n / t_ours:.1f} tok/s, transformers "
+          f"{n / t_hf:.1f} tok/s, ratio {ratio:.2f}x (target >= 1.5x), identical tokens: {same}", flush=True)
+    rows.append(f"| {name} | decode tok/s, batch 1, {n} new | {n / t_ours:.1f} | {n / t_hf:.1f} | {ratio:.2f}x | "
+                f"{'same tokens' if same else 'TOKENS DIFFER'} |")
+
+    # batched throughput: 8 prompts of different lengths in one batch vs one at a time
+    g = torch.Generator().manual_seed(0)
+    V = lm.model.config.vocab_size
+    prompts = [torch.randint(3, V, (int(k),), generator=g).tolist() for k in torch.linspace(8, 24, 8)]
+    nb = args.batch_tokens
+    t_b, outs = timed(lambda: generate(lm, prompts, temperature=0, max_new_tokens=nb, ignore_eos=True), 1)
+    t_1, singles = timed(lambda: [generate(lm, p, temperature=0, max_new_tokens=nb, ignore_eos=True)
+                                  for p in prompts], 1)
+    t_hfb, hf_outs = timed(lambda: hf_generate(hf_model, prompts, nb), 1)
+    same_b = [o.token_ids for o in outs] == [s.token_ids for s in singles]
+    same_hf = [o.token_ids for o in outs] == hf_outs
+    tot = 8 * nb
+    print(f"[{name}] batch of 8 x {nb} new tokens: lmforge batched {tot / t_b:.1f} tok/s vs one at a time "
+          f"{tot / t_1:.1f} tok/s ({t_1 / t_b:.2f}x); transformers batched {tot / t_hfb:.1f} tok/s; "
+          f"batched == unbatched: {same_b}; == transformers: {same_hf}", flush=True)
+    rows.append(f"| {name} | throughput tok/s, 8 prompts batched ({nb} new each) | {tot / t_b:.1f} | "
+                f"{tot / t_hfb:.1f} | {t_hfb / t_b:.2f}x | lmforge batch-1 loop: {tot / t_1:.1f} tok/s "
+                f"({t_1 / t_b:.2f}x slower than batched); batched == unbatched: {same_b} |")
+
+    # time to first token with a 512-token prompt
+    L = min(512, lm.model.config.block_size - 1)
+    long_prompt = torch.randint(3, V, (L,), generator=g).tolist()
+    t_ttft, _ = timed(lambda: generate(lm, long_prompt, temperature=0, max_new_tokens=1, ignore_eos=True), r)
+    t_ttft_hf, _ = timed(lambda: hf_generate(hf_model, [long_prompt], 1), r)
+    print(f"[{name}] time to first token, {L}-token prompt: lmforge {t_ttft * 1000:.0f} ms, transformers "
+          f"{t_ttft_hf * 1000:.0f} ms ({t_ttft_hf / t_ttft:.2f}x)", flush=True)
+    rows.append(f"| {name} | time to first token, {L}-token prompt (ms) | {t_ttft * 1000:.0f} | "
+                f"{t_ttft_hf * 1000:.0f} | {t_ttft_hf / t_ttft:.2f}x | lower is better |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--batch-tokens", type=int, default=64, help="new tokens per prompt in the batch test")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
+    ap.add_argument("--only", choices=["gpt2", "stories"], help="run one model")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.batch_tokens, args.repeats = 32, 16, 1
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{platform.machine()}, python {platform.python_version()}", flush=True)
+    rows = ["| model | measure | lmforge | transformers | ratio | note |", "|---|---|---|---|---|---|"]
+
+    if args.only in (None, "stories"):
+        path = shared_data_dir() / "stories260K" / "stories260K.bin"
+        if path.exists():
+            lm = load(path)
+            hf_model = to_hf_model(lm.model)
+            bos = lm.tokenizer.bos_token_id
+            prompt = [bos] + lm.tokenizer.encode(" Once upon a time")
+            bench_model("stories260K", lm, hf_model, prompt, args, rows)
+        else:
+            print(f"skipping stories260K: {path} is absent")
+
+    if args.only in (None, "gpt2"):
+        torch.manual_seed(0)
+        hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # 124M, random weights
+        lm = LM(from_hf_model(hf_model).eval(), None)
+        prompt = list(range(1000, 1016))
+        bench_model("gpt2-124M", lm, hf_model, prompt, args, rows)
+
+    print("\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
