@@ -100,21 +100,32 @@ class LoRALinear(nn.Module):
         """Add adapter `name` of rank r: A random (kaiming-uniform, or `shared_A`), B zero, so ΔW starts at 0."""
         if name in self.lora_A:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
-        w = self.base.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32  # a quantized base: adapters in fp32
+        device, dtype = self._device_dtype()
         if shared_A is None:
-            A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+            A = torch.empty(r, self.in_features, device=device, dtype=dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's default init, as PEFT
             shared_A = nn.Parameter(A)
         if tuple(shared_A.shape) != (r, self.in_features):
             raise ConfigError(f"LoRA A of shape {tuple(shared_A.shape)} does not fit a layer with {self.in_features} "
                               f"inputs at rank {r}")
         self.lora_A[name] = shared_A
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=dtype))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if name not in self.active:
             self.active.append(name)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where and in what dtype adapters live: the base weight's, or fp32 beside a quantized base (QLoRA)."""
+        if self.quantized:
+            t = next(iter(list(self.base.buffers()) + list(self.base.parameters())))
+            return t.device, torch.float32
+        return self.base.weight.device, self.base.weight.dtype
+
+    @property
+    def quantized(self) -> bool:
+        """A base whose weight is not a float Parameter (e.g. `quantize.QuantLinear`): it cannot be merged into."""
+        return not isinstance(getattr(self.base, "weight", None), nn.Parameter)
 
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0]
@@ -136,9 +147,10 @@ class LoRALinear(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged:
             return
+        if self.quantized:
+            raise ConfigError("cannot merge a LoRA adapter into a quantized base layer (QLoRA); load the float "
+                              "base model and merge the saved adapter into that")
         w = self.base.weight
-        if not w.dtype.is_floating_point:
-            raise ConfigError("cannot merge a LoRA adapter into a quantized base layer; dequantize it first")
         with torch.no_grad():
             w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
         self.merged.append(name)
@@ -385,7 +397,7 @@ def merge(model: nn.Module, name: str | None = None) -> None:
     for _, m in lora_layers(model):
         for n in ([name] if name else m.active):
             if n in m.lora_A:
-                if m.base.weight is _tied_weight(model, m):
+                if not m.quantized and m.base.weight is _tied_weight(model, m):
                     raise ConfigError("cannot merge a LoRA on lm_head into weights tied to the token embedding")
                 m.merge(n)
 

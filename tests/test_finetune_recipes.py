@@ -161,3 +161,24 @@ def test_prompt_tune_recipe(alpaca, tmp_path):
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 4
     wrapped = load_prompt(lmforge.load(base).model, out, name="task")
     assert wrapped.active == "task"
+
+
+def test_lora_classifier_and_qlora_sft(base, alpaca, tmp_path, capsys):
+    from lmforge.errors import ConfigError
+    from lmforge.finetune.classify import ClassifyConfig, run_classify
+    from lmforge.finetune.sft import SFTConfig, run_sft
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} {w}", "label": "a" if i % 2 else "b"}) + "\n"
+                            for i, w in enumerate(WORDS * 2)))
+    out = tmp_path / "clf"
+    run_classify(ClassifyConfig(model=str(base), data=str(data), out=str(out), max_steps=3, lora_r=2,
+                                **_common(tmp_path)), log=lambda s: None)
+    assert main(["classify", str(out), "hello hello", "--json"]) == 0  # adapters were merged into the saved copy
+    assert set(json.loads(capsys.readouterr().out)["probabilities"]) == {"a", "b"}
+    out = tmp_path / "qlora"
+    run_sft(SFTConfig(model=str(base), data=str(alpaca), out=str(out), max_steps=2, lora_r=2, quantize="nf4",
+                      eval_generate=2, max_new_tokens=2, **_common(tmp_path)), log=lambda s: None)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    with pytest.raises(ConfigError, match="set --lora-r"):
+        SFTConfig(model=str(base), data=str(alpaca), out=str(out), quantize="nf4")

@@ -220,3 +220,46 @@ def test_bad_target_and_wrong_base_are_one_line_errors(tmp_path):
         lora.load_peft(gpt2, tmp_path / "llama16")
     with pytest.raises(CheckpointError, match="not a PEFT adapter directory"):
         lora.load_peft(gpt2, tmp_path)
+
+
+def test_qlora_over_nf4_base_trains_and_saves(tmp_path):
+    """QLoRA: adapters (fp32) over a frozen NF4 base; forward = dequantized base + LoRA; merge is refused."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+    from lmforge.quantize import QuantLinear, quantize_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("llama-tiny", n_layer=2, vocab_size=64, n_embd=64, n_head=2, n_kv_head=1,
+                                intermediate_size=128)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)  # becomes the float network with each quantized weight dequantized
+    quantize_model(model, "nf4", group_size=32, embeddings="keep", progress=False)
+    lora.add_lora(model, "all-linear", r=4, alpha=8)
+    q = model.blocks[0].attn.q_proj
+    assert isinstance(q.base, QuantLinear) and q.quantized and q.lora_A["default"].dtype == torch.float32
+    _randomize_B(model, std=0.05)
+    with torch.no_grad():
+        for name, m in lora.lora_layers(model):
+            ref.get_submodule(name).weight.copy_(m.base.dequantize())
+    lora.add_lora(ref, "all-linear", r=4, alpha=8)
+    with torch.no_grad():
+        for (name, m), (_, mr) in zip(lora.lora_layers(model), lora.lora_layers(ref)):
+            mr.lora_A["default"].copy_(m.lora_A["default"])
+            mr.lora_B["default"].copy_(m.lora_B["default"])
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(X), ref(X), rtol=0, atol=1e-4)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(X)[:, :-1].flatten(0, 1), X[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="quantized base"):
+        lora.merge(model)
+    lora.save_peft(model, tmp_path / "qlora")  # the adapter applies to the float model it came from
+    assert json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())["r"] == 4

@@ -38,6 +38,9 @@ class FinetuneConfig(TrainConfig):
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": "layers to adapt: names like q_proj,v_proj (HF names such as c_attn work too) or all-linear"})
     merge: bool = field(default=False, metadata={"help": "with LoRA: write a merged model directory, not an adapter"})
+    quantize: str = field(default="", metadata={
+        "help": "QLoRA: quantize the frozen base (nf4, int4 or int8) before adding LoRA adapters"})
+    quant_group_size: int = field(default=32, metadata={"help": "QLoRA: group size of nf4/int4 quantization"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -45,6 +48,12 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.quantize and self.lora_r <= 0:
+            raise ConfigError(f"quantize={self.quantize!r} trains LoRA adapters over a frozen quantized base (QLoRA); "
+                              f"set --lora-r")
+        if self.quantize and self.merge:
+            raise ConfigError("--merge cannot fold adapters into a quantized base; merge the saved adapter into the "
+                              "float model instead")
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t for t in self.lora_targets.split(",") if t]
 
@@ -93,6 +102,12 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
         return False
     from .. import lora
 
+    if cfg.quantize:  # QLoRA (Dettmers et al. 2023): the frozen base in 4 bits, adapters and activations in fp32
+        from ..quantize import quantize_model
+
+        quantize_model(model, cfg.quantize, group_size=cfg.quant_group_size, embeddings="keep", fallback="int8",
+                       progress=False)
+        log(f"base quantized to {cfg.quantize} (group {cfg.quant_group_size}); LoRA trains on top (QLoRA)")
     lora.add_lora(model, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {','.join(cfg.lora_targets)}: {lora.trainable_report(model)}")
     return True
