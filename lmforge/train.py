@@ -100,6 +100,8 @@ class TrainConfig:
     sample_every: int = field(default=0, metadata={"help": "print a sample generation every N steps (0: off)"})
     sample_prompt: str = field(default="", metadata={"help": "prompt for the sample generations"})
     sample_tokens: int = field(default=40, metadata={"help": "tokens per sample generation"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this much wall time (0: no limit); "
+                                                              "the schedule still spans max_steps"})
     seed: int = field(default=1337, metadata={"help": "seed of dropout and other randomness in the loop"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -107,7 +109,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens"):
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "sample_every", "sample_tokens",
+                     "max_minutes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -364,28 +367,24 @@ def evaluate(model: nn.Module, val_data: Any, loss_fn: Callable | None = None, m
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
                 device: torch.device | str = "cpu") -> str:
-    """Greedy continuation of `prompt`, used to watch a model learn. Deterministic and leaves every RNG alone."""
+    """Greedy continuation of `prompt` (via `lmforge.generate`), used to watch a model learn.
+
+    Runs inside `torch.random.fork_rng`, so sampling during training never shifts the RNG stream that dropout
+    draws from: a run with samples and one without (or a resumed one) see the same random numbers.
+    """
+    from .generate import generate
+    from .lm import LM
+
     was_training = model.training
-    model.eval()
-    ids = tokenizer.encode(prompt, allowed_special="all") if prompt else []
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (getattr(tokenizer, "add_bos_token", False) or not ids):
-        ids = [bos] + ids
-    if not ids:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        ids = [eos if eos is not None else 0]
-    block = getattr(getattr(model, "config", None), "block_size", 1024)
-    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    n_prompt = x.shape[1]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for _ in range(max_new_tokens):
-        logits = model(x[:, -block:])  # (1, T, V)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        x = torch.cat([x, nxt], dim=1)
-        if eos is not None and int(nxt) == eos:
-            break
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        start = prompt
+        if not prompt:  # start from the document separator
+            bos = getattr(tokenizer, "bos_token_id", None)
+            start = [bos if bos is not None else tokenizer.eos_token_id]
+        text = generate(LM(model, tokenizer, model.config), start, temperature=0.0,
+                        max_new_tokens=max_new_tokens, truncate=True)
     model.train(was_training)
-    return prompt + tokenizer.decode(x[0, n_prompt:].tolist())
+    return prompt + str(text)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -700,6 +699,8 @@ def train(
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and dist_info.is_main))
     t_last, tok_last = time.perf_counter(), tokens
+    t_start = t_last
+    end_step = cfg.max_steps
     try:
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg)
@@ -746,9 +747,13 @@ def train(
             if on_step is not None:
                 on_step(rec)
             t_last = time.perf_counter()  # tokens/s measures training, not evaluation or checkpoint writes
+            if cfg.max_minutes and t_last - t_start > cfg.max_minutes * 60:
+                end_step = done
+                log(f"time budget of {cfg.max_minutes:g} min reached at step {done}")
+                break
         bar.close()
-        final_step = max(start_step, cfg.max_steps)
-        if val_data is not None and (start_step < cfg.max_steps or val_loss is None):
+        final_step = max(start_step, end_step)
+        if val_data is not None and (start_step < end_step or val_loss is None):
             val_loss = run_eval(final_step)
         checkpoint(final_step)
     finally:
@@ -757,5 +762,5 @@ def train(
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return TrainResult(step=max(start_step, cfg.max_steps), tokens=tokens, train_loss=train_loss,
+    return TrainResult(step=max(start_step, end_step), tokens=tokens, train_loss=train_loss,
                        val_loss=val_loss, history=history)
