@@ -1076,10 +1076,15 @@ def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None =
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """Load any tokenizer lmforge knows from a tokenizer.json file or a directory holding one."""
+    """Load any tokenizer lmforge knows: a tokenizer.json, a llama2.c tokenizer .bin, or a directory holding one."""
     path = Path(path)
     config: dict[str, Any] = {}
     template = None
+    llama2c = path / "tokenizer.bin" if path.is_dir() else path
+    if llama2c.suffix == ".bin" and llama2c.is_file() and not (path.is_dir() and (path / "tokenizer.json").exists()):
+        from .llama2c import Llama2cTokenizer  # llama2.c's SentencePiece-score BPE (`tokenizer.bin`, `tok512.bin`)
+
+        return Llama2cTokenizer.load(llama2c)
     if path.is_dir():
         cfg_path = path / "tokenizer_config.json"
         if cfg_path.exists():

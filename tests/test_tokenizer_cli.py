@@ -132,3 +132,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     assert main([a.format(**paths) for a in argv]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_cli_info_and_encode_on_a_llama2c_tokenizer(capsys):
+    path = data_file("stories260K/tok512.bin")
+    tok = Tokenizer.load(path)
+    assert tok.vocab_size == 512
+    assert main(["tokenizer", "info", "-t", str(path), "--merges", "0"]) == 0
+    assert "vocab size:      512" in capsys.readouterr().out
+    assert main(["tokenizer", "encode", "-t", str(path), "Once upon a time"]) == 0
+    assert [int(x) for x in capsys.readouterr().out.split()] == tok.encode("Once upon a time")
