@@ -377,7 +377,9 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
             return load(bins[0], dtype, device, tokenizer)
         raise CheckpointError(f"{p}: no config.json and no single .gguf or llama2.c .bin model file")
     if isinstance(path_or_id, str) and HUB_ID.match(path_or_id):  # not a local path: try the Hub
-        return load(download(path_or_id), dtype, device, tokenizer)
+        lm = load(download(path_or_id), dtype, device, tokenizer)
+        lm.config.name = path_or_id  # not the snapshot's commit-hash directory name
+        return lm
     raise CheckpointError(f"{path_or_id}: no such file or directory")
 
 

@@ -313,3 +313,20 @@ def test_failed_save_leaves_nothing(hf_dirs, tmp_path):
     with pytest.raises(LmforgeError):
         export_hf(lm, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_original_gpt2_layout(hf_dirs, tmp_path):
+    """openai-community/gpt2's own files: no `transformer.` prefix, and causal-mask buffers `h.N.attn.bias` saved
+    as tensors. Both are handled (the buffers are recomputed, not loaded)."""
+    from safetensors.torch import load_file, save_file
+
+    d, ref = hf_dirs["gpt2"]
+    old = tmp_path / "old-gpt2"
+    shutil.copytree(d, old)
+    sd = load_file(str(d / "model.safetensors"))
+    legacy = {k.removeprefix("transformer."): v for k, v in sd.items()}
+    for i in range(2):
+        legacy[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(legacy, str(old / "model.safetensors"))
+    ids = _ids()
+    torch.testing.assert_close(_logits(lmforge.load(old).model, ids), _logits(ref, ids), atol=1e-5, rtol=0)
