@@ -211,9 +211,14 @@ def _chunks(text: str, pattern: str, size: int) -> list[str]:
     return pieces
 
 
-def _count_chunk(args: tuple[str, str]) -> Counter:
-    text, pattern = args
-    return Counter(regex.findall(pattern, text))
+def _count_batch(args: tuple[list[str], str]) -> tuple[int, Counter]:
+    """Worker: pre-token counts of a batch of pieces (and how many characters that was, for the progress bar)."""
+    pieces, pattern = args
+    compiled = regex.compile(pattern)
+    counts: Counter = Counter()
+    for p in pieces:
+        counts.update(compiled.findall(p))
+    return sum(len(p) for p in pieces), counts
 
 
 def count_pretokens(texts: Sequence[str], pattern: str = GPT2_PATTERN, special_tokens: Collection[str] = (),
@@ -236,13 +241,21 @@ def count_pretokens(texts: Sequence[str], pattern: str = GPT2_PATTERN, special_t
     if workers > 1 and total > (1 << 20) and len(pieces) > 1:
         import multiprocessing as mp
 
+        batches: list[list[str]] = [[]]  # many small documents travel together: one task per ~chunk_size chars
+        size = 0
+        for p in pieces:
+            if size >= chunk_size:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += len(p)
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(workers, len(pieces))) as pool:
+        with ctx.Pool(min(workers, len(batches))) as pool:
             bar = tqdm(total=total, unit="char", unit_scale=True, desc="pre-tokenize", disable=progress is False
                        if progress is not None else None)
-            for piece_len, c in pool.imap_unordered(_count_and_len, [(p, pattern) for p in pieces]):
+            for n_chars, c in pool.imap_unordered(_count_batch, [(b, pattern) for b in batches]):
                 counts.update(c)
-                bar.update(piece_len)
+                bar.update(n_chars)
             bar.close()
     else:
         compiled = regex.compile(pattern)
@@ -253,10 +266,6 @@ def count_pretokens(texts: Sequence[str], pattern: str = GPT2_PATTERN, special_t
             bar.update(len(p))
         bar.close()
     return Counter({k.encode("utf-8"): v for k, v in counts.items()})
-
-
-def _count_and_len(args: tuple[str, str]) -> tuple[int, Counter]:
-    return len(args[0]), _count_chunk(args)
 
 
 def _rev_key(b: bytes) -> tuple[int, ...]:
