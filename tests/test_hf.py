@@ -330,3 +330,21 @@ def test_original_gpt2_layout(hf_dirs, tmp_path):
     save_file(legacy, str(old / "model.safetensors"))
     ids = _ids()
     torch.testing.assert_close(_logits(lmforge.load(old).model, ids), _logits(ref, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama-mqa-tied", "gpt2-untied"])
+def test_quantized_model_dir_roundtrip(hf_dirs, kind, tmp_path):
+    """quantization.json hook: save writes the model's quantization_config, load calls prepare_for_load first."""
+    quantize = pytest.importorskip("lmforge.quantize")
+    lm = lmforge.load(hf_dirs[kind][0])
+    quantize.quantize_model(lm.model, "int4", group_size=16, progress=False)
+    ids = _ids()
+    want = _logits(lm.model, ids)
+    lm.save(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text()) == lm.model.quantization_config
+    back = lmforge.load(tmp_path / "q")
+    assert back.model.quantization_config == lm.model.quantization_config
+    torch.testing.assert_close(_logits(back.model, ids), want, atol=0, rtol=0)
+    with pytest.raises(CheckpointError):
+        export_hf(back, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
