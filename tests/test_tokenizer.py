@@ -118,6 +118,9 @@ def test_parallel_pretokenization_equals_serial(pattern):
     serial = count_pretokens([text], pattern, num_workers=1)
     parallel = count_pretokens([text], pattern, num_workers=2, progress=False)
     assert parallel == serial
+    docs = text.split("\r\n\r\n")  # thousands of small documents travel to the workers in batches
+    assert count_pretokens(docs, pattern, num_workers=2, progress=False) == count_pretokens(docs, pattern,
+                                                                                           num_workers=1)
 
 
 def test_gpt4_pattern_option(small_tok):
