@@ -66,7 +66,7 @@ def stage_sms(work: Path, args) -> None:
         cfg = ClassifyConfig(model=str(work / "base"), data=str(data), out=str(out), split=[0.7, 0.1, 0.2],
                              split_seed=123, undersample=undersample, train_layers=-1, epochs=args.sms_epochs,
                              lr=args.sms_lr, schedule="cosine", warmup_steps=20, batch_size=16, max_length=128,
-                             eval_every=0, weight_decay=0.1, dropout=0.0, progress=not args.quiet, device="cpu",
+                             eval_every=0, weight_decay=0.1, progress=not args.quiet, device="cpu",
                              seed=1)
         t = time.time()
         res = run_classify(cfg)

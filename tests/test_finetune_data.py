@@ -155,3 +155,16 @@ def test_classification_metrics_match_sklearn(tmp_path):
     assert ours["confusion_matrix"] == skm.confusion_matrix(y, p).tolist()
     png = M.plot_confusion(ours["confusion_matrix"], ["a", "b", "c"], tmp_path / "cm.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_item():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (400,), generator=g).tolist()
+    items = list(range(400))
+    grouped = D.Batches(items, 8, collate=list, seed=1, lengths=lengths)
+    plain = D.Batches(items, 8, collate=list, seed=1)
+    for src in (grouped, plain):
+        assert sorted(i for k in range(len(src)) for i in src(k)) == items  # one epoch: every item once
+    pad = lambda src: sum(8 * max(lengths[i] for i in src(k)) for k in range(len(src)))  # noqa: E731
+    assert pad(grouped) < 0.7 * pad(plain)
+    assert grouped(0) != grouped(len(grouped))  # the next epoch is shuffled differently

@@ -29,6 +29,7 @@ class ClassifyConfig(common.FinetuneConfig):
     label_field: str = field(default="label", metadata={"help": "record field holding the label"})
     train_layers: int = field(default=1, metadata={"help": "train the last N blocks + final norm + head (-1: all)"})
     balance: bool = field(default=False, metadata={"help": "class-balanced sampling of training batches"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch texts of similar length (less padding)"})
     undersample: bool = field(default=False, metadata={
         "help": "before splitting, drop random examples of larger classes down to the smallest (the course's setup)"})
     lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
@@ -70,7 +71,8 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
     pad = common.pad_id(tok)
     collate = lambda items: D.classification_collate(items, pad)  # noqa: E731
     weights = D.balanced_weights([y for _, y in enc["train"]]) if cfg.balance else None
-    batches = D.Batches(enc["train"], cfg.batch_size, collate, seed=cfg.seed, weights=weights)
+    lengths = [len(ids) for ids, _ in enc["train"]] if cfg.group_by_length else None
+    batches = D.Batches(enc["train"], cfg.batch_size, collate, seed=cfg.seed, weights=weights, lengths=lengths)
     val = D.Batches(enc["val"], cfg.batch_size, collate, shuffle=False).all() if enc["val"] else None
     log(f"{len(labels)} labels {labels} | {', '.join(f'{k} {len(v)}' for k, v in enc.items())} examples | "
         f"max {L} tokens")

@@ -319,12 +319,18 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
 class Batches(_Batches):
     """index -> batch over a list of items (the loop's data source), reshuffled per epoch from (seed, epoch).
 
-    `lmforge.data.Batches` plus class balancing: with `weights` (one per item) each epoch draws its items with
-    replacement in proportion to the weights, so a rare class is seen as often as a common one.
+    `lmforge.data.Batches` plus two options:
+    * `weights` (one per item): each epoch draws its items with replacement in proportion to the weights, so a
+      rare class is seen as often as a common one (class-balanced sampling);
+    * `lengths` (one per item): group items of similar length into the same batch (Hugging Face's
+      `group_by_length`). A padded batch costs (batch size x its longest row); random batches of texts whose
+      lengths vary a lot are mostly padding. Each epoch's shuffled order is cut into windows of 50 batches, each
+      window is sorted by length and cut into batches, and the batches are shuffled again.
     """
 
     def __init__(self, items: Sequence[Any], batch_size: int, collate: Callable[[list[Any]], Any],
-                 shuffle: bool = True, seed: int = 0, weights: Sequence[float] | None = None):
+                 shuffle: bool = True, seed: int = 0, weights: Sequence[float] | None = None,
+                 lengths: Sequence[int] | None = None):
         if not items:
             raise DataError("no examples to make batches of")
         super().__init__(list(items), batch_size, shuffle=shuffle, drop_last=shuffle and len(items) >= batch_size,
@@ -333,12 +339,26 @@ class Batches(_Batches):
         if weights is not None:
             w = np.asarray(weights, dtype=np.float64)
             self.weights = w / w.sum()
+        self.lengths = np.asarray(lengths) if lengths is not None else None
 
     def _order(self, epoch: int) -> np.ndarray:
         if self.weights is None:
-            return super()._order(epoch)
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        return rng.choice(len(self.dataset), size=len(self.dataset), replace=True, p=self.weights)
+            order = super()._order(epoch)
+        else:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            order = rng.choice(len(self.dataset), size=len(self.dataset), replace=True, p=self.weights)
+        if self.lengths is None or not self.shuffle:
+            return order
+        bs, window = self.batch_size, self.batch_size * 50
+        batches = []
+        for s in range(0, len(order), window):
+            chunk = order[s:s + window]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + bs] for i in range(0, len(chunk), bs)]
+        full = [b for b in batches if len(b) == bs]
+        rng = np.random.default_rng([self.seed, epoch, 2])
+        perm = rng.permutation(len(full))
+        return np.concatenate([full[i] for i in perm] + [b for b in batches if len(b) < bs])
 
     def all(self) -> list[Any]:
         """Every batch of one pass in order (for evaluation)."""

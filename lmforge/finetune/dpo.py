@@ -42,6 +42,7 @@ class DPOConfig(common.FinetuneConfig):
     lr: float = field(default=5e-6, metadata={"help": "peak learning rate"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps (unless --epochs is given)"})
     eval_at_start: bool = field(default=True, metadata={"help": "held-out loss before the first step"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch pairs of similar length (less padding)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,7 +142,8 @@ def run_dpo(cfg: DPOConfig, log=print) -> dict:
             pairs[k] = [(c, r, lp) for (c, r), lp in zip(v, logps)]
         loss.reference = None
         del reference
-    batches = D.Batches(pairs["train"], cfg.batch_size, collate, seed=cfg.seed)
+    lengths = [max(len(p[0]), len(p[1])) for p in pairs["train"]] if cfg.group_by_length else None
+    batches = D.Batches(pairs["train"], cfg.batch_size, collate, seed=cfg.seed, lengths=lengths)
     val = D.Batches(pairs["val"], cfg.batch_size, collate, shuffle=False).all() if pairs["val"] else None
     held = D.Batches(pairs["test"] or pairs["val"], cfg.batch_size, collate, shuffle=False).all()
     metrics: dict[str, Any] = {"before": preference_eval(lm.model, loss, held)}

@@ -31,6 +31,7 @@ class SFTConfig(common.FinetuneConfig):
     chat_template: str = field(default="", metadata={
         "help": "chat data: a Jinja template file (default: the model's own template, else ChatML)"})
     packing: bool = field(default=False, metadata={"help": "pack examples into full rows instead of padding"})
+    group_by_length: bool = field(default=True, metadata={"help": "batch examples of similar length (less padding)"})
     max_new_tokens: int = field(default=128, metadata={"help": "answer length when generating for the test split"})
     eval_generate: int = field(default=-1, metadata={
         "help": "test records to answer and score with ROUGE-L (-1: all, 0: none)"})
@@ -71,7 +72,8 @@ def sft_batches(cfg: SFTConfig, lm, parts: dict[str, list[dict]], template: str 
                         f"too long: raise --max-length (the model's context is {lm.model.config.block_size})")
     train_items = D.pack(ex["train"], L) if cfg.packing else ex["train"]
     collate = lambda b: D.pad_collate(b, pad, L)  # noqa: E731
-    batches = D.Batches(train_items, cfg.batch_size, collate, seed=cfg.seed)
+    lengths = [len(e) for e in train_items] if getattr(cfg, "group_by_length", False) and not cfg.packing else None
+    batches = D.Batches(train_items, cfg.batch_size, collate, seed=cfg.seed, lengths=lengths)
     val = D.Batches(ex["val"], cfg.batch_size, collate, shuffle=False).all() if ex["val"] else None
     log(f"SFT: {len(ex['train'])} train examples ({len(train_items)} rows{' packed' if cfg.packing else ''}), "
         f"{len(ex['val'])} val, max {L} tokens")
