@@ -266,9 +266,9 @@ class QuantLinear(nn.Module):
             # activations go through the kernel in `kernel_dtype` and come back in their own dtype.
             x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # (B*T, K)
             y = None
-            if self.scheme == "int8":
+            if self.scheme == "int8" and self.in_features % 8 == 0:  # other widths crash the CPU kernel (2.13)
                 y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
-            elif self.scheme == "int4" and self.group_size in (32, 64, 128, 256):
+            elif self.scheme == "int4" and self.group_size in (32, 64, 128, 256) and self.out_features % 16 == 0:
                 packed, sz = self._int4_kernel_args(x2)
                 y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
             if y is not None:
@@ -436,11 +436,18 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _check_widths(model: nn.Module, names: Iterable[str], scheme: str, group_size: int) -> None:
-    if scheme == "int8":
-        return
+def _layer_schemes(model: nn.Module, names: Iterable[str], scheme: str, group_size: int,
+                   fallback: str | None) -> dict[str, str]:
+    """The scheme of each layer: `scheme`, or `fallback` for layers the group size does not divide."""
+    out = {}
     for n in names:
-        _check_group(model.get_submodule(n).in_features, group_size, n)
+        if scheme != "int8" and model.get_submodule(n).in_features % group_size:
+            if fallback is None:
+                _check_group(model.get_submodule(n).in_features, group_size, n)  # raises the one-line error
+            out[n] = fallback
+        else:
+            out[n] = scheme
+    return out
 
 
 def _as_batches(calibration) -> list[torch.Tensor]:
@@ -484,7 +491,8 @@ def _collect_hessians(model: nn.Module, names: list[str], batches: list[torch.Te
 
 
 def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32, calibration=None,
-                   method: str | None = None, embeddings: str = "int8", progress: bool = True) -> nn.Module:
+                   method: str | None = None, embeddings: str = "int8", fallback: str | None = None,
+                   progress: bool = True) -> nn.Module:
     """Quantize a `Transformer` in place (and return it).
 
     scheme:      "int8" (per output channel), "int4" (group-wise asymmetric) or "nf4" (group-wise NormalFloat)
@@ -492,6 +500,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
     calibration: token ids (n, T) or a list of (B, T) tensors; with it the default method is GPTQ
     method:      "rtn" (round to nearest) or "gptq" (needs calibration); None -> gptq if calibration else rtn
     embeddings:  what to do with the token embedding and LM head: "keep" (float), "int8", or "same" (scheme)
+    fallback:    None -> a layer whose width the group size does not divide is an error; "int8" -> quantize that
+                 layer per channel instead (as llama.cpp keeps such tensors in another type)
     Sets `model.quantization_config`, which `checkpoint.save` writes as quantization.json.
     """
     if scheme not in SCHEMES:
@@ -505,13 +515,19 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
         raise ConfigError(f"embeddings must be 'keep', 'int8' or 'same', got {embeddings!r}")
     if getattr(model, "quantization_config", None):
         raise ConfigError("model is already quantized")
+    if fallback not in (None, "int8"):
+        raise ConfigError(f"fallback must be None or 'int8', got {fallback!r}")
+    if scheme != "int8":
+        _check_group(2 * group_size, group_size)  # group_size itself must be a positive even number
     names = _linear_names(model)
-    _check_widths(model, names, scheme, group_size)
+    schemes = _layer_schemes(model, names, scheme, group_size, fallback)
     emb_scheme = {"keep": None, "int8": "int8", "same": scheme}[embeddings]
     if emb_scheme and emb_scheme != "int8":
         _check_group(model.config.n_embd, group_size, "wte")
     modules: dict[str, dict[str, Any]] = {}
-    gs = None if scheme == "int8" else group_size
+
+    def gs_of(sch: str) -> int | None:
+        return None if sch == "int8" else group_size
 
     from tqdm.auto import tqdm
 
@@ -527,17 +543,18 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
             block_names = [n for n in names if n.startswith(f"blocks.{b}.")]
             hs = _collect_hessians(model, block_names, batches)
             for n in block_names:
-                lin = model.get_submodule(n)
-                codes, s, z = gptq_quantize_weight(lin.weight.detach(), hs[n], scheme, group_size)
-                _set_module(model, n, QuantLinear.from_float(lin, scheme, gs, codes=codes, scale=s, zero=z))
-                modules[n] = {"scheme": scheme, "group_size": gs}
+                lin, sch = model.get_submodule(n), schemes[n]
+                codes, s, z = gptq_quantize_weight(lin.weight.detach(), hs[n], sch, group_size)
+                _set_module(model, n, QuantLinear.from_float(lin, sch, gs_of(sch), codes=codes, scale=s, zero=z))
+                modules[n] = {"scheme": sch, "group_size": gs_of(sch)}
                 bar.update(1)
         bar.close()
         model.train(was_training)
     else:
         for n in tqdm(names, desc=f"rtn {scheme}", unit="layer", disable=not progress):
-            _set_module(model, n, QuantLinear.from_float(model.get_submodule(n), scheme, gs))
-            modules[n] = {"scheme": scheme, "group_size": gs}
+            sch = schemes[n]
+            _set_module(model, n, QuantLinear.from_float(model.get_submodule(n), sch, gs_of(sch)))
+            modules[n] = {"scheme": sch, "group_size": gs_of(sch)}
 
     if emb_scheme:
         egs = None if emb_scheme == "int8" else group_size
@@ -551,7 +568,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
             model.lm_head = TiedQuantHead(model.wte)
             modules["lm_head"] = {"scheme": emb_scheme, "group_size": egs, "kind": "tied"}
     model.quantization_config = {
-        "format": QUANT_FORMAT, "version": QUANT_VERSION, "scheme": scheme, "group_size": gs, "method": method,
+        "format": QUANT_FORMAT, "version": QUANT_VERSION, "scheme": scheme, "group_size": gs_of(scheme),
+        "method": method,
         "embeddings": embeddings, "modules": modules,
     }
     return model
@@ -611,3 +629,27 @@ def bits_per_weight(model: nn.Module) -> float:
             n += m.in_features * m.out_features
             bits += 8 * sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros) if t is not None)
     return bits / n if n else 32.0
+
+
+def calibration_batches(tokenizer, text: str, n_samples: int = 32, seq_len: int = 256,
+                        add_bos: bool | None = None) -> torch.Tensor:
+    """`n_samples` windows of `seq_len` tokens taken from places spread evenly over `text`: a calibration set. (n, T)
+
+    GPTQ needs only a few thousand tokens of text like the text the model will see; more samples give a better
+    estimate of each layer's input covariance (the Hessian), at a cost linear in their number. Only the slices
+    used are tokenized (a slow tokenizer on a whole corpus would take minutes).
+    """
+    if add_bos is None:
+        add_bos = bool(getattr(tokenizer, "add_bos_token", False))
+    bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
+    body = seq_len - (1 if bos is not None else 0)
+    chars = 12 * body  # generous: English BPE averages 3-5 characters per token
+    n = max(1, min(n_samples, len(text) // chars))
+    rows = []
+    for start in torch.linspace(0, max(len(text) - chars, 0), n).long().tolist():
+        ids = list(tokenizer.encode(text[start:start + chars]))
+        if len(ids) >= body:
+            rows.append(([bos] if bos is not None else []) + ids[:body])
+    if not rows:
+        raise ConfigError(f"calibration text is too short for one sequence of seq_len={seq_len} tokens")
+    return torch.tensor(rows, dtype=torch.long)  # (n, T)
