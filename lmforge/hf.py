@@ -387,11 +387,11 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
 
 
 def from_hf_model(hf_model) -> "torch.nn.Module":
-    """An lmforge `Transformer` with the weights of a `transformers` causal LM (same dtype, on CPU)."""
+    """An lmforge `Transformer` with a copy of the weights of a `transformers` causal LM (same dtype, on CPU)."""
     from .checkpoint import build_model
 
     config = config_from_hf(hf_model.config.to_dict())
-    sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}  # no storage shared with hf_model
     dtype = next(iter(sd.values())).dtype
     return build_model(config, lambda expected: state_dict_from_hf(sd, config, expected, "hf model"), dtype=dtype)
 

@@ -348,3 +348,12 @@ def test_quantized_model_dir_roundtrip(hf_dirs, kind, tmp_path):
     with pytest.raises(CheckpointError):
         export_hf(back, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_from_hf_model_copies(hf_dirs):
+    _, ref = hf_dirs["gpt2"]
+    ours = from_hf_model(ref)
+    before = ref.transformer.h[0].attn.c_attn.weight.clone()
+    with torch.no_grad():
+        ours.blocks[0].attn.q_proj.weight.add_(1.0)
+    assert torch.equal(ref.transformer.h[0].attn.c_attn.weight, before)
