@@ -301,10 +301,11 @@ def load_hf_dir(d: Path, dtype="auto", device=None) -> LM:
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
+def download(repo_id: str, revision: str | None = None, config_only: bool = False) -> Path:
     """Download a Hub repository's config, weights (safetensors when it has them) and tokenizer files.
 
-    With no network: a one-line `NetworkError`. Files already in the local Hugging Face cache are reused.
+    `config_only=True` fetches just the JSON files (enough for `lmforge info`). With no network: a one-line
+    `NetworkError`. Files already in the local Hugging Face cache are reused.
     """
     try:
         from huggingface_hub import list_repo_files, snapshot_download
@@ -315,6 +316,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     meta_files = ["*.json", "*.jinja", "*.txt", "tokenizer.model"]
     try:
         try:
+            if config_only:
+                return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json"]))
             files = list_repo_files(repo_id, revision=revision)
             weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta_files + weights))
@@ -359,6 +362,10 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
             return load(p.parent, dtype, device)
         raise CheckpointError(f"{p}: unknown model file type (expected a directory, .gguf or llama2.c .bin)")
     if p.is_dir():
+        if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
+            from .lora import load_adapter_dir  # a PEFT adapter (LoRA or soft prompt) on its base model
+
+            return load_adapter_dir(p, dtype, device)
         if (p / "config.json").exists():
             raw = read_json(p / "config.json")
             if not isinstance(raw, dict):

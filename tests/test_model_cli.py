@@ -132,3 +132,30 @@ def test_export_gguf_delegates(tiny_llama, tmp_path):
     assert main(["export", str(d), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     assert len(reader.tensors) > 0
+
+
+def test_info_hub_id_fetches_config_only(tiny_llama, monkeypatch, tmp_path, capsys):
+    import httpx
+    import huggingface_hub
+
+    d, _ = tiny_llama
+    seen = {}
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        seen["patterns"] = allow_patterns
+        return str(d)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "someone/tiny-llama"]) == 0
+    assert seen["patterns"] == ["*.json"] and "someone/tiny-llama" in capsys.readouterr().out
+
+    def offline(*a, **k):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["info", "someone/tiny-llama"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot download 'someone/tiny-llama'") and err.count("\n") == 1
+    assert main(["info", "gpt-2"]) == 1
+    assert "did you mean 'gpt2'?" in capsys.readouterr().err

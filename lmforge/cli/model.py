@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i = subparsers.add_parser("info", help="parameters and memory per dtype of a preset or a model",
                               description="Parameter count, shapes and memory per dtype of a preset name, an lmforge "
                                           "or Hugging Face directory, a llama2.c .bin or a .gguf.")
-    i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}) or a model path")
+    i.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a model path, or a Hub id (config only)")
     i.add_argument("--context", type=int, default=None,
                    help="tokens for the KV-cache estimate (default: the model's context length)")
     i.set_defaults(func=cmd_info)
@@ -88,7 +88,17 @@ def read_config(model: str) -> ModelConfig:
         from ..checkpoint import load
 
         return load(p).config
-    raise ConfigError(f"{model!r} is neither a preset nor an existing path; presets: {', '.join(PRESETS)}")
+    from ..checkpoint import HUB_ID, download
+
+    if "/" in model and HUB_ID.match(model):  # a Hub id (owner/name): fetch config.json only, no weights
+        config = read_config(str(download(model, config_only=True)))
+        config.name = model
+        return config
+    import difflib
+
+    close = difflib.get_close_matches(model, PRESETS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"presets: {', '.join(PRESETS)}"
+    raise ConfigError(f"{model!r} is neither a preset, an existing path nor a Hub id (owner/name); {hint}")
 
 
 def info_lines(config: ModelConfig, context: int | None = None) -> list[str]:
