@@ -308,7 +308,7 @@ def download(repo_id: str, revision: str | None = None, config_only: bool = Fals
     `NetworkError`. Files already in the local Hugging Face cache are reused.
     """
     try:
-        from huggingface_hub import list_repo_files, snapshot_download
+        from huggingface_hub import model_info, snapshot_download
         from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                             RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:  # pragma: no cover - a declared dependency
@@ -318,7 +318,8 @@ def download(repo_id: str, revision: str | None = None, config_only: bool = Fals
         try:
             if config_only:
                 return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json"]))
-            files = list_repo_files(repo_id, revision=revision)
+            # model_info fails fast offline (the file-tree listing retries with back-off for ~30 s)
+            files = [s.rfilename for s in (model_info(repo_id, revision=revision).siblings or [])]
             weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta_files + weights))
         except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:

@@ -649,3 +649,34 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", freeze_
     if freeze_base:
         freeze_non_lora(model)
     return done
+
+
+def load_adapter_dir(path: str | Path, dtype="auto", device=None, merge: bool = True):
+    """`lmforge.load` of a PEFT adapter directory: its base (`base_model_name_or_path`) with the adapter applied.
+
+    A LoRA adapter is merged into the float base (same function, no extra cost per token) unless `merge=False`;
+    a prompt-tuning adapter wraps the base in a `PromptTunedModel`.
+    """
+    import lmforge
+
+    path = Path(path)
+    cfg = read_json(path / ADAPTER_CONFIG)
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{path}: adapter_config.json names no base model (base_model_name_or_path); load the "
+                              f"base with lmforge.load and apply the adapter with lora.load_peft")
+    lm = lmforge.load(base, dtype=dtype, device=device)
+    kind = cfg.get("peft_type", "LORA")
+    if kind == "PROMPT_TUNING":
+        from .prompt_tuning import load_prompt
+
+        lm.model = load_prompt(lm.model, path).eval()
+    elif kind == "LORA":
+        load_peft(lm.model, path)
+        if merge:
+            merge_and_unload(lm.model)
+        lm.model.eval()
+    else:
+        raise CheckpointError(f"{path}: unsupported adapter type {kind!r} (lmforge reads LORA and PROMPT_TUNING)")
+    lm.path = str(path)
+    return lm

@@ -182,3 +182,19 @@ def test_lora_classifier_and_qlora_sft(base, alpaca, tmp_path, capsys):
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     with pytest.raises(ConfigError, match="set --lora-r"):
         SFTConfig(model=str(base), data=str(alpaca), out=str(out), quantize="nf4")
+
+
+def test_lmforge_load_reads_an_adapter_dir(base, alpaca, tmp_path):
+    from lmforge import lora
+
+    lm = lmforge.load(base)
+    lora.add_lora(lm.model, "all-linear", r=2)
+    with torch.no_grad():
+        for _, m in lora.lora_layers(lm.model):
+            m.lora_B["default"].normal_(std=0.5)
+    x = torch.randint(0, 300, (1, 6))
+    want = lm.model.eval()(x)
+    lora.save_peft(lm.model, tmp_path / "ad", base_model_name_or_path=str(base))
+    got = lmforge.load(tmp_path / "ad")  # base + adapter, merged
+    torch.testing.assert_close(got.model(x), want, rtol=0, atol=1e-5)
+    assert got.tokenizer is not None and not list(lora.lora_layers(got.model))
