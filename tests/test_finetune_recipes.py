@@ -198,3 +198,17 @@ def test_lmforge_load_reads_an_adapter_dir(base, alpaca, tmp_path):
     got = lmforge.load(tmp_path / "ad")  # base + adapter, merged
     torch.testing.assert_close(got.model(x), want, rtol=0, atol=1e-5)
     assert got.tokenizer is not None and not list(lora.lora_layers(got.model))
+
+
+@pytest.mark.parametrize("name", ["sms-spam", "sft-alpaca", "dpo-lora", "prompt-tune"])
+def test_shipped_yaml_configs_load(name):
+    from pathlib import Path
+
+    from lmforge import argconf
+    from lmforge.cli.finetune import _recipe
+
+    recipe = {"sms-spam": "classify", "sft-alpaca": "sft", "dpo-lora": "dpo", "prompt-tune": "prompt-tune"}[name]
+    cls, _ = _recipe(recipe)
+    path = Path(__file__).resolve().parent.parent / "configs" / "finetune" / f"{name}.yaml"
+    cfg = argconf.build(cls, argconf.load_yaml(path))
+    assert cfg.batch_size >= 1
