@@ -260,7 +260,7 @@ def test_hub_id_without_network(monkeypatch, tmp_path):
     def offline(*a, **k):
         raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "model_info", offline)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(NetworkError) as e:
@@ -279,8 +279,11 @@ def test_hub_id_download_is_used(hf_dirs, monkeypatch, tmp_path):
         calls["repo"], calls["patterns"] = repo_id, allow_patterns
         return str(d)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: ["config.json", "model.safetensors",
-                                                                               "pytorch_model.bin"])
+    from types import SimpleNamespace
+
+    files = ["config.json", "model.safetensors", "pytorch_model.bin"]
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *a, **k: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=f) for f in files]))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     monkeypatch.chdir(tmp_path)
     lm = lmforge.load("someone/tiny-gpt2")
@@ -357,3 +360,20 @@ def test_from_hf_model_copies(hf_dirs):
     with torch.no_grad():
         ours.blocks[0].attn.q_proj.weight.add_(1.0)
     assert torch.equal(ref.transformer.h[0].attn.c_attn.weight, before)
+
+
+def test_hub_id_real_download_code_without_network(tmp_path):
+    """The real huggingface_hub code path, pointed at a closed local port: one line, exit 1, nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf-home"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    code = ("import sys, lmforge\n"
+            "try:\n    lmforge.load('someone/some-model')\n"
+            "except lmforge.LmforgeError as e:\n    print(type(e).__name__, e); sys.exit(1)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.startswith("NetworkError cannot download 'someone/some-model'") and r.stdout.count("\n") == 1
