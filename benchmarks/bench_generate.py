@@ -42,6 +42,17 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return min(times), out
 
 
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, object, float, object]:
+    """Best times of two contenders, run alternately (a, b, a, b, ...) so both see the same machine load."""
+    ta, tb, out_a, out_b = [], [], None, None
+    for _ in range(repeats):
+        t, out_a = timed(fn_a, 1)
+        ta.append(t)
+        t, out_b = timed(fn_b, 1)
+        tb.append(t)
+    return min(ta), out_a, min(tb), out_b
+
+
 def hf_generate(hf_model, ids: list[list[int]], n: int, pad: int = 0):
     T = max(map(len, ids))
     x = torch.tensor([[pad] * (T - len(p)) + p for p in ids])
@@ -59,8 +70,9 @@ def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list
     generate(lm, prompt, temperature=0, max_new_tokens=4, ignore_eos=True)
     hf_generate(hf_model, [prompt], 4)
 
-    t_ours, ours = timed(lambda: generate(lm, prompt, temperature=0, max_new_tokens=n, ignore_eos=True), r)
-    t_hf, theirs = timed(lambda: hf_generate(hf_model, [prompt], n), r)
+    t_ours, ours, t_hf, theirs = timed_pair(
+        lambda: generate(lm, prompt, temperature=0, max_new_tokens=n, ignore_eos=True),
+        lambda: hf_generate(hf_model, [prompt], n), r)
     same = ours.token_ids == theirs[0]
     ratio = t_hf / t_ours
     print(f"[{name}] decode batch 1, {n} new tokens: lmforge {n / t_ours:.1f} tok/s, transformers "
@@ -90,8 +102,9 @@ def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list
     # time to first token with a 512-token prompt
     L = min(512, lm.model.config.block_size - 1)
     long_prompt = torch.randint(3, V, (L,), generator=g).tolist()
-    t_ttft, _ = timed(lambda: generate(lm, long_prompt, temperature=0, max_new_tokens=1, ignore_eos=True), r)
-    t_ttft_hf, _ = timed(lambda: hf_generate(hf_model, [long_prompt], 1), r)
+    t_ttft, _, t_ttft_hf, _ = timed_pair(
+        lambda: generate(lm, long_prompt, temperature=0, max_new_tokens=1, ignore_eos=True),
+        lambda: hf_generate(hf_model, [long_prompt], 1), r)
     print(f"[{name}] time to first token, {L}-token prompt: lmforge {t_ttft * 1000:.0f} ms, transformers "
           f"{t_ttft_hf * 1000:.0f} ms ({t_ttft_hf / t_ttft:.2f}x)", flush=True)
     rows.append(f"| {name} | time to first token, {L}-token prompt (ms) | {t_ttft * 1000:.0f} | "

@@ -841,14 +841,34 @@ def token_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]], s
     return results
 
 
+def _encode_pair(lm, prompt: str | Sequence[int], continuation: str | Sequence[int]) -> tuple[list[int], list[int]]:
+    """Token ids of (prompt, continuation), split the way lm-evaluation-harness does it.
+
+    Text is tokenized as one string and cut where the prompt's own tokens end: tokenizers that add a leading space
+    to a text (SentencePiece) or merge across the boundary would otherwise score tokens the model never sees in
+    the running text. Trailing spaces of the prompt move to the continuation ("Paris is" + " nice").
+    Token-id lists are used as given.
+    """
+    if not isinstance(prompt, str) or not isinstance(continuation, str):
+        ctx = encode_prompt(lm, prompt)
+        cont = encode_prompt(lm, continuation, add_bos=False) if not isinstance(continuation, str) \
+            else encode_text(lm.tokenizer, continuation)
+        return ctx, cont
+    n_spaces = len(prompt) - len(prompt.rstrip())
+    if n_spaces:
+        prompt, continuation = prompt[:-n_spaces], prompt[-n_spaces:] + continuation
+    ctx = encode_prompt(lm, prompt)
+    whole = encode_prompt(lm, prompt + continuation)
+    return whole[:len(ctx)], whole[len(ctx):]
+
+
 def score_batch(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[Score]:
     """`score` for many (prompt, continuation) pairs in batched forwards (multiple-choice evaluation)."""
     seqs, starts = [], []
     block_size = lm.model.config.block_size
     tok = lm.tokenizer
     for prompt, continuation in pairs:
-        ctx = encode_prompt(lm, prompt)
-        cont = encode_prompt(lm, continuation, add_bos=False)
+        ctx, cont = _encode_pair(lm, prompt, continuation)
         if not cont:
             raise GenerationError("continuation to score is empty")
         if not ctx:  # nothing to condition the first token on: use the document separator, as lm-eval does
@@ -871,6 +891,12 @@ def score_batch(lm, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> l
 
 
 def score(lm, prompt: str, continuation: str) -> Score:
-    """log p(continuation | prompt): the sum and the per-token log-probs (prompt and continuation are tokenized
-    separately and concatenated, as lm-evaluation-harness does; BOS first when the model expects it)."""
+    """log p(continuation | prompt): the sum and the per-token log-probs (the text is tokenized as a whole and split
+    where the prompt's tokens end, as lm-evaluation-harness does; BOS first when the model expects it)."""
     return score_batch(lm, [(prompt, continuation)])[0]
+
+
+# Public names for the chat helpers the server reuses (the underscored names stay for existing callers).
+chat_controls = _chat_controls
+encode_chat = _encode_chat
+eos_token_ids = _eos_ids

@@ -10,7 +10,7 @@ import torch
 import lmforge
 from lmforge.config import ModelConfig
 from lmforge.errors import GenerationError
-from lmforge.generate import SamplingParams, StopChecker, generate_ids, token_logprobs
+from lmforge.generate import SamplingParams, StopChecker, encode_prompt, generate_ids, token_logprobs
 from lmforge.lm import LM, GenerationConfig
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
@@ -263,7 +263,7 @@ def test_score_batch_equals_single_and_direct_forward():
     from lmforge.generate import score_batch
 
     lm = tiny_lm("llama")
-    pairs = [("The cat", " sat on the mat"), ("A", "b"), ("Long prompt " * 3, " end")]
+    pairs = [("The cat", " sat on the mat"), ("A", "b"), ("Long prompt " * 3 + "x", " end")]
     many = score_batch(lm, pairs, batch_size=2)
     for (p, c), s in zip(pairs, many):
         one = lm.score(p, c)
@@ -379,7 +379,12 @@ def test_stories260k_greedy_matches_llama2c_check_text():
         "Lily didn't want to help her mom, so she"
     )
     prompt = "Once upon a time"
-    n_prompt = len(lmforge.generate.encode_prompt(lm, prompt))  # BOS included
+    n_prompt = len(encode_prompt(lm, prompt))  # BOS included
     # llama2.c's -n 200 counts positions: BOS + prompt + generated = 201 tokens, 200 forward passes
     out = lm.generate(prompt, temperature=0, max_new_tokens=200 - (n_prompt - 1))
     assert prompt + str(out) == expected
+    # scoring text with a SentencePiece-style tokenizer: the continuation is cut from the whole text's tokens, so
+    # no spurious leading-space token appears, and the greedy continuation is recognised as greedy
+    s = lm.score(prompt, ", there was a little girl")
+    assert s.is_greedy and s.token_ids == out.token_ids[:len(s.token_ids)]
+    assert lm.score(prompt + " ", "there").token_ids == lm.score(prompt, " there").token_ids
