@@ -394,8 +394,19 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside `torch.compile` (`_orig_mod`) or DDP/FSDP-style (`module`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (getattr(model, "module", None) if not
+                                                     hasattr(model, "config") else None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without the tied lm_head (safetensors refuses two names for one storage)."""
+    model = _unwrap(model)
     sd = model.state_dict()
     cfg = getattr(model, "config", None)
     if cfg is not None and cfg.tie_word_embeddings:
@@ -440,7 +451,7 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], d: Path, max_shard_bytes: 
 
 def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `lm` as an lmforge model directory at `path` (atomically; other files already there are kept)."""
-    model = lm.model
+    model = _unwrap(lm.model)
     config: ModelConfig = lm.config
     sd = _unique_state_dict(model)
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)

@@ -377,3 +377,12 @@ def test_hub_id_real_download_code_without_network(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert r.stdout.startswith("NetworkError cannot download 'someone/some-model'") and r.stdout.count("\n") == 1
+
+
+def test_save_unwraps_compiled_model(hf_dirs, tmp_path):
+    lm = lmforge.load(hf_dirs["llama-mqa-tied"][0])
+    ids = _ids()
+    want = _logits(lm.model, ids)
+    lm.model = torch.compile(lm.model)  # state_dict names get an `_orig_mod.` prefix; the directory must not
+    lm.save(tmp_path / "m")
+    torch.testing.assert_close(_logits(lmforge.load(tmp_path / "m").model, ids), want, atol=0, rtol=0)
