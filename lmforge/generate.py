@@ -457,12 +457,12 @@ class Completion(str):
 
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
-    """Inference without dropout and without autograd; the model's train/eval state is restored after."""
+    """Inference without dropout; the model's train/eval state is restored after (autograd is switched off by the
+    decode loop itself, around its own work only)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            yield
+        yield
     finally:
         model.train(was_training)
 
@@ -520,15 +520,18 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
             checkers[i].flush("length")
             alive[i] = False
     cache = model.new_cache(B, T + steps) if use_cache else None
-    logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # prefill: (B, V)
+    # inference mode only around the work, never across a `yield` (it would leak into the caller's code)
+    with torch.inference_mode():
+        logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # prefill: (B, V)
     for step in range(steps):
-        next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
-        if params.logprobs:
-            logp = logits.float().log_softmax(dim=-1)  # (B, V) the model's own distribution
-            chosen = logp.gather(1, next_ids[:, None])[:, 0].tolist()
-            if params.top_logprobs:
-                top = torch.topk(logp, params.top_logprobs, dim=-1)
-                top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+        with torch.inference_mode():
+            next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
+            if params.logprobs:
+                logp = logits.float().log_softmax(dim=-1)  # (B, V) the model's own distribution
+                chosen = logp.gather(1, next_ids[:, None])[:, 0].tolist()
+                if params.top_logprobs:
+                    top = torch.topk(logp, params.top_logprobs, dim=-1)
+                    top_vals, top_ids = top.values.tolist(), top.indices.tolist()
         tokens = next_ids.tolist()
         events = []
         for i, t in enumerate(tokens):
@@ -550,19 +553,20 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         yield events
         if not any(alive):
             return
-        if seen is not None:
-            seen[torch.arange(B, device=device), next_ids] = True
-        if output_counts is not None:
-            output_counts[torch.arange(B, device=device), next_ids] += 1
-        feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
-        # a finished row's token is padding: it takes no position and no other token sees it
-        feed_mask = None if all(alive) else torch.tensor(alive, dtype=torch.long, device=device)[:, None]
-        if use_cache:
-            logits = model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
-        else:  # reference path: re-run the whole (left-padded) sequence every step
-            ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
-            mask = torch.cat([mask, torch.ones_like(feed) if feed_mask is None else feed_mask], dim=1)
-            logits = model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
+        with torch.inference_mode():
+            if seen is not None:
+                seen[torch.arange(B, device=device), next_ids] = True
+            if output_counts is not None:
+                output_counts[torch.arange(B, device=device), next_ids] += 1
+            feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
+            # a finished row's token is padding: it takes no position and no other token sees it
+            feed_mask = None if all(alive) else torch.tensor(alive, dtype=torch.long, device=device)[:, None]
+            if use_cache:
+                logits = model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
+            else:  # reference path: re-run the whole (left-padded) sequence every step
+                ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
+                mask = torch.cat([mask, torch.ones_like(feed) if feed_mask is None else feed_mask], dim=1)
+                logits = model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
 
 
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -817,7 +821,7 @@ def token_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]], s
     starts = list(starts) if starts is not None else [1] * len(sequences)
     device = next(model.parameters()).device
     results = []
-    with _eval_mode(model):
+    with _eval_mode(model), torch.inference_mode():
         for b in range(0, len(sequences), batch_size):
             chunk, chunk_starts = sequences[b:b + batch_size], starts[b:b + batch_size]
             L = max(len(s) for s in chunk)

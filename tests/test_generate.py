@@ -192,7 +192,7 @@ def test_defaults_come_from_generation_config_and_kwargs_override():
 # ---- text: stop strings, stop tokens, streaming ------------------------------------------------------------------
 def test_stop_string_across_token_boundaries_is_not_emitted(gpt2_tok):
     lm = tiny_lm("gpt", vocab_size=gpt2_tok.vocab_size, tok=gpt2_tok, block_size=128)
-    free = lm.generate("The meaning of life is", temperature=0, max_new_tokens=40, ignore_eos=True)
+    free = lm.generate("The meaning of life is", temperature=0, max_new_tokens=24, ignore_eos=True)
     text = str(free)
     # a stop string made of the end of one token and the start of the next
     ids = free.token_ids
@@ -202,16 +202,16 @@ def test_stop_string_across_token_boundaries_is_not_emitted(gpt2_tok):
     assert len(stop) == 2 and not stop.isspace()
     where = text.find(stop)
     assert 0 <= where < len(first) + 1
-    got = lm.generate("The meaning of life is", temperature=0, max_new_tokens=40, stop=[stop, "zzzz-never"])
+    got = lm.generate("The meaning of life is", temperature=0, max_new_tokens=24, stop=[stop, "zzzz-never"])
     assert str(got) == text[:where] and got.finish_reason == "stop" and got.stop_reason == stop
     # streaming: deltas join to the same text, and no prefix ever shows a character of the stop string
-    deltas = list(lm.stream("The meaning of life is", temperature=0, max_new_tokens=40, stop=stop))
+    deltas = list(lm.stream("The meaning of life is", temperature=0, max_new_tokens=24, stop=stop))
     assert "".join(deltas) == str(got)
     shown = ""
     for d in deltas:
         shown += d
         assert text[:where].startswith(shown)
-    assert "".join(lm.stream("The meaning of life is", temperature=0, max_new_tokens=40, ignore_eos=True)) == text
+    assert "".join(lm.stream("The meaning of life is", temperature=0, max_new_tokens=24, ignore_eos=True)) == text
 
 
 def test_stop_checker_holds_partial_stop_text_and_whole_characters():
@@ -388,3 +388,13 @@ def test_stories260k_greedy_matches_llama2c_check_text():
     s = lm.score(prompt, ", there was a little girl")
     assert s.is_greedy and s.token_ids == out.token_ids[:len(s.token_ids)]
     assert lm.score(prompt + " ", "there").token_ids == lm.score(prompt, " there").token_ids
+
+
+def test_stream_does_not_leak_inference_mode_or_eval_mode():
+    lm = tiny_lm("gpt")
+    lm.model.train()
+    it = lm.stream("Hi", max_new_tokens=5, temperature=0, ignore_eos=True)
+    next(it)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    list(it)
+    assert lm.model.training  # restored once the stream is done
