@@ -193,6 +193,15 @@ def test_gpt2_equals_tiktoken_on_random_unicode(gpt2, tiktoken_gpt2, text):
     assert gpt2.encode(text, disallowed_special=(), fast=False) == expect
 
 
+@SETTINGS
+@given(st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2003\u3000abZ'sdtlmvre19é!.,-", max_size=40))
+def test_gpt2_whitespace_and_contractions_stress(gpt2, tiktoken_gpt2, text):
+    """Whitespace runs, contractions and punctuation: where the two spellings of GPT-2's regex could differ."""
+    expect = tiktoken_gpt2.encode(text, disallowed_special=())
+    assert gpt2.encode(text, fast=False) == expect
+    assert gpt2.encode(text) == expect
+
+
 def test_special_token_semantics_like_tiktoken(gpt2, tiktoken_gpt2):
     text = "a <|endoftext|> b"
     with pytest.raises(TokenizerError, match="disallowed"):
