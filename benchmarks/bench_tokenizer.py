@@ -176,6 +176,7 @@ def main() -> int:
     ap.add_argument("--naive-merges", type=int, default=40, help="merges the naive trainer actually runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["train", "encode"], help="run one of the two benchmarks")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.naive_merges)))
@@ -187,8 +188,10 @@ def main() -> int:
         args.naive_merges, args.repeats = 10, 1
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    bench_training(args.naive_merges)
-    bench_encode(args.repeats)
+    if args.only != "encode":
+        bench_training(args.naive_merges)
+    if args.only != "train":
+        bench_encode(args.repeats)
     return 0
 
 
