@@ -125,13 +125,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lmforge.gguf") is None, reason="lmforge.gguf not written yet")
-def test_export_gguf_delegates(tiny_llama, tmp_path):
+def test_export_gguf_and_load_it_back(tmp_path):
+    """`export --format gguf` delegates to lmforge.gguf; `lmforge.load(x.gguf)` reads it back (f32: exact)."""
     import gguf
 
-    d, _ = tiny_llama
-    assert main(["export", str(d), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
-    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
-    assert len(reader.tensors) > 0
+    from tests.conftest import data_file
+
+    src = data_file("stories260K/stories260K.bin")
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(src), "--format", "gguf", "--out", str(out), "--dtype", "f32"]) == 0
+    assert gguf.GGUFReader(str(out)).tensors
+    a, b = lmforge.load(src), lmforge.load(out)
+    ids = torch.tensor([[1] + a.tokenizer.encode("Once upon a time")])
+    torch.testing.assert_close(b.model(ids), a.model(ids), atol=1e-6, rtol=0)
 
 
 def test_info_hub_id_fetches_config_only(tiny_llama, monkeypatch, tmp_path, capsys):

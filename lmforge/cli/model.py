@@ -165,7 +165,7 @@ def cmd_export(args) -> int:
     else:
         from ..gguf import export_gguf
 
-        export_gguf(lm, args.out, dtype=args.dtype)
+        export_gguf(lm, args.out, **({"dtype": args.dtype} if args.dtype else {}))
         print(f"wrote {args.out}")
     return 0
 
