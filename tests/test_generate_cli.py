@@ -87,3 +87,22 @@ def test_chat_with_piped_stdin_history_and_reset(model_dir, capsys, monkeypatch)
 def test_generation_config_file_is_read(model_dir):
     data = json.loads((model_dir / "generation_config.json").read_text())
     assert data["max_new_tokens"] == 12 and data["temperature"] == 0.0
+
+
+def test_chat_drops_oldest_turns_when_history_outgrows_the_context(model_dir, capsys, monkeypatch):
+    from lmforge.cli.generate import _fit_history
+    from lmforge.generate import chat_prompt, encode_chat
+
+    lm = lmforge.load(model_dir)  # byte tokenizer: one token per character, 512-token context
+    long = "y" * 150
+    msgs = [{"role": "system", "content": "S"}]
+    for i in range(4):
+        msgs += [{"role": "user", "content": f"{i}{long}"}, {"role": "assistant", "content": long}]
+    msgs.append({"role": "user", "content": "last"})
+    kept = _fit_history(lm, msgs, room=12)
+    assert kept[0] == msgs[0] and kept[-1] == msgs[-1] and len(kept) < len(msgs)
+    assert len(encode_chat(lm, chat_prompt(lm, kept))) + 12 <= 512
+    assert kept == [msgs[0]] + msgs[len(msgs) - len(kept) + 1:]  # the newest turns, in order
+    code, out, _ = run(["chat", model_dir, "--system", "S"], capsys,
+                       stdin="".join(f"{i}{long}\n" for i in range(4)), monkeypatch=monkeypatch)
+    assert code == 0 and out.count("\n") == 4
