@@ -62,9 +62,10 @@ def stage_sms(work: Path, args) -> None:
     for name, undersample in (("full", False), ("balanced", True)):
         if args.sms_variant not in ("both", name):
             continue
+        epochs = args.sms_epochs if name == "full" else args.sms_balanced_epochs
         out = work / f"sms-{name}"
         cfg = ClassifyConfig(model=str(work / "base"), data=str(data), out=str(out), split=[0.7, 0.1, 0.2],
-                             split_seed=123, undersample=undersample, train_layers=-1, epochs=args.sms_epochs,
+                             split_seed=123, undersample=undersample, train_layers=-1, epochs=epochs,
                              lr=args.sms_lr, schedule="cosine", warmup_steps=20, batch_size=16, max_length=128,
                              eval_every=0, weight_decay=0.1, progress=not args.quiet, device="cpu",
                              seed=1)
@@ -76,7 +77,7 @@ def stage_sms(work: Path, args) -> None:
                     "test_spam_f1": res["test"]["per_class"]["spam"]["f1"],
                     "test_spam_precision": res["test"]["per_class"]["spam"]["precision"],
                     "test_spam_recall": res["test"]["per_class"]["spam"]["recall"],
-                    "test_n": res["test"]["n"], "seconds": round(secs, 1), "epochs": args.sms_epochs,
+                    "test_n": res["test"]["n"], "seconds": round(secs, 1), "epochs": epochs,
                     "course_gpt2_124m_test_accuracy": "95.67% (balanced set, last block + head)"})
 
 
@@ -98,7 +99,7 @@ def stage_dpo(work: Path, args) -> None:
 
     cfg = DPOConfig(model=str(work / "sft"), data=str(shared_data_dir() / "instruction-data-with-preference.json"),
                     out=str(work / "dpo"), epochs=args.dpo_epochs, lr=args.dpo_lr, beta=0.1, lora_r=16,
-                    lora_alpha=32, lora_dropout=0.0, lora_targets=["all-linear"], batch_size=8, max_length=256,
+                    lora_alpha=32, lora_dropout=0.0, lora_targets=["all-linear"], precompute_ref=True, batch_size=8, max_length=256,
                     eval_every=0, schedule="cosine", warmup_steps=10, progress=not args.quiet, device="cpu", seed=1)
     t = time.time()
     m = run_dpo(cfg)
@@ -162,7 +163,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lmforge-bench-finetune")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a loaded box)")
     p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--sms-epochs", type=float, default=3)
+    p.add_argument("--sms-epochs", type=float, default=2)
+    p.add_argument("--sms-balanced-epochs", type=float, default=4)
     p.add_argument("--sms-lr", type=float, default=5e-4)
     p.add_argument("--sms-variant", default="both", choices=["both", "full", "balanced"])
     p.add_argument("--sft-epochs", type=float, default=2)

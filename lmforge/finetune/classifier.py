@@ -90,13 +90,15 @@ def predict(clf: SequenceClassifier, tokenizer, texts: Sequence[str], max_length
     clf.eval()
     device = next(clf.parameters()).device
     ids = encode_texts(tokenizer, texts, max_length)
-    out = []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: little padding
+    probs = torch.zeros(len(ids), len(clf.labels))
     for s in range(0, len(ids), batch_size):
-        batch = classification_collate([(x, 0) for x in ids[s:s + batch_size]], pad_id)
-        logits = clf(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        out.append(logits.float().softmax(-1).cpu())
+        idx = order[s:s + batch_size]
+        batch = classification_collate([(ids[i], 0) for i in idx], pad_id)
+        logits = clf(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (b, K)
+        probs[idx] = logits.float().softmax(-1).cpu()
     clf.train(was)
-    return torch.cat(out) if out else torch.zeros(0, len(clf.labels))
+    return probs
 
 
 def save_classifier(clf: SequenceClassifier, lm, path: str | Path, max_length: int, extra: dict | None = None) -> Path:
