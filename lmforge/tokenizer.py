@@ -726,28 +726,31 @@ class Tokenizer:
         """
         if len(self._merge_ranks) != len(self.merges) or len(self._mergeable) != 256 + len(self.merges):
             return False
-        # the check costs ~1 s for GPT-2's 50,000 merges: remember the answer for identical vocabularies
+        # remember the answer for identical vocabularies (loading GPT-2 again is common in one process)
         key = hash((tuple(self.merges), tuple(sorted(self._mergeable.items(), key=lambda kv: kv[1]))))
         if key in _CONSISTENT:
             return _CONSISTENT[key]
         _CONSISTENT[key] = ok = self._check_ranks()
         return ok
 
-    def _check_ranks(self) -> bool:
+    def _ids_grow_with_merges(self) -> bool:
         last = max(self._byte_ids)
-        for rank, (a, b) in enumerate(self.merges):
+        for a, b in self.merges:
             z = self._mergeable[a + b]
             if z <= last:
                 return False
             last = z
+        return True
+
+    def _check_ranks(self) -> bool:
+        """Run merge-order BPE on every token's bytes: each must come back as itself (~1 s for GPT-2)."""
+        if not self._ids_grow_with_merges():
+            return False
         saved, self.ignore_merges = self.ignore_merges, False
         try:
-            for tok, i in self._mergeable.items():
-                if len(tok) > 1 and self._bpe(tok) != [i]:
-                    return False
+            return all(len(tok) == 1 or self._bpe(tok) == [i] for tok, i in self._mergeable.items())
         finally:
             self.ignore_merges = saved
-        return True
 
     @property
     def has_fast_path(self) -> bool:

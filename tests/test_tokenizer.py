@@ -245,6 +245,33 @@ def test_fast_path_refused_when_ranks_are_not_tiktoken_expressible():
     assert tok.encode("abc") == [a, bc] == tok.encode("abc", fast=True)
 
 
+def test_fast_path_accepted_only_when_it_agrees_on_random_vocabularies():
+    """Random merge lists over {a, b, c}: whenever the fast path is accepted, tiktoken's rule gives the same ids
+    as merge-order BPE (and rejected vocabularies include ones where it would not)."""
+    rng = random.Random(1234)
+    accepted = rejected = 0
+    for _ in range(300):
+        toks = [b"a", b"b", b"c"]
+        vocab = {i: bytes([i]) for i in range(256)}
+        merges = []
+        for _ in range(rng.randint(1, 12)):
+            a, b = rng.choice(toks), rng.choice(toks)
+            if a + b in toks or len(a + b) > 8:
+                continue
+            vocab[len(vocab)] = a + b
+            merges.append((a, b))
+            toks.append(a + b)
+        tok = Tokenizer(vocab, merges, pattern=r"[abc]+|[^abc]+")
+        if not tok.has_fast_path:
+            rejected += 1
+            continue
+        accepted += 1
+        for _ in range(10):
+            text = "".join(rng.choice("abc") for _ in range(rng.randint(1, 14)))
+            assert tok.encode(text) == tok.encode(text, fast=False), (merges, text)
+    assert accepted > 100 and rejected > 30
+
+
 # ------------------------------------------------------------------------------------------------ decode
 @SETTINGS
 @given(st.text(max_size=80))
