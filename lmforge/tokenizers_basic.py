@@ -171,7 +171,7 @@ class WordTokenizer(_Basic):
 
     @classmethod
     def train(cls, texts_or_paths: Any, vocab_size: int | None = None,
-              special_tokens: Sequence[str] = (ENDOFTEXT, UNK), **_: Any) -> "WordTokenizer":
+              special_tokens: Sequence[str] = (ENDOFTEXT, UNK)) -> "WordTokenizer":
         """The vocabulary: every distinct word (sorted), or the `vocab_size - len(specials)` most frequent ones."""
         from collections import Counter
 
@@ -212,7 +212,7 @@ class CharTokenizer(_Basic):
 
     @classmethod
     def train(cls, texts_or_paths: Any, vocab_size: int | None = None,
-              special_tokens: Sequence[str] = (ENDOFTEXT, UNK), **_: Any) -> "CharTokenizer":
+              special_tokens: Sequence[str] = (ENDOFTEXT, UNK)) -> "CharTokenizer":
         chars: set[str] = set()
         for t in _as_texts(texts_or_paths):
             chars.update(t)
