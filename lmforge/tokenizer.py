@@ -35,9 +35,10 @@ Encoding
 For each pre-token, start from its bytes and repeatedly apply the merge with the lowest rank (the earliest
 learned) among adjacent pairs, until no adjacent pair is a learned merge. `Tokenizer._bpe` is that loop in plain
 Python (with a per-pre-token cache — natural text repeats words a lot). The fast path hands the same ranks to
-OpenAI's `tiktoken` (Rust), which applies "merge the adjacent pair whose concatenation has the lowest rank";
-the two rules agree when every merged token is made by exactly one merge and ranks grow with merge order, which
-`Tokenizer.__init__` checks before it uses the fast path.
+OpenAI's `tiktoken` (Rust), which applies "merge the adjacent pair whose concatenation has the lowest rank".
+The rules can differ, so the fast path is used only when every merged token is made by exactly one merge, ranks
+grow with merge order and every token encodes to itself (`Tokenizer._ranks_consistent`); the tests check that the
+two paths then agree, on GPT-2, trained tokenizers and random vocabularies.
 
 Bytes on disk: GPT-2's byte-to-unicode table
 --------------------------------------------
