@@ -1088,6 +1088,10 @@ def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None =
             return HFTokenizer.from_hf_dict(data, bos_token=bos, eos_token=eos, pad_token=pad,
                                             add_bos_token=add_bos, chat_template=template, source=source)
         raise TokenizerError(f"{source}: corrupt BPE model ({type(e).__name__}: {e})") from None
+    if len({b for b in vocab.values() if len(b) == 1}) < 256:
+        # trained without the full byte alphabet: `tokenizers` silently drops unseen bytes; the wrapper does the same
+        return HFTokenizer.from_hf_dict(data, bos_token=bos, eos_token=eos, pad_token=pad, add_bos_token=add_bos,
+                                        chat_template=template, source=source)
     return Tokenizer(vocab, merges, pattern, specials, bos_token=bos, eos_token=eos, pad_token=pad,
                      add_bos_token=add_bos, chat_template=template, added_tokens=added,
                      ignore_merges=bool(model.get("ignore_merges")), normalizer=norm_name)

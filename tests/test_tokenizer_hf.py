@@ -266,3 +266,15 @@ def test_metaspace_tokenizer_json_wrapper_decode_bytes_matches_decode(corpus, tm
         assert ids == _hf_ids(hf, text)
         assert tok.decode(ids) == hf.decode(ids)
         assert tok.decode_bytes(ids).decode() == tok.decode(ids)
+
+
+def test_byte_level_file_without_all_256_bytes_goes_to_the_wrapper(corpus, tmp_path):
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=400, show_progress=False))  # no initial_alphabet
+    hf.save(str(tmp_path / "partial.json"))
+    tok = Tokenizer.load(tmp_path / "partial.json")
+    assert isinstance(tok, HFTokenizer)
+    for text in ["It was a lovely day.", "日本語 ünseen bytes 🙂"]:
+        assert tok.encode(text) == _hf_ids(hf, text)
