@@ -133,3 +133,10 @@ def test_export_to_hf_reproduces_llama2c(stories, tmp_path):
     ids = tok("Once upon a time", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=201 - ids.shape[1], do_sample=False)
     assert tok.decode(out[0], skip_special_tokens=True) == _check_text()
+    # and lmforge reads that HF directory back: SentencePiece-style tokenizer.json through `tokenizers`
+    back = lmforge.load(tmp_path / "hf")
+    assert back.tokenizer.add_bos_token and back.tokenizer.bos_token_id == 1
+    for text in lines[:50]:
+        assert back.tokenizer.encode(text) == ours.encode(text)
+    x = torch.tensor([[1] + ours.encode("Once upon a time")])
+    torch.testing.assert_close(back.model(x), stories.model(x), atol=0, rtol=0)
