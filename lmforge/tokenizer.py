@@ -57,6 +57,7 @@ text if it is in neither set (``disallowed_special=()``). ``encode`` never adds 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import os
@@ -1075,26 +1076,30 @@ def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None =
     if not byte_level:
         return HFTokenizer.from_hf_dict(data, bos_token=bos, eos_token=eos, pad_token=pad, add_bos_token=add_bos,
                                         chat_template=template, source=source)
+    vocab_raw, merges_raw = model.get("vocab"), model.get("merges") or []
+    if not isinstance(vocab_raw, dict) or not isinstance(merges_raw, list):
+        raise TokenizerError(f"{source}: corrupt BPE model (model.vocab must be an object, model.merges a list)")
+    wrapper = functools.partial(HFTokenizer.from_hf_dict, data, bos_token=bos, eos_token=eos, pad_token=pad,
+                                add_bos_token=add_bos, chat_template=template, source=source)
     try:
-        vocab_raw = model["vocab"]
         vocab = {int(i): unicode_to_token(s) for s, i in vocab_raw.items() if s not in names or names[s] != i}
         merges = []
-        for m in model.get("merges") or []:
+        for m in merges_raw:
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             merges.append((unicode_to_token(a), unicode_to_token(b)))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        # a byte-level decoder over a vocabulary outside GPT-2's alphabet: let `tokenizers` handle it
-        if isinstance(e, KeyError) and "vocab" not in str(e):
-            return HFTokenizer.from_hf_dict(data, bos_token=bos, eos_token=eos, pad_token=pad,
-                                            add_bos_token=add_bos, chat_template=template, source=source)
+    except KeyError:  # a character outside GPT-2's byte alphabet: not the byte-level scheme we implement
+        return wrapper()
+    except (TypeError, ValueError, AttributeError) as e:
         raise TokenizerError(f"{source}: corrupt BPE model ({type(e).__name__}: {e})") from None
     if len({b for b in vocab.values() if len(b) == 1}) < 256:
         # trained without the full byte alphabet: `tokenizers` silently drops unseen bytes; the wrapper does the same
-        return HFTokenizer.from_hf_dict(data, bos_token=bos, eos_token=eos, pad_token=pad, add_bos_token=add_bos,
-                                        chat_template=template, source=source)
-    return Tokenizer(vocab, merges, pattern, specials, bos_token=bos, eos_token=eos, pad_token=pad,
-                     add_bos_token=add_bos, chat_template=template, added_tokens=added,
-                     ignore_merges=bool(model.get("ignore_merges")), normalizer=norm_name)
+        return wrapper()
+    try:
+        return Tokenizer(vocab, merges, pattern, specials, bos_token=bos, eos_token=eos, pad_token=pad,
+                         add_bos_token=add_bos, chat_template=template, added_tokens=added,
+                         ignore_merges=bool(model.get("ignore_merges")), normalizer=norm_name)
+    except TokenizerError as e:
+        raise TokenizerError(f"{source}: {e}") from None
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
