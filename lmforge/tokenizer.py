@@ -70,7 +70,6 @@ from typing import Any, Collection, Iterable, Literal, Sequence
 import regex
 
 from .errors import DataError, TokenizerError
-from .utils import atomic_write_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pre-tokenization patterns
@@ -949,6 +948,8 @@ def _tokenizer_config(tok: Any) -> dict[str, Any]:
 
 
 def _save_hf_style(tok: Any, data: dict[str, Any], path: str | os.PathLike) -> Path:
+    from .utils import atomic_write_json  # (lmforge.utils imports torch: only when saving)
+
     path = Path(path)
     if path.suffix == ".json":
         atomic_write_json(path, data)

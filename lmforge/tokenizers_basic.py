@@ -26,7 +26,6 @@ import regex
 
 from .errors import DataError, TokenizerError
 from .tokenizer import AllowedSpecial, Tokenizer, _as_texts
-from .utils import atomic_write_json
 
 UNK = "<|unk|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -140,6 +139,8 @@ class _Basic:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save as JSON (a .json path, or a directory that receives tokenizer.json); `Tokenizer.load` reads it."""
+        from .utils import atomic_write_json
+
         path = Path(path)
         if path.suffix != ".json":
             path = path / "tokenizer.json"

@@ -142,3 +142,13 @@ def test_cli_info_and_encode_on_a_llama2c_tokenizer(capsys):
     assert "vocab size:      512" in capsys.readouterr().out
     assert main(["tokenizer", "encode", "-t", str(path), "Once upon a time"]) == 0
     assert [int(x) for x in capsys.readouterr().out.split()] == tok.encode("Once upon a time")
+
+
+def test_tokenizer_modules_do_not_import_torch():
+    """Tokenizing is cheap: `import lmforge.tokenizer` must not pull in torch (seconds of start-up)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lmforge.tokenizer, lmforge.tokenizers_basic; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
