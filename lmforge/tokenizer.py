@@ -539,7 +539,8 @@ class Tokenizer:
         `vocab_size` counts everything: 256 bytes + merges + `special_tokens`. Ids: bytes 0-255 in byte order,
         then merged tokens in merge order, then the special tokens. `pattern`: "gpt2", "gpt4" (cl100k) or a regex.
         The first special token becomes BOS and EOS (GPT-2's convention for ``<|endoftext|>``) unless
-        `bos_token`/`eos_token` are passed.
+        `bos_token`/`eos_token` are passed. A small corpus can run out of pairs to merge before `vocab_size` is
+        reached; the vocabulary is then smaller than asked (check `tok.vocab_size`).
         """
         specials = list(dict.fromkeys(special_tokens))
         for s in specials:

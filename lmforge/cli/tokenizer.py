@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = tok.save(args.out)
     print(f"trained a {args.kind} tokenizer on {label}: vocab {tok.vocab_size}, {len(tok.merges)} merges, "
           f"{len(tok.special_tokens)} special token(s) in {dt:.1f}s")
+    if args.kind == "bpe" and tok.vocab_size < args.vocab_size:
+        print(f"note: the corpus ran out of pairs to merge: vocab {tok.vocab_size} < --vocab-size {args.vocab_size}")
     print(f"saved {out}")
     if tok.merges:
         shown = ", ".join(f"{_visible(a)!r}+{_visible(b)!r}" for a, b in tok.merges[:8])
