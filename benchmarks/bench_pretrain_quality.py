@@ -61,13 +61,20 @@ def verdict(args) -> None:
 
 
 def shakespeare(args) -> None:
-    from lmforge.checkpoint import load
-    from lmforge.data import TokenShards, train_val_split
-    from lmforge.eval import ngram_baseline, per_char, perplexity
 
     out = Path(args.out) / "shakespeare"
     cfg = load_cfg("shakespeare", out=str(out), threads=args.threads, progress=args.progress)
-    # calibrate: time a few steps of the same model and batch, then size max_steps to fill the budget
+    if args.max_steps:
+        steps = args.max_steps
+    else:
+        steps = calibrate(args, out, cfg)
+    cfg = load_cfg("shakespeare", out=str(out), threads=args.threads, progress=args.progress, max_steps=steps,
+                   max_minutes=args.minutes, eval_every=max(1, steps // 10), save_every=0)
+    report_shakespeare(args, out, cfg)
+
+
+def calibrate(args, out: Path, cfg: PretrainConfig) -> int:
+    """Time a few steps of the same model and batch, then size max_steps to fill the time budget."""
     probe = load_cfg("shakespeare", out=str(out) + "-probe", threads=args.threads, max_steps=6, eval_every=0,
                      sample_every=0, save_every=0, progress=False)
     t0 = time.time()
@@ -76,11 +83,17 @@ def shakespeare(args) -> None:
     tok_s = sorted(r["tok_per_s"] for r in probe_recs[1:])[len(probe_recs[1:]) // 2]
     steps = max(50, int(args.minutes * 60 * tok_s * 0.9 / (cfg.batch_size * cfg.block_size)))
     print(f"calibration: {tok_s:,.0f} tokens/s -> max_steps {steps} for {args.minutes} min ({time.time() - t0:.0f}s)")
-    cfg = load_cfg("shakespeare", out=str(out), threads=args.threads, progress=args.progress, max_steps=steps,
-                   max_minutes=args.minutes, eval_every=max(1, steps // 10), save_every=0)
+    return steps
+
+
+def report_shakespeare(args, out: Path, cfg: PretrainConfig) -> None:
+    from lmforge.data import TokenShards, train_val_split
+    from lmforge.eval import ngram_baseline, per_char, perplexity
+
     t0 = time.time()
+    cpu0 = time.process_time()
     lm = run_pretrain(cfg)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     shards = TokenShards(Path(str(out) + ".shards"))
     tr, va = train_val_split(shards, cfg.val_fraction)
     val = va.numpy()
@@ -95,7 +108,8 @@ def shakespeare(args) -> None:
     print("\n== Tiny Shakespeare ==")
     print(f"model: GPT ({lm.config.n_layer} layers, n_embd {lm.config.n_embd}, context {lm.config.block_size}), "
           f"{n_params / 1e6:.2f}M params, BPE vocab {lm.config.vocab_size}; trained {train_recs[-1]['step']} steps, "
-          f"{train_recs[-1]['tokens']:,} tokens in {wall / 60:.1f} min (incl. tokenizer + eval)")
+          f"{train_recs[-1]['tokens']:,} tokens in {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU time of this "
+          f"process (incl. tokenizer + eval; {args.threads} thread(s))")
     print(f"validation: {len(val):,} tokens, {n_chars:,} characters (last 10% of the text)")
     print(f"{'':28s} {'nats/token':>10s} {'perplexity':>10s} {'nats/char':>10s} {'bits/char':>10s}")
     for name, r in (("transformer", model_res), ("5-gram Kneser-Ney", base)):
@@ -111,6 +125,7 @@ def main() -> None:
     ap.add_argument("which", choices=["verdict", "shakespeare", "all"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is best on a shared, loaded machine)")
     ap.add_argument("--minutes", type=float, default=10.0, help="shakespeare: training time budget")
+    ap.add_argument("--max-steps", type=int, default=0, help="shakespeare: skip calibration, use this many steps")
     ap.add_argument("--out", default="/tmp/lmforge-bench-quality")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()

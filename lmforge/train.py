@@ -472,8 +472,27 @@ def save_checkpoint(out_dir: str | os.PathLike, model: nn.Module, optimizer: tor
         dist.barrier()
 
 
+def recover_run_dir(out_dir: str | os.PathLike) -> bool:
+    """Put back the previous checkpoint if a kill landed inside a directory swap.
+
+    `atomic_dir` swaps a new checkpoint in with two renames: ``out -> .out.old-PID``, then ``tmp -> out``. A
+    SIGKILL between them leaves no ``out`` but a complete previous checkpoint in ``.out.old-PID``; we rename it back.
+    Returns True when something was recovered.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        return False
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds:
+        if (old / TRAIN_STATE_DIR / "state.json").exists():
+            os.replace(old, out)
+            return True
+    return False
+
+
 def read_train_state(out_dir: str | os.PathLike) -> dict[str, Any]:
     """The `state.json` of a run directory's checkpoint (step, tokens, data position, config...)."""
+    recover_run_dir(out_dir)
     path = Path(out_dir) / TRAIN_STATE_DIR / "state.json"
     if not path.exists():
         raise CheckpointError(f"{out_dir}: no {TRAIN_STATE_DIR}/ to resume from (was the run checkpointed?)")
@@ -662,7 +681,8 @@ def train(
     if dist_info.world_size > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+        fwd_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)  # buffers (RoPE frequencies) are identical on every rank
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
     autocast = _autocast(device, cfg.dtype)
@@ -676,7 +696,11 @@ def train(
     def run_eval(step: int) -> float | None:
         if val_data is None:
             return None
-        val = evaluate(fwd_model, val_data, loss_fn, cfg.eval_batches, device, autocast, dist_info)
+        # DDP: evaluate the plain module (its forward has no collectives), each rank a share of the batches.
+        # FSDP: the sharded module must run the same forwards on every rank, so every rank evaluates every batch.
+        eval_model = raw_model
+        val = evaluate(eval_model, val_data, loss_fn, cfg.eval_batches, device, autocast,
+                       DistInfo() if fsdp else dist_info)
         rec = {"step": step, "tokens": tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         record(rec)
         log(f"step {step}: val loss {val:.4f}, perplexity {rec['val_ppl']:.2f}")
@@ -740,8 +764,10 @@ def train(
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
                 val_loss = run_eval(done)
-            if cfg.sample_every and tokenizer is not None and done % cfg.sample_every == 0 and dist_info.is_main:
-                log(f"step {done} sample: {sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)!r}")
+            if cfg.sample_every and tokenizer is not None and done % cfg.sample_every == 0 and \
+                    (dist_info.is_main or fsdp):  # FSDP: every rank takes part in the sharded forwards
+                text = sample_text(raw_model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, device)
+                log(f"step {done} sample: {text!r}")
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
                 checkpoint(done)
             if on_step is not None:

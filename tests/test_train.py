@@ -170,16 +170,20 @@ CHILD = textwrap.dedent('''
 
     out, resume, accum, batch, steps, delay, dropout = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), \\
         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("llama-tiny", vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=2,
-                                n_kv_head=1, intermediate_size=64, dropout=dropout)
-    model = Transformer(cfg)
-    toks = np.random.default_rng(0).integers(0, 64, size=3000)
-    res = train(model, PackedBatches(toks, batch, 32, seed=5),
-                TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=2, batch_size=batch, grad_accum_steps=accum,
-                            save_every=3, eval_every=0, progress=False),
-                out_dir=out, resume=resume, on_step=lambda rec: time.sleep(delay))
-    json.dump([r["loss"] for r in res.history if "loss" in r], open(out + ".losses.json", "w"))
+    modes = sys.argv[8].split(",") if len(sys.argv) > 8 else ["ddp"]
+    for mode in modes:  # under torchrun: each mode joins (and leaves) the process group in train()
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_name("llama-tiny", vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=2,
+                                    n_kv_head=1, intermediate_size=64, dropout=dropout)
+        model = Transformer(cfg)
+        toks = np.random.default_rng(0).integers(0, 64, size=3000)
+        run_out = out if mode == "ddp" else out + "-" + mode
+        val = [PackedBatches(toks, 2, 32, seed=99)(i) for i in range(3)]  # 3 batches: uneven over 2 ranks
+        res = train(model, PackedBatches(toks, batch, 32, seed=5), val_data=val,
+                    config=TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=2, batch_size=batch, grad_accum_steps=accum,
+                                save_every=3, eval_every=0, progress=False, parallel=mode),
+                    out_dir=run_out, resume=resume, on_step=lambda rec: time.sleep(delay))
+        json.dump([r["loss"] for r in res.history if "loss" in r] + [res.val_loss], open(run_out + ".losses.json", "w"))
 ''')
 
 
@@ -202,7 +206,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     run = subprocess.Popen([sys.executable, str(script), run_out, "0", "1", "2", str(steps), "0.25", "0.1"],
                            env=_env())
     metrics, state = Path(run_out) / "metrics.jsonl", Path(run_out) / "train_state" / "state.json"
-    deadline = time.time() + 60
+    deadline = time.time() + 240
     while time.time() < deadline:  # kill once a checkpoint exists and the run went past it
         if state.exists() and metrics.exists():
             recs = read_metrics(metrics)
@@ -211,32 +215,53 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
         time.sleep(0.05)
     os.kill(run.pid, signal.SIGKILL)
     assert run.wait() == -signal.SIGKILL
-    assert ref.wait(timeout=60) == 0
+    assert ref.wait(timeout=240) == 0
     killed_at = read_metrics(metrics)[-1]["step"]
     ckpt = read_train_state(run_out)["step"]
     assert 3 <= ckpt < steps and killed_at < steps
     resumed = subprocess.run([sys.executable, str(script), run_out, "1", "1", "2", str(steps), "0", "0.1"],
-                             env=_env(), timeout=60)
+                             env=_env(), timeout=240)
     assert resumed.returncode == 0
-    ref_losses = json.loads(Path(ref_out + ".losses.json").read_text())
+    ref_losses = json.loads(Path(ref_out + ".losses.json").read_text())[:-1]  # the last entry is the val loss
     run_losses = [r["loss"] for r in read_metrics(metrics) if "loss" in r]
-    assert [r["step"] for r in read_metrics(metrics)] == list(range(1, steps + 1))  # no duplicated steps
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == list(range(1, steps + 1))  # no duplicates
     assert run_losses == ref_losses  # bit-exact
 
 
-def test_ddp_two_processes_equal_single_process_with_accumulation(tmp_path):
+def test_ddp_and_fsdp_two_processes_equal_single_process_with_accumulation(tmp_path):
+    from safetensors.torch import load_file
+
     script = _child(tmp_path)
     out = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           out, "0", "1", "2", "5", "0", "0"]
+           out, "0", "1", "2", "5", "0", "0", "ddp,fsdp"]
     single = subprocess.Popen([sys.executable, str(script), str(tmp_path / "single"), "0", "2", "2", "5", "0", "0"],
                               env=_env())
-    p = subprocess.run(cmd, env=_env(), timeout=120, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert single.wait(timeout=60) == 0
+    assert single.wait(timeout=240) == 0
     ddp = json.loads(Path(out + ".losses.json").read_text())
     one = json.loads(Path(str(tmp_path / "single") + ".losses.json").read_text())
     assert read_train_state(out)["world_size"] == 2 and read_train_state(tmp_path / "single")["world_size"] == 1
-    assert len(ddp) == len(one) == 5
+    fsdp = json.loads(Path(out + "-fsdp.losses.json").read_text())
+    assert len(ddp) == len(one) == len(fsdp) == 6  # 5 losses + the final validation loss
     np.testing.assert_allclose(ddp, one, rtol=2e-5)
+    np.testing.assert_allclose(fsdp, one, rtol=2e-5)
     assert ddp[-1] < ddp[0]
+    # FSDP's sharded weights were gathered into one full checkpoint that equals the single process's
+    w_fsdp = load_file(str(Path(out + "-fsdp") / "train_state" / "trainable.safetensors"))
+    w_one = load_file(str(tmp_path / "single" / "train_state" / "trainable.safetensors"))
+    assert w_fsdp.keys() == w_one.keys()
+    for k in w_one:
+        torch.testing.assert_close(w_fsdp[k], w_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_kill_between_the_two_renames_of_a_swap_is_recovered(tmp_path):
+    toks = pattern_tokens()
+    out = tmp_path / "run"
+    train(tiny_model(), PackedBatches(toks, 2, 32), TrainConfig(max_steps=2, progress=False), out_dir=out)
+    os.replace(out, tmp_path / ".run.old-12345")  # what a SIGKILL right after atomic_dir's first rename leaves
+    assert read_train_state(out)["step"] == 2 and out.is_dir()
+    res = train(tiny_model(), PackedBatches(toks, 2, 32), TrainConfig(max_steps=3, progress=False), out_dir=out,
+                resume=True)
+    assert res.step == 3
