@@ -257,13 +257,21 @@ def test_32_parallel_streams_equal_solo_and_cancellation_frees_slots(server):
 def test_non_streaming_client_that_goes_away_frees_its_slot(server):
     srv, lm = server
     engine = engine_of(srv)
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
-                   json={"model": "tiny", "prompt": "The", "max_tokens": 400, "ignore_eos": True, "temperature": 0})
-    deadline = time.time() + 10
-    while engine.num_active() and time.time() < deadline:
-        time.sleep(0.05)
-    assert engine.num_active() == 0
+    tokens0 = engine.generated_tokens
+    gate = threading.Event()
+    engine.call(gate.wait)  # hold the engine: the request waits in the queue while its client gives up
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5,
+                       json={"model": "tiny", "prompt": "The", "max_tokens": 400, "ignore_eos": True})
+        deadline = time.time() + 20
+        while engine.queue_depth() and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.queue_depth() == 0  # the server noticed the client had left and withdrew the request
+    finally:
+        gate.set()
+    time.sleep(0.2)
+    assert engine.num_active() == 0 and engine.generated_tokens == tokens0
 
 
 # ---- raw HTTP: every error class -----------------------------------------------------------------------------

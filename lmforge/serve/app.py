@@ -435,8 +435,8 @@ class ChoiceState:
             if ev.finish_reason == "error":
                 raise APIError(503, ev.error or "the engine failed", "server_error", code="engine_error")
             reason = "stop" if ev.finish_reason == "stop" else "length"
-            if ev.finish_reason == "stop":
-                self.n_generated += 1 if self.seq is not None and len(self.seq.output_ids) > self.n_generated else 0
+            if self.seq is not None:  # every token the engine produced, the EOS that ended it included
+                self.n_generated = len(self.seq.output_ids)
             delta = self.checker.flush(reason)
             self.finish_reason = self.checker.finish_reason or reason
             if self.finish_reason == "stop":
@@ -492,13 +492,16 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[int, str, bool]]:
         """(choice, delta, finished) until every choice is finished; cancels whatever is left on exit."""
         left = len(self.choices)
+        next_check = time.perf_counter() + 0.5
         try:
             while left:
-                try:
-                    i, ev = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if self.request is not None and await self.request.is_disconnected():
+                if self.request is not None and time.perf_counter() >= next_check:
+                    next_check = time.perf_counter() + 0.5  # a non-streaming client may have gone away
+                    if await self.request.is_disconnected():
                         return
+                try:
+                    i, ev = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
                     continue
                 c = self.choices[i]
                 was_done = c.finish_reason is not None
@@ -583,7 +586,8 @@ def _completion_prompts(state: ServerState, prompt) -> list[tuple[list[int], boo
     return out
 
 
-def _completion_logprobs(state: ServerState, c: ChoiceState, echo_ids: list[int] | None, prompt_text_len: int):
+def _completion_logprobs(state: ServerState, c: ChoiceState, echo_ids: list[int] | None) -> dict[str, list]:
+    """The completions API's logprobs object: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_logprobs, top_logprobs = [], [], []
     if echo_ids is not None:
         plp = c.prompt_logprobs or []
@@ -637,7 +641,7 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
         if not want_lp:
             return None
         c = gen.choices[i]
-        return _completion_logprobs(state, c, echo_info[i] if body.echo else None, 0)
+        return _completion_logprobs(state, c, echo_info[i] if body.echo else None)
 
     if body.stream:
         async def stream():

@@ -1,0 +1,232 @@
+"""Serving throughput and latency: continuous batching vs the same server forced to one sequence at a time.
+
+    .venv/bin/python benchmarks/bench_serve.py              # clients 1, 4, 16, 64 (a few minutes on 2 loaded cores)
+    .venv/bin/python benchmarks/bench_serve.py --quick      # clients 1 and 16, fewer tokens
+
+Two `lmforge serve` processes on the same model directory (a GPT-2-shaped model with random weights and the real
+GPT-2 tokenizer from the shared data, or a tokenizer trained on the embedded corpus when that is absent):
+`--max-batch 64` (continuous batching) and `--max-batch 1` (each request decodes alone; the others wait in the
+queue). A load generator runs N concurrent streaming clients (closed loop: each client sends its next request when
+the previous one ends), every request the same prompt length and exactly `--tokens` new tokens (`ignore_eos`).
+Reported per N: total output tokens/s, time to first token (TTFT) p50/p99, inter-token latency (ITL) p50/p99,
+and the throughput ratio batching / batch-1. The peer, llama-cpp-python's OpenAI-compatible server on the same
+weights exported to GGUF (f32), is measured in the same run when llama-cpp-python and its `[server]` extra are
+installed (it is not built here: compiling llama.cpp takes minutes of both cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lmforge.utils import shared_data_dir  # noqa: E402
+
+
+def build_model(path: Path, n_layer: int, n_embd: int) -> str:
+    from lmforge.config import ModelConfig
+    from lmforge.lm import LM, GenerationConfig
+    from lmforge.model import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    gpt2 = shared_data_dir() / "gpt2"
+    if (gpt2 / "encoder.json").exists():
+        tok, what = Tokenizer.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe"), "GPT-2 BPE (50257)"
+    else:
+        from lmforge.data import builtin_corpus
+
+        tok, what = Tokenizer.train([builtin_corpus()], vocab_size=4096, progress=False), "BPE 4096 (embedded corpus)"
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=1024, n_layer=n_layer, n_head=n_embd // 64,
+                      n_embd=n_embd, qkv_bias=True, o_bias=True, mlp_bias=True, name="bench-serve")
+    model = Transformer(cfg).eval()
+    LM(model, tok, cfg, GenerationConfig(temperature=0)).save(path)
+    return f"GPT-2-shaped, n_layer={n_layer}, n_embd={n_embd}, {model.num_params() / 1e6:.1f}M params, fp32; " \
+           f"tokenizer {what}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, cmd: list[str], port: int, name: str):
+        self.port, self.name = port, name
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait(self, path: str = "/health", timeout: float = 180) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not start in {timeout} s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client, url: str, model: str, prompt: str, tokens: int, stats: dict, eos: int) -> None:
+    # exactly `tokens` new tokens: lmforge reads `ignore_eos`, llama-cpp-python a logit bias that bans EOS
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "logit_bias": {str(eos): -100}}
+    t0 = time.perf_counter()
+    last, n = None, 0
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not chunk["choices"] or not chunk["choices"][0].get("text"):
+                continue
+            now = time.perf_counter()
+            if last is None:
+                stats["ttft"].append(now - t0)
+            else:
+                stats["itl"].append(now - last)
+            last = now
+            n += 1
+    stats["tokens"] += tokens  # exactly `tokens` generated (ignore_eos); a chunk can hold several tokens' text
+
+
+async def run_load(url: str, model: str, prompt: str, clients: int, requests: int, tokens: int, eos: int) -> dict:
+    import httpx
+
+    stats = {"ttft": [], "itl": [], "tokens": 0}
+    per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        async def worker(k: int):
+            for _ in range(k):
+                await one_request(client, url, model, prompt, tokens, stats, eos)
+
+        t = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in per_client))
+        stats["wall"] = time.perf_counter() - t
+    return stats
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per request")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (approximately, in tokens)")
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per server process (on a shared 2-core box more threads fight the load)")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.clients, args.tokens = "1,16", 24
+    levels = [int(x) for x in args.clients.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model_dir = work / "bench-model"
+    desc = build_model(model_dir, args.n_layer, args.n_embd)
+    prompt = " ".join(["The server decodes many requests in one batch."] * max(1, args.prompt_tokens // 9))
+    print(f"== lmforge serve: continuous batching vs --max-batch 1 (same model, same run)")
+    print(f"   model: {desc}")
+    print(f"   {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads/server "
+          f"{args.threads}; load average at start {os.getloadavg()[0]:.1f}")
+    print(f"   each request: ~{args.prompt_tokens}-token prompt, {args.tokens} new tokens, greedy, streamed; "
+          f"requests per level = max(16, clients)")
+
+    import lmforge
+
+    lm = lmforge.load(model_dir)
+    eos = lm.tokenizer.eos_token_id
+    servers = []
+    for name, batch in (("batching", max(levels)), ("batch-1", 1)):
+        cmd = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--max-batch", str(batch), "--max-queue",
+               "256", "--max-len", "256", "--threads", str(args.threads)]
+        servers.append((name, cmd + ["--port"], f"lmforge --max-batch {batch}"))
+    try:
+        import llama_cpp  # noqa: F401
+        import sse_starlette  # noqa: F401  (llama-cpp-python's [server] extra)
+
+        from lmforge.gguf import export_gguf
+
+        gguf_path = work / "bench-model.gguf"
+        export_gguf(lm, gguf_path, dtype="f32")
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias", "bench-model",
+               "--n_ctx", "1024", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+               "--host", "127.0.0.1", "--interrupt_requests", "False"]  # queue, do not interrupt
+        servers.append(("llama.cpp", cmd + ["--port"], "llama-cpp-python server (same weights, GGUF f32)"))
+        peer = True
+    except ImportError as e:
+        print(f"   peer llama-cpp-python server: not available here ({e.name} missing): skipped")
+        peer = False
+
+    results: dict[tuple[str, int], dict] = {}
+    for name, cmd, label in servers:
+        port = free_port()
+        srv = Server(cmd + [str(port)], port, label)
+        try:
+            srv.wait("/v1/models")
+            asyncio.run(run_load(srv.url, "bench-model", prompt, 2, 2, 4, eos))  # warm-up
+            print(f"   -- {label}")
+            for n in levels:
+                s = asyncio.run(run_load(srv.url, "bench-model", prompt, n, max(16, n), args.tokens, eos))
+                results[(name, n)] = s
+                print(f"   {name:9s} clients={n:3d}: {s['tokens'] / s['wall']:8.1f} tok/s   "
+                      f"TTFT p50 {pct(s['ttft'], 50) * 1000:7.0f} ms  p99 {pct(s['ttft'], 99) * 1000:7.0f} ms   "
+                      f"ITL p50 {pct(s['itl'], 50) * 1000:6.1f} ms  p99 {pct(s['itl'], 99) * 1000:6.1f} ms   "
+                      f"({s['tokens']} tokens in {s['wall']:.1f} s)", flush=True)
+        finally:
+            srv.stop()
+
+    def tps(name: str, n: int) -> float:
+        r = results[(name, n)]
+        return r["tokens"] / r["wall"]
+
+    print("== throughput ratio, continuous batching / batch-1 (same clients, same run)")
+    for n in levels:
+        target = "  (target >= 4x)" if n == 16 else ""
+        print(f"   clients={n:3d}: {tps('batching', n) / tps('batch-1', n):5.2f}x{target}")
+    if peer:
+        print("== throughput ratio, lmforge continuous batching / llama-cpp-python server (same clients, same run)")
+        for n in levels:
+            print(f"   clients={n:3d}: {tps('batching', n) / tps('llama.cpp', n):5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
