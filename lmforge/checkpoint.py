@@ -178,11 +178,12 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers, generation config, chat template
 # ----------------------------------------------------------------------------------------------------------------
-def _load_tokenizer(d: Path, family: str | None = None):
+def _load_tokenizer(d: Path):
     """The tokenizer stored in a directory, or None when there is none.
 
-    A GPT-2 checkpoint's vocab.json/merges.txt are the very files OpenAI published as encoder.json/vocab.bpe, so
-    they take lmforge's GPT-2 path (tiktoken-compatible); any other tokenizer.json goes through `Tokenizer.load`.
+    tokenizer.json (with tokenizer_config.json: special tokens, BOS rule, chat template) is the most complete
+    description and goes through `Tokenizer.load`. A directory with only vocab.json/merges.txt (older GPT-2-style
+    checkpoints) takes lmforge's GPT-2 path: those are the very files OpenAI published as encoder.json/vocab.bpe.
     """
     if (d / "tokenizer.bin").exists() and not (d / "tokenizer.json").exists():  # llama2.c's format, kept as is
         from .llama2c import Llama2cTokenizer
@@ -192,8 +193,6 @@ def _load_tokenizer(d: Path, family: str | None = None):
         return None
     from .tokenizer import Tokenizer
 
-    if family == "gpt2" and (d / "vocab.json").exists() and (d / "merges.txt").exists():
-        return Tokenizer.from_gpt2_files(d / "vocab.json", d / "merges.txt")
     if (d / "tokenizer.json").exists():
         return Tokenizer.load(d)
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
@@ -294,7 +293,7 @@ def load_hf_dir(d: Path, dtype="auto", device=None) -> LM:
     torch_dtype = _resolve_dtype(dtype, hf._hf_dtype(hf_config) or stored)
     model = build_model(config, lambda expected: hf.state_dict_from_hf(sd, config, expected, str(d), family),
                         dtype=torch_dtype, device=_resolve_device(device))
-    tok = _load_tokenizer(d, family)
+    tok = _load_tokenizer(d)
     return LM(model, tok, config, _generation_config(d, hf_config), _chat_template(d), path=str(d))
 
 

@@ -73,7 +73,8 @@ def test_gpt2_dir_gets_the_gpt2_tokenizer(gpt2_dir, tmp_path):
 
 
 def test_hf_tokenizer_json_is_used(gpt2_dir, tmp_path):
-    """A directory whose tokenizer comes as tokenizer.json (what save_pretrained writes) loads it."""
+    """A directory whose tokenizer comes as tokenizer.json (what save_pretrained writes) loads it, even with
+    vocab.json/merges.txt beside it (tokenizer.json also carries added tokens and the special-token setup)."""
     d, _ = gpt2_dir
     hf_tok = transformers.GPT2TokenizerFast(vocab=str(data_file("gpt2/encoder.json")),
                                             merges=str(data_file("gpt2/vocab.bpe")))
@@ -81,9 +82,9 @@ def test_hf_tokenizer_json_is_used(gpt2_dir, tmp_path):
     shutil.copytree(d, d2)
     (d2 / "vocab.json").unlink()
     (d2 / "merges.txt").unlink()
+    hf_tok.add_special_tokens({"pad_token": "<|pad|>"})  # an added token vocab.json does not list
     hf_tok.save_pretrained(d2)
-    (d2 / "vocab.json").unlink(missing_ok=True)
-    (d2 / "merges.txt").unlink(missing_ok=True)
     lm = lmforge.load(d2)
+    assert lm.tokenizer.eos_token_id == 50256 and lm.tokenizer.special_tokens["<|pad|>"] == 50257
     for t in TEXTS[1:]:
         assert lm.tokenizer.encode(t) == hf_tok(t)["input_ids"]
