@@ -163,7 +163,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     """A `ModelConfig` from a Hugging Face config.json dict (transformers 4 or 5 keys).
 
     The original dict is kept in `config.extra["hf_config"]` so an export writes back what lmforge does not use
-    (token ids, family-specific flags).
+    (token ids, family-specific flags, training dropout). `dropout` is 0 (inference); set `config.dropout` to
+    train with dropout.
     """
     mt = model_type_of(hf)
     keep = {k: v for k, v in hf.items() if k not in ("transformers_version", "layer_types")}
@@ -257,8 +258,10 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | str = "float32") -> d
     if mt == "gpt2":
         hf.update(n_positions=config.block_size, n_ctx=config.block_size, n_layer=config.n_layer,
                   n_head=config.n_head, n_embd=config.n_embd, n_inner=config.intermediate_size,
-                  layer_norm_epsilon=config.norm_eps, activation_function="gelu_new",
-                  resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout)
+                  layer_norm_epsilon=config.norm_eps, activation_function="gelu_new")
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):  # an imported model keeps its training dropout
+            if config.dropout or key not in hf:
+                hf[key] = config.dropout
         return hf
     scaling = dict(config.rope_scaling) if config.rope_scaling else None
     hf.update(hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
@@ -266,8 +269,9 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | str = "float32") -> d
               num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
               max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps, hidden_act="silu",
               rope_theta=config.rope_theta, rope_scaling=scaling,
-              rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta},
-              attention_dropout=config.dropout)
+              rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta})
+    if config.dropout or "attention_dropout" not in hf:
+        hf["attention_dropout"] = config.dropout
     if mt == "llama":
         hf.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
     elif mt == "mistral":
