@@ -522,7 +522,8 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     cache = model.new_cache(B, T + steps) if use_cache else None
     # inference mode only around the work, never across a `yield` (it would leak into the caller's code)
     with torch.inference_mode():
-        logits = model(ids, attention_mask=mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # prefill: (B, V)
+        prefill_mask = None if bool(mask.all()) else mask  # no padding: the model may use its causal fast path
+        logits = model(ids, attention_mask=prefill_mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
     for step in range(steps):
         with torch.inference_mode():
             next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
@@ -738,8 +739,8 @@ def chat_prompt(lm, messages: Sequence[dict], *, add_generation_prompt: bool = T
     from .chat_template import apply_chat_template
 
     tok = lm.tokenizer
-    bos = _token_text(tok, getattr(tok, "bos_token_id", None))
-    eos = _token_text(tok, getattr(tok, "eos_token_id", None))
+    bos = getattr(tok, "bos_token", None) or _token_text(tok, getattr(tok, "bos_token_id", None))
+    eos = getattr(tok, "eos_token", None) or _token_text(tok, getattr(tok, "eos_token_id", None))
     return apply_chat_template(messages, lm.chat_template, add_generation_prompt=add_generation_prompt,
                                bos_token=bos, eos_token=eos, tools=tools, **kwargs)
 

@@ -364,6 +364,8 @@ class Transformer(nn.Module):
             mask = (causal & (keys[:, None, :] | (slots == write_idx[:, :, None])))[:, None]  # (B, 1, T, S)
             if T == 1 and not self.config.sliding_window and bool(mask.all()):
                 mask = None  # one new token that may see every cached slot: no mask needed
+            elif kv_len == T and new_mask is None and not self.config.sliding_window:
+                mask, is_causal = None, True  # prefill of an empty cache, no padding: the fast causal kernel
         else:
             if position_ids is None:
                 if new_mask is not None:
