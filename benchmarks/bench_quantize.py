@@ -1,0 +1,259 @@
+"""Quantization report: scheme / bits per weight / size on disk / perplexity (delta vs fp32) / decode tokens/s,
+for a model pretrained by lmforge and for llama2.c's stories260K, plus memory (RSS) of a GPT-2-124M-shaped model
+and decode speed against llama.cpp on the same GGUF file, all in one run.
+
+    .venv/bin/python benchmarks/bench_quantize.py [--model runs/demo] [--out benchmarks/results/compress.md]
+
+--model: an lmforge model directory (default runs/demo, trained by `make demo` if absent). stories260K is read
+from the shared data directory. One CPU thread everywhere (the machine is shared), for lmforge and llama.cpp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lmforge  # noqa: E402
+from lmforge.eval import perplexity  # noqa: E402
+from lmforge.generate import SamplingParams, generate_ids  # noqa: E402
+from lmforge.quantize import QuantLinear, model_nbytes, quantize_model  # noqa: E402
+from lmforge.utils import shared_data_dir  # noqa: E402
+
+DECODE_TOKENS = 64
+
+
+def decode_tps(model, prompt, n=DECODE_TOKENS, repeats=3) -> float:
+    """Greedy decode tokens/s at batch 1 with the KV cache (best of `repeats`)."""
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = generate_ids(model, [prompt], SamplingParams(temperature=0.0, max_new_tokens=n))[0]
+        dt = time.perf_counter() - t0
+        best = max(best, len(out.token_ids) / dt)
+    return best
+
+
+def disk_size(lm, d: Path) -> int:
+    lm.save(d)
+    return sum(f.stat().st_size for f in d.glob("*.safetensors"))
+
+
+def schemes_for(cfg):
+    """(label, scheme, group, method, fallback): g32 needs widths divisible by 32 (stories260K's MLP is 172 wide)."""
+    fb = "int8" if cfg.intermediate_size % 32 or cfg.n_embd % 32 else None
+    return [("int8", "int8", None, "rtn", None),
+            ("int4 g32 rtn", "int4", 32, "rtn", fb), ("int4 g32 gptq", "int4", 32, "gptq", fb),
+            ("int4 g128 rtn", "int4", 128, "rtn", "int8"), ("int4 g128 gptq", "int4", 128, "gptq", "int8"),
+            ("nf4 g32 rtn", "nf4", 32, "rtn", fb), ("nf4 g32 gptq", "nf4", 32, "gptq", fb)]
+
+
+def report_model(name, lm, eval_tokens, calib, prompt, tmp: Path, block):
+    rows = []
+    base = lm.model.eval()
+    n_params = base.num_params()
+    ppl0 = perplexity(base, eval_tokens, block)["perplexity"]
+    tps0 = decode_tps(base, prompt)
+    rows.append(dict(scheme="fp32", bits=32.0, disk=disk_size(lm, tmp / f"{name}-fp32"), mem=model_nbytes(base),
+                     ppl=ppl0, delta=0.0, tps=tps0))
+    for label, scheme, group, method, fb in schemes_for(lm.config):
+        if group and lm.config.n_embd % group:  # every layer would fall back to int8: not an int4 row
+            continue
+        q = quantize_model(copy.deepcopy(base), scheme, group or 32, calibration=calib if method == "gptq" else None,
+                           method=method, fallback=fb, progress=False)
+        qlm = lmforge.lm.LM(q, lm.tokenizer, lm.config, lm.generation_config, lm.chat_template)
+        ppl = perplexity(q, eval_tokens, block)["perplexity"]
+        rows.append(dict(scheme=label + (" (+int8 fallback)" if fb and scheme != "int8" and group == 32 else ""),
+                         bits=8 * model_nbytes(q) / n_params, disk=disk_size(qlm, tmp / f"{name}-{label}".replace(" ", "-")),
+                         mem=model_nbytes(q), ppl=ppl, delta=100 * (ppl / ppl0 - 1), tps=decode_tps(q, prompt)))
+        if scheme == "int8":  # the same int8 model with the reference path (dequantize, fp32 matmul)
+            QuantLinear.use_kernels = False
+            try:
+                rows.append(dict(scheme="int8 (dequant fp32 path)", bits=rows[-1]["bits"], disk=rows[-1]["disk"],
+                                 mem=rows[-1]["mem"], ppl=perplexity(q, eval_tokens, block)["perplexity"],
+                                 delta=None, tps=decode_tps(q, prompt)))
+                rows[-1]["delta"] = 100 * (rows[-1]["ppl"] / ppl0 - 1)
+            finally:
+                QuantLinear.use_kernels = True
+    return rows
+
+
+def table(rows, fp32_disk):
+    out = ["| scheme | bits/weight (whole model) | size on disk | % of fp32 | perplexity | delta vs fp32 | decode tok/s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['scheme']} | {r['bits']:.2f} | {r['disk'] / 1024:.0f} KiB | {100 * r['disk'] / fp32_disk:.1f}% "
+                   f"| {r['ppl']:.3f} | {r['delta']:+.2f}% | {r['tps']:.0f} |")
+    return "\n".join(out)
+
+
+def rss_of(model_dir: str) -> float:
+    """Resident memory (MiB) a fresh process gains by loading a model directory."""
+    code = ("import gc, torch, lmforge, lmforge.checkpoint, lmforge.quantize\n"
+            "def rss():\n"
+            "    for l in open('/proc/self/status'):\n"
+            "        if l.startswith('VmRSS'): return int(l.split()[1]) / 1024\n"
+            "r0 = rss(); lm = lmforge.load(%r); gc.collect(); print(rss() - r0)\n" % model_dir)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def memory_section(tmp: Path) -> str:
+    from lmforge.config import ModelConfig
+    from lmforge.lm import LM
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("gpt2")
+    model = Transformer(cfg).eval()
+    lines = ["| GPT-2 124M shape (random weights) | parameter+buffer bytes | RSS gained by `lmforge.load` "
+             "| decode tok/s (32 tokens) |", "|---|---|---|---|"]
+    for label, scheme in (("fp32", None), ("int8", "int8"), ("int4 g32 (+int8 emb)", "int4")):
+        m = model if scheme is None else quantize_model(copy.deepcopy(model), scheme, 32, progress=False)
+        d = tmp / f"gpt2-{label.split()[0]}"
+        LM(m, None, cfg).save(d)
+        tps = decode_tps(m, list(range(1, 9)), n=32, repeats=1)
+        lines.append(f"| {label} | {model_nbytes(m) / 2**20:.0f} MiB | {rss_of(str(d)):.0f} MiB | {tps:.1f} |")
+        del m
+    return "\n".join(lines)
+
+
+def llamacpp_section(lm, eval_tokens, prompt, tmp: Path) -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python is not installed: llama.cpp comparison skipped (`make test-llamacpp` installs it)."
+    from lmforge.gguf import export_gguf
+
+    lines = ["| engine / weights | decode tok/s | perplexity (first 1,024 eval tokens) |", "|---|---|---|"]
+    ids = [int(t) for t in eval_tokens[:1024]]
+    base = lm.model
+    q8 = quantize_model(copy.deepcopy(base), "int8", progress=False)
+    results = {}
+    for label, model in (("lmforge fp32", base), ("lmforge int8", q8)):
+        results[label] = decode_tps(model, prompt)
+        with torch.no_grad():
+            nll = torch.nn.functional.cross_entropy(model(torch.tensor([ids]))[0, :-1], torch.tensor(ids[1:])).item()
+        lines.append(f"| {label} | {results[label]:.0f} | {math.exp(nll):.3f} |")
+    for dtype in ("f32", "q8_0"):
+        path = export_gguf(lm, tmp / f"model-{dtype}.gguf", dtype)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=1, logits_all=True, verbose=False)
+        best = 0.0
+        for _ in range(3):
+            llm.reset()
+            t0 = time.perf_counter()
+            n = 0
+            for _tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                n += 1
+                if n == DECODE_TOKENS:
+                    break
+            best = max(best, n / (time.perf_counter() - t0))
+        llm.reset()
+        llm.eval(ids)
+        import numpy as np
+
+        logits = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+        llm.close()
+        results[f"llama.cpp {dtype}"] = best
+        lines.append(f"| llama.cpp {dtype} (same GGUF export) | {best:.0f} | {math.exp(nll):.3f} |")
+    lines.append("")
+    lines.append(f"ratios: lmforge int8 / lmforge fp32 = {results['lmforge int8'] / results['lmforge fp32']:.2f}x; "
+                 f"lmforge fp32 / llama.cpp f32 = {results['lmforge fp32'] / results['llama.cpp f32']:.2f}x; "
+                 f"lmforge int8 / llama.cpp q8_0 = {results['lmforge int8'] / results['llama.cpp q8_0']:.2f}x")
+    print(lines[-1])
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "runs" / "demo"), help="lmforge model directory")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress.md"))
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    ap.add_argument("--skip-memory", action="store_true", help="skip the GPT-2-124M memory measurement")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-quant-"))
+    sections = []
+
+    # --- the lmforge-pretrained model: held-out = the last 10% of the embedded corpus (its validation split) ---
+    if not Path(args.model, "config.json").exists():
+        print(f"{args.model} not found: training it with `python -m lmforge.demo` (a few minutes)")
+        subprocess.run([sys.executable, "-m", "lmforge.demo", "--out", args.model], cwd=ROOT, check=True)
+    from lmforge.data import builtin_corpus
+    from lmforge.quantize import calibration_batches
+
+    lm = lmforge.load(args.model, dtype="float32")
+    text = builtin_corpus()
+    ids = lm.tokenizer.encode(text, allowed_special="all")
+    cut = int(len(ids) * 0.9)
+    block = lm.config.block_size
+    eval_tokens = ids[cut:cut + args.eval_tokens]
+    calib = calibration_batches(lm.tokenizer, text[: int(len(text) * 0.85)], 32, block)  # training text only
+    prompt = lm.tokenizer.encode("The for statement")
+    rows = report_model("lmforge", lm, eval_tokens, list(calib.split(8)), prompt, tmp, block)
+    title = (f"### lmforge-pretrained model `{args.model}` ({lm.config.name}, {lm.model.num_params() / 1e6:.2f}M "
+             f"params, vocab {lm.config.vocab_size}); perplexity on {len(eval_tokens):,} held-out tokens "
+             f"(last 10% of the embedded corpus); GPTQ calibration: 32 x {block} tokens of the training text")
+    sections.append(title + "\n\n" + table(rows, rows[0]["disk"]))
+    print(sections[-1])
+    sections.append("### llama.cpp on the same GGUF export (lmforge-pretrained model, 1 thread)\n\n"
+                    + llamacpp_section(lm, eval_tokens, prompt, tmp))
+    print(sections[-1])
+
+    # --- stories260K: evaluated on text sampled from the fp32 model itself (no TinyStories data offline) ---
+    sbin = shared_data_dir() / "stories260K" / "stories260K.bin"
+    if sbin.exists():
+        s = lmforge.load(sbin)
+        gen = lambda seed: generate_ids(s.model, [[1]], SamplingParams(temperature=1.0, max_new_tokens=511,
+                                                                       seed=seed))[0].token_ids
+        eval_s, calib_s = [], []
+        for k in range(12):
+            eval_s += [1] + gen(1000 + k)
+        for k in range(8):
+            calib_s.append(torch.tensor([([1] + gen(2000 + k) + [0] * 512)[:256]]))
+        prompt_s = [1] + s.tokenizer.encode("Once upon a time")
+        rows = report_model("stories", s, eval_s, calib_s, prompt_s, tmp, 512)
+        sections.append(f"### stories260K (llama2.c, {s.model.num_params() / 1e3:.0f}K params, MLP width 172); "
+                        f"perplexity on {len(eval_s):,} tokens sampled (T=1) from the fp32 model; GPTQ calibration: "
+                        "8 x 256 other samples. Group 32 does not divide 172, so the MLP down projections fall back "
+                        "to int8 (marked)\n\n" + table(rows, rows[0]["disk"]))
+        print(sections[-1])
+
+    if not args.skip_memory:
+        sections.append("### Memory: a GPT-2 124M-shaped model saved and loaded back in a fresh process\n\n"
+                        + memory_section(tmp))
+        print(sections[-1])
+
+    header = (f"# Compression benchmarks\n\ncommand: `.venv/bin/python benchmarks/bench_quantize.py "
+              f"--model {args.model}`\nmachine: 2-core x86_64 CPU (AVX2, no AVX-512), shared/loaded by concurrent "
+              f"work; torch {torch.__version__}, 1 thread; date: {datetime.date.today()}\n\n"
+              "Decode tok/s: greedy, batch 1, KV cache, 64 new tokens, best of 3. int8/int4 use PyTorch's CPU "
+              "weight-only kernels with bf16 activations (`QuantLinear.kernel_dtype`); the 'dequant fp32 path' row "
+              "is the same int8 model computing in fp32. bits/weight: all parameter and buffer bytes x 8 / fp32 "
+              "parameter count (embeddings and LM head are int8 in every quantized row).\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from lmforge.utils import atomic_write
+
+    with atomic_write(args.out) as f:
+        f.write(header + "\n" + "\n\n".join(sections) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
