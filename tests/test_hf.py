@@ -177,6 +177,22 @@ def test_sharded_and_pickle_checkpoints(hf_dirs, tmp_path):
     torch.save(ref.state_dict(), pk / "pytorch_model.bin")
     torch.testing.assert_close(_logits(lmforge.load(pk).model, ids), want, atol=1e-5, rtol=0)
 
+    # sharded pickles + pytorch_model.bin.index.json (older Hub checkpoints)
+    sp = tmp_path / "sharded-pickle"
+    sp.mkdir()
+    shutil.copy(d / "config.json", sp / "config.json")
+    names = list(ref.state_dict())
+    weight_map = {}
+    for k, part in enumerate((names[: len(names) // 2], names[len(names) // 2:]), 1):
+        fname = f"pytorch_model-0000{k}-of-00002.bin"
+        torch.save({n: ref.state_dict()[n] for n in part}, sp / fname)
+        weight_map.update({n: fname for n in part})
+    (sp / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.testing.assert_close(_logits(lmforge.load(sp).model, ids), want, atol=1e-5, rtol=0)
+    (sp / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin"):
+        lmforge.load(sp)
+
 
 def test_lmforge_sharded_save(hf_dirs, tmp_path):
     d, ref = hf_dirs["llama-mqa-tied"]
