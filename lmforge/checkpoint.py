@@ -76,9 +76,18 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, read with `weights_only=True` (tensors and plain containers only, no code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the pre-1.6 (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "Weights only load failed" in str(e):  # never retry with weights_only=False: that can run code
+            raise CheckpointError(f"{path}: refused: not a plain tensor checkpoint, or corrupt (torch.load with "
+                                  "weights_only=True failed)") from None
         raise CheckpointError(f"{path}: cannot read PyTorch weights ({_one_line(e)})") from None
 
 

@@ -402,3 +402,16 @@ def test_save_unwraps_compiled_model(hf_dirs, tmp_path):
     lm.model = torch.compile(lm.model)  # state_dict names get an `_orig_mod.` prefix; the directory must not
     lm.save(tmp_path / "m")
     torch.testing.assert_close(_logits(lmforge.load(tmp_path / "m").model, ids), want, atol=0, rtol=0)
+
+
+def test_pickle_with_code_is_refused(hf_dirs, tmp_path):
+    """pytorch_model.bin is read with weights_only=True: a pickle that references a callable never runs."""
+    import os
+
+    d = tmp_path / "evil"
+    d.mkdir()
+    shutil.copy(hf_dirs["gpt2"][0] / "config.json", d / "config.json")
+    torch.save({"transformer.wte.weight": torch.zeros(2), "hook": os.system}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError) as e:
+        lmforge.load(d)
+    assert "refused" in _one_line_error(e) and "pytorch_model.bin" in str(e.value)
