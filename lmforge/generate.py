@@ -67,15 +67,15 @@ class SamplingParams:
     top_k               keep only the k most likely tokens (None/0: off)
     top_p               keep the smallest set of most likely tokens whose probability mass is >= p (None/1: off)
     min_p               drop tokens whose probability is < min_p * (probability of the most likely token)
-    repetition_penalty  HF/CTRL: logits of tokens already in prompt or output are divided by it (if > 0) or
-                        multiplied by it (if < 0); > 1 discourages repeats (None/1: off)
+    repetition_penalty  HF/CTRL: for tokens already in prompt or output, a positive logit is divided by it and a
+                        negative one multiplied by it; > 1 discourages repeats (None/1: off)
     frequency_penalty   OpenAI: subtract penalty * (times the token appeared in the output so far)
     presence_penalty    OpenAI: subtract penalty once if the token appeared in the output so far
     stop                strings that end generation; the stop string itself is not returned
     stop_token_ids      token ids that end generation (EOS is added by `resolve_params`); not returned
     seed                seeds the sampler: the same seed gives the same text (each row of a batch uses it)
     logprobs            record the log-probability of each generated token (under the model, before controls)
-    top_logprobs        also record the n most likely alternatives at each step
+    top_logprobs        also record the n most likely alternatives at each step (implies logprobs)
     ignore_eos          keep going past stop tokens (benchmarks)
     """
 
@@ -121,6 +121,8 @@ class SamplingParams:
                 raise GenerationError(f"{name} must be in [-2, 2] (OpenAI's range), got {v!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= 20:
             raise GenerationError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
+        if self.top_logprobs:
+            self.logprobs = True
         if self.seed is not None and not isinstance(self.seed, int):
             raise GenerationError(f"seed must be an integer, got {self.seed!r}")
         if any(not isinstance(s, str) for s in self.stop):
