@@ -37,7 +37,6 @@ leaves a half-written model where a good one was.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path

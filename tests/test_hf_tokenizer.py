@@ -37,8 +37,9 @@ def _tiktoken_gpt2():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     ranks = data_gym_to_mergeable_bpe_ranks(str(data_file("gpt2/vocab.bpe")), str(data_file("gpt2/encoder.json")))
-    return tiktoken.Encoding("gpt2-local", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-                             mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})
+    gpt2_regex = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # tiktoken's own
+    return tiktoken.Encoding("gpt2-local", pat_str=gpt2_regex, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
 
 
 def test_gpt2_dir_gets_the_gpt2_tokenizer(gpt2_dir, tmp_path):
