@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a loaded box)")
     p.add_argument("--pretrain-steps", type=int, default=400)
     p.add_argument("--sms-epochs", type=float, default=2)
-    p.add_argument("--sms-balanced-epochs", type=float, default=4)
+    p.add_argument("--sms-balanced-epochs", type=float, default=8)
     p.add_argument("--sms-lr", type=float, default=5e-4)
     p.add_argument("--sms-variant", default="both", choices=["both", "full", "balanced"])
     p.add_argument("--sft-epochs", type=float, default=2)
