@@ -263,3 +263,23 @@ def test_qlora_over_nf4_base_trains_and_saves(tmp_path):
         lora.merge(model)
     lora.save_peft(model, tmp_path / "qlora")  # the adapter applies to the float model it came from
     assert json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_adapter_on_lmforge_model_matches_peft_on_its_hf_export(preset, tmp_path):
+    """lmforge-native model -> `export_hf` -> transformers + peft with lmforge's adapter: identical logits."""
+    from lmforge.checkpoint import export_hf
+    from lmforge.config import ModelConfig
+    from lmforge.lm import LM
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(preset, n_layer=2, vocab_size=64, n_embd=32, n_head=2, block_size=32,
+                                **({"n_kv_head": 1, "intermediate_size": 64} if preset == "llama-tiny" else {}))
+    model = Transformer(cfg).eval()
+    export_hf(LM(model, None, cfg), tmp_path / "hf")
+    lora.add_lora(model, ["c_attn", "mlp.down_proj"] if preset == "gpt-tiny" else "all-linear", r=4, alpha=8)
+    _randomize_B(model)
+    lora.save_peft(model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(_load_hf(tmp_path / "hf"), tmp_path / "adapter").eval()
+    torch.testing.assert_close(theirs(input_ids=X).logits, model(X), rtol=0, atol=2e-6)
