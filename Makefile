@@ -28,7 +28,7 @@ bench: install
 
 # llama.cpp compiled from source by llama-cpp-python (~5 min on 2 cores): kept out of `make test`.
 test-llamacpp: install
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "torch==2.13.0" llama-cpp-python
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP) install -q "torch==2.13.0" "llama-cpp-python[server]"  # [server]: the peer in benchmarks/bench_serve.py
 	LMFORGE_LLAMACPP=1 $(PY) -m pytest -q tests -m llamacpp
 
 clean:

@@ -372,3 +372,51 @@ def test_queue_full_429_and_engine_down_503(tmp_path):
         check_error(httpx.get(srv.url + "/health"), 503)
     finally:
         srv.stop()
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+def test_cli_serve_binds_localhost_and_names_the_model_after_its_directory(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from lmforge.cli import main
+
+    model_dir = build_tiny_model(tmp_path / "my-model")
+    assert main(["serve", str(model_dir), "--port", "70000"]) == 1
+    assert "error: port must be in 1..65535, got 70000" in capsys.readouterr().err
+    with socket_port() as port:
+        pass
+    proc = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(model_dir), "--port", str(port),
+                             "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, models = time.time() + 60, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert models is not None, proc.stdout.read().decode() if proc.poll() is not None else "no answer"
+        assert models["data"][0]["id"] == "my-model"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                       json={"model": "my-model", "prompt": "The quick", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    out = proc.stdout.read().decode()
+    assert "http://127.0.0.1:" in out  # bound to localhost by default
+
+
+def socket_port():
+    """A context manager yielding a free TCP port on 127.0.0.1."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def cm():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            yield s.getsockname()[1]
+
+    return cm()

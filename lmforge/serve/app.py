@@ -618,14 +618,16 @@ async def create_completion(state: ServerState, body: CompletionRequest, request
     if body.n > state.settings.max_n:
         raise APIError(400, f"n={body.n} exceeds this server's limit of {state.settings.max_n}", param="n")
     prompts = _completion_prompts(state, body.prompt)
-    stop = _stop_list(body.stop)
+    gc = state.lm.generation_config  # the model's defaults (generation_config.json) apply unless the request says
+    stop = _stop_list(body.stop) if body.stop is not None else list(gc.stop or [])
     want_lp = body.logprobs is not None
     jobs, echo_info = [], []
     for ids, added_bos in prompts:
         max_tokens = state.max_tokens(body.max_tokens, len(ids), default=16)
         for k in range(body.n):
             seed = body.seed + k if body.seed is not None else None
-            params = state.sampling(body, max_tokens, seed, want_lp, body.logprobs or 0)
+            params = state.sampling(body, max_tokens, seed, want_lp, body.logprobs or 0,
+                                    stop_token_ids=list(gc.stop_token_ids or []))
             jobs.append(Job(ids, params, stop, prompt_logprobs=(body.logprobs or 0) if (body.echo and want_lp)
                             else None))
             echo_info.append(ids[1:] if added_bos else ids)
