@@ -1,0 +1,10 @@
+"""Serving: an OpenAI-compatible HTTP server over a continuous-batching engine, plus a browser chat page.
+
+    engine.py     the scheduler loop: requests join and leave one shared KV cache between decode steps
+    constrain.py  JSON / JSON-schema / tool-call constrained decoding (byte automata checked per token)
+    app.py        FastAPI endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings, /metrics, ...)
+    static/       the chat page (one HTML file, no build step)
+
+Start it with `lmforge serve MODEL` (lmforge/cli/serve.py) or `lmforge.serve.app.serve(lm, settings)`;
+docs/serving.md explains the concepts. Importing this package loads nothing heavy.
+"""
