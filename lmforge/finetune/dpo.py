@@ -153,9 +153,15 @@ def run_dpo(cfg: DPOConfig, log=print) -> dict:
     dpo_log = out / "dpo_metrics.jsonl"
     dpo_log.unlink(missing_ok=True)
 
+    every = cfg.eval_every or 50
+
     def on_step(rec: dict) -> None:  # reopened each time: checkpoints swap the run directory in
         with open(dpo_log, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": rec["step"], **loss.last}) + "\n")
+        if rec["step"] % every == 0 and loss.last:
+            log(f"step {rec['step']}: dpo loss {loss.last['dpo_loss']:.4f}, rewards chosen "
+                f"{loss.last['reward_chosen']:+.3f} rejected {loss.last['reward_rejected']:+.3f}, margin "
+                f"{loss.last['reward_margin']:+.3f}, preference accuracy {loss.last['pref_accuracy']:.0%}")
 
     train(lm.model, batches, cfg.train_config(len(batches)), val_data=val, loss_fn=loss, out_dir=out,
           save_model=common.lm_saver(lm, cfg, uses_lora), on_step=on_step, log=log)
