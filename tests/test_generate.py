@@ -128,7 +128,7 @@ CONTROLS = [
 def test_kv_cache_equals_no_cache_and_batched_equals_unbatched(kind, controls):
     lm = tiny_lm(kind)
     prompts = ["Hello there", "A", "The quick brown fox jumps"]
-    kw = dict(max_new_tokens=20, logprobs=True, ignore_eos=True, **controls)
+    kw = dict(max_new_tokens=12, logprobs=True, ignore_eos=True, **controls)
     batched = lm.generate(prompts, **kw)
     batched_nocache = lm.generate(prompts, use_cache=False, **kw)
     for i, p in enumerate(prompts):
@@ -139,7 +139,7 @@ def test_kv_cache_equals_no_cache_and_batched_equals_unbatched(kind, controls):
             assert str(other) == str(alone)
             torch.testing.assert_close(torch.tensor(other.logprobs), torch.tensor(alone.logprobs), atol=1e-4,
                                        rtol=0)
-        assert len(alone.token_ids) == 20 and alone.finish_reason == "length"
+        assert len(alone.token_ids) == 12 and alone.finish_reason == "length"
 
 
 def test_per_sequence_stopping_in_a_batch():
