@@ -4,8 +4,8 @@ A language model gives, for a prefix x_1..x_t, logits z (one score per vocabular
 model's distribution over the next token. Generation repeats: run the model, turn the logits into one token,
 append it, until a stop condition. Everything interesting happens in "turn the logits into one token":
 
-    logits ─► repetition_penalty ─► frequency/presence penalty ─► temperature ─► top_k ─► top_p ─► min_p ─► pick
-              (prompt + output)     (output only, OpenAI)          z / T         keep k    keep mass p  drop < min_p·max
+    logits -> repetition_penalty -> frequency/presence -> temperature -> top_k  -> top_p       -> min_p    -> pick
+              (prompt + output)     (output only, OpenAI)  z / T          keep k    keep mass p    drop small
     pick = argmax (greedy, temperature 0) or a draw from softmax(filtered logits) with an explicit torch.Generator
 
 Each stage is a small pure function below, in the order Hugging Face applies them (penalties, then temperature,
@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import GenerationError
 
