@@ -681,8 +681,12 @@ def train(
     if dist_info.world_size > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        fwd_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)  # buffers (RoPE frequencies) are identical on every rank
+        import inspect
+
+        # buffers (RoPE frequencies) are identical on every rank: no need to broadcast them at each forward
+        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                           inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
+        fwd_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
     if cfg.compile:
         fwd_model = torch.compile(fwd_model)
     autocast = _autocast(device, cfg.dtype)

@@ -56,6 +56,9 @@ class PretrainConfig(TrainConfig):
     dropout: float | None = field(default=None, metadata={"help": "dropout rate (overrides the preset)"})
     qkv_bias: bool | None = field(default=None, metadata={"help": "bias on q/k/v projections (overrides the preset)"})
     tie_word_embeddings: bool | None = field(default=None, metadata={"help": "share lm_head with the embedding"})
+    init: Literal["gpt2", "torch"] = field(default="gpt2", metadata={
+        "help": "gpt2: N(0, 0.02) with scaled residual projections; torch: PyTorch's layer defaults (embeddings "
+                "N(0, 1), Kaiming-uniform linears), as the course's GPTModel"})
     # --- run ---
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default, one per core)"})
     out: str = field(default="", metadata={"help": "output model directory"})
@@ -67,6 +70,8 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.sampling not in ("packed", "sliding"):
             raise ConfigError(f"sampling must be packed or sliding, got {self.sampling!r}")
+        if self.init not in ("gpt2", "torch"):
+            raise ConfigError(f"init must be gpt2 or torch, got {self.init!r}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if isinstance(self.data, str):
@@ -91,6 +96,16 @@ def expand_path(p: str) -> str:
     if m:
         raise ConfigError(f"environment variable {m.group(1)} is not set (used in {p!r})")
     return out
+
+
+def reset_to_torch_defaults(model) -> None:
+    """Re-initialize every layer with its own `reset_parameters()` (PyTorch's defaults), embeddings last so a tied
+    lm_head keeps the embedding's N(0, 1) values. Models written without custom init (the course's) start here."""
+    import torch.nn as nn
+
+    mods = [m for m in model.modules() if m is not model and hasattr(m, "reset_parameters")]
+    for m in sorted(mods, key=lambda m: isinstance(m, nn.Embedding)):
+        m.reset_parameters()
 
 
 def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
@@ -166,6 +181,8 @@ def run_pretrain(cfg: PretrainConfig):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg)
+    if cfg.init == "torch":
+        reset_to_torch_defaults(model)
 
     # 4. batches
     if cfg.sampling == "sliding":
