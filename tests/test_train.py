@@ -265,3 +265,24 @@ def test_kill_between_the_two_renames_of_a_swap_is_recovered(tmp_path):
     res = train(tiny_model(), PackedBatches(toks, 2, 32), TrainConfig(max_steps=3, progress=False), out_dir=out,
                 resume=True)
     assert res.step == 3
+
+
+def test_reiterable_data_cycles_epochs_and_fast_forwards():
+    from lmforge.train import as_batch_source
+
+    class Loader:  # a DataLoader-like re-iterable with set_epoch (as DistributedSampler users call it)
+        def __init__(self):
+            self.epochs = []
+
+        def set_epoch(self, e):
+            self.epochs.append(e)
+
+        def __iter__(self):
+            return iter([f"e{self.epochs[-1]}b{i}" for i in range(3)])
+
+    loader = Loader()
+    src = as_batch_source(loader)
+    assert [src(i) for i in range(7)] == ["e0b0", "e0b1", "e0b2", "e1b0", "e1b1", "e1b2", "e2b0"]
+    fresh = as_batch_source(Loader())
+    assert fresh(4) == "e1b1"  # a resumed run fast-forwards to its data position
+    assert as_batch_source([1, 2])(5) == 2  # sequences cycle
