@@ -44,13 +44,16 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
+import functools
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .errors import GenerationError
+from .model import apply_rope
 
 # ================================================================================================================
 # Sampling controls
@@ -483,12 +486,15 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  checkers: Sequence[StopChecker], *, use_cache: bool = True, pad_id: int = 0,
                  generators: Sequence[torch.Generator] | None = None,
-                 max_len: int | None = None) -> Iterator[list[tuple[int, str]]]:
+                 max_len: int | None = None, compile: bool | str = False,
+                 static: bool | None = None) -> Iterator[list[tuple[int, str]]]:
     """The generation loop over token ids. Yields, after each step, the (row, text delta) pairs of that step.
 
     prompts: token id lists (B rows, any lengths >= 1); one `StopChecker` per row records tokens, logprobs and
     decides when the row is finished. `max_len` caps prompt + generated tokens (the context window).
     Finished rows keep being fed a padding token (their cache rows are simply ignored) until all rows are done.
+    compile: decode steps run through `torch.compile` (`StaticDecoder`; a string is the torch.compile mode);
+    static: use the static-shape step without compiling (None: only when compiling). Prefill is always eager.
     """
     B = len(prompts)
     if B == 0:
@@ -520,7 +526,13 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         if n <= 0:  # this row's prompt already fills the context window
             checkers[i].flush("length")
             alive[i] = False
-    cache = model.new_cache(B, T + steps) if use_cache else None
+    decoder = None
+    if use_cache and (compile or static) and supports_static_decode(model):
+        decoder = static_decoder(model, compile=bool(compile), mode=compile if isinstance(compile, str) else None)
+    cache = None
+    if use_cache:
+        cache = model.new_cache(B, T + steps if decoder is None else decoder.cache_len(T + steps))
+    valid = torch.ones(B, dtype=torch.bool, device=device) if decoder is not None else None  # (B,) alive rows
     # inference mode only around the work, never across a `yield` (it would leak into the caller's code)
     with torch.inference_mode():
         prefill_mask = None if bool(mask.all()) else mask  # no padding: the model may use its causal fast path
@@ -563,7 +575,11 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
             feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
             # a finished row's token is padding: it takes no position and no other token sees it
             feed_mask = None if all(alive) else torch.tensor(alive, dtype=torch.long, device=device)[:, None]
-            if use_cache:
+            if decoder is not None:  # static shapes: one (compiled) graph for every step
+                if feed_mask is not None:
+                    valid = torch.tensor(alive, dtype=torch.bool, device=device)
+                logits = decoder.step(feed, valid, cache)  # (B, 1) -> (B, V)
+            elif use_cache:
                 logits = model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
             else:  # reference path: re-run the whole (left-padded) sequence every step
                 ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
@@ -573,13 +589,14 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
 
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  tokenizer=None, *, use_cache: bool = True, pad_id: int = 0,
-                 max_len: int | None = None) -> list[Completion]:
+                 max_len: int | None = None, compile: bool | str = False,
+                 static: bool | None = None) -> list[Completion]:
     """Generate for a batch of tokenized prompts; returns one `Completion` per prompt (text is "" without a
-    tokenizer). Stop strings need a tokenizer; stop token ids do not."""
+    tokenizer). Stop strings need a tokenizer; stop token ids do not. compile/static: see `decode_steps`."""
     checkers = [_new_checker(tokenizer, params, p) for p in prompts]
     with _eval_mode(model):
         for _ in decode_steps(model, prompts, params, checkers, use_cache=use_cache, pad_id=pad_id,
-                              max_len=max_len):
+                              max_len=max_len, compile=compile, static=static):
             pass
     return [_completion(c, len(p)) for c, p in zip(checkers, prompts)]
 
@@ -600,10 +617,145 @@ def _completion(c: StopChecker, prompt_tokens: int) -> Completion:
 
 
 # ================================================================================================================
+# The fast path: a static-shape decode step (one graph for every step, optionally compiled)
+# ================================================================================================================
+#
+# Why eager decoding is slow for small models: a decode step of stories260K is ~300 tiny ops (norms, projections,
+# rope, attention per layer), each costing a few microseconds of Python and dispatcher overhead while its actual
+# arithmetic takes less. The cure (gpt-fast, Fu et al. 2023) is to hand the whole step to a compiler that fuses
+# the elementwise work into a few loops and drops the per-op overhead. A compiler needs the step to look the same
+# every time, so the step is written with *static shapes*:
+#
+#     input ids      (B, 1)                  always one new token per row
+#     keys/values    (B, nkv, max_len, hd)   the whole pre-allocated cache, not the first S slots of it
+#     mask           (B, 1, 1, max_len)      the cache's `key_mask` (slots written so far): unwritten slots are
+#                                            masked out, so attending over all max_len slots == attending over S
+#     rope cos/sin   table[position]         a (max_positions, hd) table computed once, indexed per step
+#
+# Nothing depends on Python integers read back from tensors (no `int(lengths.max())`), so one compiled graph
+# (`torch.compile(fullgraph=True, dynamic=False)`) serves every step of every request with the same (B, max_len).
+# The cache size is rounded up to a multiple of `STATIC_BUCKET` so requests of similar length share a graph.
+# Prefill (T new tokens at once) stays in the eager model: it runs once per request.
+
+STATIC_BUCKET = 128  # cache sizes are rounded up to this, so few distinct shapes (graphs) exist
+
+
+def _rope_table(model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions 0..n-1: (n, hd) each, computed exactly as `Transformer._rope` does."""
+    pos = torch.arange(n, device=model.inv_freq.device)[None]  # (1, n)
+    cos, sin = model._rope(pos, model.wte.weight.dtype)  # (1, 1, n, hd)
+    return cos[0, 0], sin[0, 0]
+
+
+def static_decode_step(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, k_all: torch.Tensor,
+                       v_all: torch.Tensor, key_mask: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
+                       cos_table: torch.Tensor | None, sin_table: torch.Tensor | None) -> torch.Tensor:
+    """One decode step with shapes that never change: (B, 1) ids -> (B, V) logits; updates the cache in place.
+
+    ids (B, 1) the new token of each row; valid (B,) bool, False for a finished row fed padding (it takes no
+    position and no later token sees it). k_all/v_all (n_layer, B, nkv, S, hd), key_mask (B, S), lengths (B,),
+    positions (B,) are a `KVCache`'s tensors, updated exactly as `Transformer.forward(kv_cache=...)` updates them.
+    """
+    cfg = model.config
+    B = ids.shape[0]
+    S = key_mask.shape[1]
+    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    slot = lengths  # (B,) the slot each row writes this step
+    slots = torch.arange(S, device=ids.device)[None, :]  # (1, S)
+    key_mask.scatter_(1, slot[:, None], valid[:, None])
+    here = slots == slot[:, None]  # (B, S)
+    mask = key_mask & (slots <= slot[:, None])  # (B, S) real tokens up to this one
+    if cfg.sliding_window:
+        mask = mask & (slots > slot[:, None] - cfg.sliding_window)
+    mask = (mask | here)[:, None, None, :]  # (B, 1, 1, S); a padding query sees only itself (no NaN)
+    pos = positions[:, None]  # (B, 1) position of the new token
+    x = model.wte(ids)  # (B, 1, C)
+    if model.wpe is not None:
+        x = x + model.wpe(pos)
+        cos = sin = None
+    else:
+        cos, sin = cos_table[pos][:, None], sin_table[pos][:, None]  # (B, 1, 1, hd)
+    idx = slot[:, None, None, None].expand(B, nkv, 1, hd)  # (B, nkv, 1, hd)
+    gqa = {"enable_gqa": True} if nkv != nh else {}
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        h = block.norm_1(x)
+        q = attn.q_proj(h).view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
+        k = attn.k_proj(h).view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+        v = attn.v_proj(h).view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all[i].scatter_(2, idx, k.to(k_all.dtype))
+        v_all[i].scatter_(2, idx, v.to(v_all.dtype))
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q, k_all[i].to(q.dtype), v_all[i].to(q.dtype), attn_mask=mask, **gqa)  # (B, nh, 1, hd)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
+        x = x + block.mlp(block.norm_2(x))
+    lengths.add_(1)
+    positions.add_(valid.long())
+    return model.lm_head(model.norm_f(x))[:, -1]  # (B, V)
+
+
+class StaticDecoder:
+    """Runs `static_decode_step` for one model, eagerly or compiled; compiled graphs are kept per (B, max_len).
+
+        dec = StaticDecoder(model, compile=True)
+        cache = model.new_cache(B, dec.cache_len(T + steps)); model(prompt, kv_cache=cache)   # eager prefill
+        logits = dec.step(next_ids, valid, cache)                                               # (B, V)
+
+    compile=True costs a one-time compile (seconds for a tiny model, about a minute or more for a 124M model on a
+    slow CPU; a C++ compiler is needed for torch.compile on CPU). `mode` is passed to torch.compile.
+    """
+
+    def __init__(self, model: torch.nn.Module, compile: bool = False, mode: str | None = None):
+        self.model = model
+        self.compiled = compile
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+        fn = functools.partial(static_decode_step, model)
+        self._fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode) if compile else fn
+
+    def cache_len(self, needed: int) -> int:
+        """The cache size to allocate for `needed` slots: rounded up to STATIC_BUCKET, at most the context window."""
+        bs = self.model.config.block_size
+        return max(needed, min(bs, -(-needed // STATIC_BUCKET) * STATIC_BUCKET))
+
+    def _rope(self, n: int):
+        if self.model.wpe is not None:
+            return None, None
+        if self._table is None or self._table[0].shape[0] < n:
+            self._table = _rope_table(self.model, self.cache_len(n))
+        return self._table
+
+    def step(self, ids: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
+        """(B, 1) ids, (B,) bool valid -> (B, V) logits; the cache gains one slot per row."""
+        cos, sin = self._rope(cache.max_len)
+        return self._fn(ids, valid, cache.k, cache.v, cache.key_mask, cache.lengths, cache.positions, cos, sin)
+
+
+_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def static_decoder(model: torch.nn.Module, compile: bool = False, mode: str | None = None) -> StaticDecoder:
+    """The model's StaticDecoder (kept with the model, so compiled graphs are reused across generate calls)."""
+    per_model = _DECODERS.setdefault(model, {})
+    key = (compile, mode)
+    if key not in per_model:
+        per_model[key] = StaticDecoder(model, compile=compile, mode=mode)
+    return per_model[key]
+
+
+def supports_static_decode(model: torch.nn.Module) -> bool:
+    """The static step needs lmforge's Transformer (not a wrapper with a different forward, e.g. a fake)."""
+    from .model import Transformer
+
+    return type(model).forward is Transformer.forward and isinstance(model, Transformer)
+
+
+# ================================================================================================================
 # Text-level API over an `LM` (model + tokenizer + defaults)
 # ================================================================================================================
 
-_RUN_OPTIONS = ("truncate", "use_cache")
+_RUN_OPTIONS = ("truncate", "use_cache", "compile", "static")
 
 
 def resolve_params(lm, controls: dict[str, Any]) -> SamplingParams:
@@ -703,7 +855,9 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], **controls: Any) -
 
     Controls: see `SamplingParams` (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
     frequency_penalty, presence_penalty, stop, stop_token_ids, seed, logprobs, top_logprobs, ignore_eos), plus
-    truncate=True (keep the end of a too-long prompt) and use_cache=False (reference path). Defaults come from
+    truncate=True (keep the end of a too-long prompt), use_cache=False (reference path), compile=True (decode
+    steps through torch.compile: a one-time compile, then faster steps; see `StaticDecoder`) and static=True (the
+    same static-shape step, not compiled). Defaults come from
     `lm.generation_config`. The returned strings are `Completion`s: `.token_ids`, `.logprobs`, `.finish_reason`.
     """
     batch = _is_batch(prompt)
@@ -712,7 +866,8 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], **controls: Any) -
         raise GenerationError("prompts must be strings or lists of token ids")
     params, ids, pad, block_size = _prepare(lm, prompts, controls)
     outs = generate_ids(lm.model, ids, params, lm.tokenizer, use_cache=controls.get("use_cache", True),
-                        pad_id=pad, max_len=block_size)
+                        pad_id=pad, max_len=block_size, compile=controls.get("compile") or False,
+                        static=controls.get("static"))
     return outs if batch else outs[0]
 
 
@@ -722,14 +877,15 @@ def stream(lm, prompt: str | Sequence[int], **controls: Any) -> Iterator[str]:
     if _is_batch(prompt):
         raise GenerationError("stream() takes one prompt; use generate() for a list")
     params, ids, pad, block_size = _prepare(lm, [prompt], controls)
-    return _stream_ids(lm, ids, params, pad, block_size, controls.get("use_cache", True))
+    return _stream_ids(lm, ids, params, pad, block_size, controls.get("use_cache", True),
+                       controls.get("compile") or False, controls.get("static"))
 
 
-def _stream_ids(lm, ids, params, pad, block_size, use_cache) -> Iterator[str]:
+def _stream_ids(lm, ids, params, pad, block_size, use_cache, compile=False, static=None) -> Iterator[str]:
     checker = _new_checker(lm.tokenizer, params, ids[0])
     with _eval_mode(lm.model):
         for events in decode_steps(lm.model, ids, params, [checker], use_cache=use_cache, pad_id=pad,
-                                   max_len=block_size):
+                                   max_len=block_size, compile=compile, static=static):
             for _, delta in events:
                 if delta:
                     yield delta
