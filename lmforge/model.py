@@ -304,7 +304,7 @@ class Transformer(nn.Module):
         return n
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
-        p = self.wte.weight
+        p = self.norm_f.weight  # device and compute dtype (a quantized wte has no cheap .weight)
         return KVCache(self.config, batch_size, max_len or self.config.block_size,
                        device=device or p.device, dtype=dtype or p.dtype)
 
