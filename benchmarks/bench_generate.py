@@ -2,12 +2,17 @@
 
     .venv/bin/python benchmarks/bench_generate.py                 # everything (several minutes on 2 loaded cores)
     .venv/bin/python benchmarks/bench_generate.py --quick         # fewer tokens, for a smoke run
+    .venv/bin/python benchmarks/bench_generate.py --compile       # lmforge compile=True vs transformers (+ eager)
 
 Measures, for a 124M GPT-2-shaped model (random weights, transformers' own init) and llama2.c's stories260K:
   * decode tokens/s, batch 1, greedy, N new tokens (EOS ignored so both produce exactly N), best of --repeats;
   * batched throughput: 8 prompts in one left-padded batch vs the same prompts one at a time (lmforge);
   * time to first token for a 512-token prompt (prefill + one sampled token).
 Both libraries decode greedily from identical weights; the token ids are compared and the check is printed.
+
+--compile measures the static-shape decode step compiled with torch.compile (`generate(..., compile=True)`)
+against transformers `generate` and lmforge's eager default in the same run (decode batch 1 and batch 8); the
+one-time compile (the first call, which also warms Inductor's kernel cache) is timed and printed separately.
 """
 
 from __future__ import annotations
@@ -131,6 +136,60 @@ def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list
                 f"{w_th * 1000:.0f} | {w_th / w_t:.2f}x | CPU ms {c_t * 1000:.0f} vs {c_th * 1000:.0f} |")
 
 
+def bench_compiled(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list[str]) -> None:
+    """Decode speed with compile=True (after a separately timed compile) vs transformers and lmforge eager."""
+    n, r = args.new_tokens, args.repeats
+    hf_model.eval()
+    mode = args.compile_mode or True
+    run = lambda p, k, **kw: generate(lm, p, temperature=0, max_new_tokens=k, ignore_eos=True, **kw)  # noqa: E731
+    w, c = time.perf_counter(), time.process_time()
+    run(prompt, n, compile=mode)  # first call: traces and compiles the decode step (prefill stays eager)
+    w_comp, c_comp = time.perf_counter() - w, time.process_time() - c
+    print(f"[{name}] compile (first compile=True call, {n} tokens, mode {args.compile_mode or 'default'}): "
+          f"{w_comp:.1f} s wall, {c_comp:.1f} s CPU", flush=True)
+    run(prompt, 4)
+    hf_generate(hf_model, [prompt], 4)
+    tc, tk, te = Timing(), Timing(), Timing()
+    for _ in range(r):  # alternate the three so they see the same load
+        ours = tc.run(lambda: run(prompt, n, compile=mode))
+        theirs = tk.run(lambda: hf_generate(hf_model, [prompt], n))
+        eager = te.run(lambda: run(prompt, n))
+    (w_c, c_c), (w_h, c_h), (w_e, c_e) = tc.best, tk.best, te.best
+    same = ours.token_ids == theirs[0] == eager.token_ids
+    print(f"[{name}] decode batch 1, {n} new tokens, compiled: lmforge {n / w_c:.1f} tok/s, transformers "
+          f"{n / w_h:.1f} tok/s, ratio {w_h / w_c:.2f}x (target >= 1.5x); per CPU second: lmforge {n / c_c:.1f}, "
+          f"transformers {n / c_h:.1f}, ratio {c_h / c_c:.2f}x; lmforge eager {n / w_e:.1f} tok/s ({n / c_e:.1f} "
+          f"per CPU-s); identical tokens (compiled, transformers, eager): {same} "
+          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    rows.append(f"| {name} | compile time, first compile=True call (s, wall / CPU) | {w_comp:.1f} / {c_comp:.1f} "
+                f"| - | - | one-time; Inductor caches kernels on disk |")
+    rows.append(f"| {name} | decode tok/s, batch 1, {n} new, compiled (wall) | {n / w_c:.1f} | {n / w_h:.1f} | "
+                f"{w_h / w_c:.2f}x | eager lmforge {n / w_e:.1f}; {'same tokens' if same else 'TOKENS DIFFER'} |")
+    rows.append(f"| {name} | decode tok per CPU-second, batch 1, compiled | {n / c_c:.1f} | {n / c_h:.1f} | "
+                f"{c_h / c_c:.2f}x | eager lmforge {n / c_e:.1f} |")
+
+    g = torch.Generator().manual_seed(0)
+    V = lm.model.config.vocab_size
+    prompts = [torch.randint(3, V, (int(k),), generator=g).tolist() for k in torch.linspace(8, 24, 8)]
+    nb = args.batch_tokens
+    w, c = time.perf_counter(), time.process_time()
+    run(prompts, nb, compile=mode)  # batch 8 is a new shape: one more compile
+    w_comp8, c_comp8 = time.perf_counter() - w, time.process_time() - c
+    tb, thb = Timing(), Timing()
+    for _ in range(r):
+        outs = tb.run(lambda: run(prompts, nb, compile=mode))
+        hf_outs = thb.run(lambda: hf_generate(hf_model, prompts, nb))
+    (w_b, c_b), (w_hb, c_hb) = tb.best, thb.best
+    same_b = [o.token_ids for o in outs] == hf_outs
+    tot = 8 * nb
+    print(f"[{name}] batch of 8 x {nb} new tokens, compiled (compile {w_comp8:.1f} s): lmforge {tot / w_b:.1f} "
+          f"tok/s, transformers {tot / w_hb:.1f} tok/s, ratio {w_hb / w_b:.2f}x; per CPU second {tot / c_b:.1f} vs "
+          f"{tot / c_hb:.1f} ({c_hb / c_b:.2f}x); == transformers: {same_b}", flush=True)
+    rows.append(f"| {name} | throughput tok/s, 8 prompts batched ({nb} new each), compiled | {tot / w_b:.1f} | "
+                f"{tot / w_hb:.1f} | {w_hb / w_b:.2f}x | per CPU-s {tot / c_b:.0f} vs {tot / c_hb:.0f} "
+                f"({c_hb / c_b:.2f}x); compile {w_comp8:.1f} s; == transformers: {same_b} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=256)
@@ -139,6 +198,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
     ap.add_argument("--only", choices=["gpt2", "stories"], help="run one model")
+    ap.add_argument("--compile", action="store_true", help="measure generate(..., compile=True) instead")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.batch_tokens, args.repeats = 32, 16, 1
@@ -155,7 +216,7 @@ def main() -> None:
             hf_model = to_hf_model(lm.model)
             bos = lm.tokenizer.bos_token_id
             prompt = [bos] + lm.tokenizer.encode(" Once upon a time")
-            bench_model("stories260K", lm, hf_model, prompt, args, rows)
+            (bench_compiled if args.compile else bench_model)("stories260K", lm, hf_model, prompt, args, rows)
         else:
             print(f"skipping stories260K: {path} is absent")
 
@@ -164,7 +225,7 @@ def main() -> None:
         hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # 124M, random weights
         lm = LM(from_hf_model(hf_model).eval(), None)
         prompt = list(range(1000, 1016))
-        bench_model("gpt2-124M", lm, hf_model, prompt, args, rows)
+        (bench_compiled if args.compile else bench_model)("gpt2-124M", lm, hf_model, prompt, args, rows)
 
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print("\n" + "\n".join(rows))

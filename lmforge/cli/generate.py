@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", "-p", help="the prompt text (default: read stdin)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (one-time compile cost, then faster steps)")
     _control_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -91,6 +93,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     controls = _controls(args)
     if "stop" in controls:
         controls["stop"] = [_unescape(s) for s in controls["stop"]]
+    if args.compile:
+        controls["compile"] = True
     lm = _load(args)
     if args.stream:
         for delta in stream(lm, prompt, truncate=args.truncate, **controls):
