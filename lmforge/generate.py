@@ -675,7 +675,9 @@ def static_decode_step(model: torch.nn.Module, ids: torch.Tensor, valid: torch.T
         cos = sin = None
     else:
         cos, sin = cos_table[pos][:, None], sin_table[pos][:, None]  # (B, 1, 1, hd)
-    idx = slot[:, None, None, None].expand(B, nkv, 1, hd)  # (B, nkv, 1, hd)
+    rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
+    heads = torch.arange(nkv, device=ids.device)[None, :]  # (1, nkv)
+    slot_idx = slot[:, None]  # (B, 1)
     gqa = {"enable_gqa": True} if nkv != nh else {}
     for i, block in enumerate(model.blocks):
         attn = block.attn
@@ -685,8 +687,11 @@ def static_decode_step(model: torch.nn.Module, ids: torch.Tensor, valid: torch.T
         v = attn.v_proj(h).view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all[i].scatter_(2, idx, k.to(k_all.dtype))
-        v_all[i].scatter_(2, idx, v.to(v_all.dtype))
+        # one index_put_ on the whole cache tensor (not a scatter into a per-layer view, which the compiler turns
+        # into a copy of the whole cache per layer): write k/v at [layer i, row b, head h, slot[b]]
+        where = (torch.full((), i, dtype=torch.long, device=ids.device), rows, heads, slot_idx)
+        k_all.index_put_(where, k[:, :, 0].to(k_all.dtype))  # values (B, nkv, hd)
+        v_all.index_put_(where, v[:, :, 0].to(v_all.dtype))
         y = torch.nn.functional.scaled_dot_product_attention(
             q, k_all[i].to(q.dtype), v_all[i].to(q.dtype), attn_mask=mask, **gqa)  # (B, nh, 1, hd)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
