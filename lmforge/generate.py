@@ -44,7 +44,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import dataclasses
-import functools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -713,11 +712,21 @@ class StaticDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, mode: str | None = None):
-        self.model = model
+        # only a weak reference to the model: decoders are kept in a WeakKeyDictionary keyed by the model, and a
+        # strong one would keep every model that ever generated alive
+        self._model = weakref.ref(model)
         self.compiled = compile
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
-        fn = functools.partial(static_decode_step, model)
+        ref = self._model
+
+        def fn(*tensors):
+            return static_decode_step(ref(), *tensors)
+
         self._fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode) if compile else fn
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def cache_len(self, needed: int) -> int:
         """The cache size to allocate for `needed` slots: rounded up to STATIC_BUCKET, at most the context window."""

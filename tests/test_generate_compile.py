@@ -81,3 +81,15 @@ def test_compiled_step_equals_eager_tokens():
     assert got.token_ids == ref.token_ids
     again = generate(lm, prompt[:5], max_new_tokens=24, temperature=0, ignore_eos=True, compile=True)  # same graph
     assert again.token_ids == generate(lm, prompt[:5], max_new_tokens=24, temperature=0, ignore_eos=True).token_ids
+
+
+def test_decoder_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    lm = tiny_lm("gpt")
+    generate(lm, [5, 6], max_new_tokens=2, temperature=0, static=True)
+    ref = weakref.ref(lm.model)
+    del lm
+    gc.collect()
+    assert ref() is None
