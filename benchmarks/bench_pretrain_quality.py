@@ -54,10 +54,26 @@ def verdict(args) -> None:
     by_step = {r["step"]: r["loss"] for r in train}
     for r in val:
         print(f"  {r['step']:4d} {by_step.get(r['step'], float('nan')):8.3f} {r['val_loss']:8.3f}")
-    ok_train = train[-1]["loss"] < 1.0
+    final_train_eval = eval_mode_train_loss(out)
+    print(f"final training-set loss in eval mode (no dropout, all 9 training batches, as the course's "
+          f"calc_loss_loader): {final_train_eval:.3f}")
+    ok_train = final_train_eval < 1.0
     overfit = val[-1]["val_loss"] > best["val_loss"] + 0.05 and val[-1]["val_loss"] - train[-1]["loss"] > 3.0
     print(f"train loss below 1.0 at the end: {ok_train}; validation shows overfitting (last val > best val, gap to "
           f"train > 3 nats): {overfit}")
+
+
+def eval_mode_train_loss(out: Path) -> float:
+    """The course reports the training loss of the model in eval mode over the training loader: do the same."""
+    from lmforge.checkpoint import load
+    from lmforge.data import Batches, SlidingWindowDataset, TokenShards, train_val_split
+    from lmforge.train import evaluate
+
+    cfg = json.loads((out / "pretrain_config.json").read_text())
+    lm = load(out, dtype="float32")
+    tr, _ = train_val_split(TokenShards(Path(str(out) + ".shards")), cfg["val_fraction"])
+    batches = Batches(SlidingWindowDataset(tr, cfg["block_size"], cfg["stride"]), cfg["batch_size"], drop_last=True)
+    return evaluate(lm.model, batches)
 
 
 def shakespeare(args) -> None:
