@@ -33,7 +33,8 @@ Public API (what `lmforge.lm.LM` delegates to):
     chat(lm, [{"role": "user", "content": "Hi"}], ...) -> str
     score(lm, prompt, continuation) -> Score(logprob=sum, token_logprobs=[...])
 Lower level, for the serving engine: `SamplingParams`, `sample_next_token`, `StopChecker`, `generate_ids`,
-`token_logprobs`.
+`token_logprobs`. Speed: `generate(..., compile=True)` decodes through a static-shape step compiled with
+torch.compile (`StaticDecoder`, at the end of the decode-loop section).
 
 References: Holtzman et al. 2020 (top-p / nucleus sampling); Keskar et al. 2019 (CTRL, repetition penalty);
 OpenAI API docs (frequency/presence penalties); Nguyen et al. 2024 (min-p); gpt-fast and nanochat's engine (shape).
@@ -743,7 +744,15 @@ class StaticDecoder:
     def step(self, ids: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
         """(B, 1) ids, (B,) bool valid -> (B, V) logits; the cache gains one slot per row."""
         cos, sin = self._rope(cache.max_len)
-        return self._fn(ids, valid, cache.k, cache.v, cache.key_mask, cache.lengths, cache.positions, cos, sin)
+        args = (ids, valid, cache.k, cache.v, cache.key_mask, cache.lengths, cache.positions, cos, sin)
+        if not self.compiled:
+            return self._fn(*args)
+        try:
+            return self._fn(*args)
+        except Exception as e:  # e.g. no C++ compiler for Inductor: one line, and how to run without it
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise GenerationError(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); "
+                                  f"generate without compile=True") from e
 
 
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
