@@ -171,7 +171,11 @@ CHILD = textwrap.dedent('''
     out, resume, accum, batch, steps, delay, dropout = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), \\
         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
     modes = sys.argv[8].split(",") if len(sys.argv) > 8 else ["ddp"]
-    for mode in modes:  # under torchrun: each mode joins (and leaves) the process group in train()
+    import os
+    import torch.distributed as dist
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one group for both modes; train() uses a group it finds
+        dist.init_process_group("gloo")
+    for mode in modes:
         torch.manual_seed(0)
         cfg = ModelConfig.from_name("llama-tiny", vocab_size=64, block_size=32, n_layer=2, n_embd=32, n_head=2,
                                     n_kv_head=1, intermediate_size=64, dropout=dropout)
@@ -184,6 +188,8 @@ CHILD = textwrap.dedent('''
                                 save_every=3, eval_every=0, progress=False, parallel=mode),
                     out_dir=run_out, resume=resume, on_step=lambda rec: time.sleep(delay))
         json.dump([r["loss"] for r in res.history if "loss" in r] + [res.val_loss], open(run_out + ".losses.json", "w"))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 ''')
 
 
