@@ -804,12 +804,12 @@ def resolve_params(lm, controls: dict[str, Any]) -> SamplingParams:
         if isinstance(base.get(k), (str, int)):
             base[k] = [base[k]]
         base[k] = list(base.get(k) or [])
-    eos = _eos_ids(lm)
+    eos = eos_token_ids(lm)
     base["stop_token_ids"] = base["stop_token_ids"] + [e for e in eos if e not in base["stop_token_ids"]]
     return SamplingParams(**base)
 
 
-def _eos_ids(lm) -> list[int]:
+def eos_token_ids(lm) -> list[int]:
     gc = getattr(lm, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
     if eos is None:
@@ -934,7 +934,7 @@ def _token_text(tok, token_id: int | None) -> str:
     return tok.decode([token_id])
 
 
-def _chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
+def chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
     """Stop at the template's end-of-turn marker: as a token id when it is a special token, else as a string."""
     from .chat_template import end_of_turn_markers
 
@@ -951,7 +951,7 @@ def _chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
     return controls
 
 
-def _encode_chat(lm, text: str) -> list[int]:
+def encode_chat(lm, text: str) -> list[int]:
     """Chat prompts are tokenized with special tokens recognised and without adding BOS (the template did)."""
     if lm.tokenizer is None:
         raise GenerationError("this model has no tokenizer, so it cannot chat")
@@ -961,14 +961,14 @@ def _encode_chat(lm, text: str) -> list[int]:
 def chat(lm, messages: Sequence[dict], tools: list[dict] | None = None, **controls: Any) -> str:
     """Answer the conversation: the assistant's next message as text (stops at the end-of-turn marker)."""
     text = chat_prompt(lm, messages, tools=tools)
-    controls = _chat_controls(lm, controls)
-    return generate(lm, _encode_chat(lm, text), **controls)
+    controls = chat_controls(lm, controls)
+    return generate(lm, encode_chat(lm, text), **controls)
 
 
 def chat_stream(lm, messages: Sequence[dict], tools: list[dict] | None = None, **controls: Any) -> Iterator[str]:
     """`chat` as text deltas (for terminals and servers)."""
     text = chat_prompt(lm, messages, tools=tools)
-    return stream(lm, _encode_chat(lm, text), **_chat_controls(lm, controls))
+    return stream(lm, encode_chat(lm, text), **chat_controls(lm, controls))
 
 
 # ================================================================================================================
@@ -1081,7 +1081,3 @@ def score(lm, prompt: str, continuation: str) -> Score:
     return score_batch(lm, [(prompt, continuation)])[0]
 
 
-# Public names for the chat helpers the server reuses (the underscored names stay for existing callers).
-chat_controls = _chat_controls
-encode_chat = _encode_chat
-eos_token_ids = _eos_ids

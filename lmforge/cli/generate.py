@@ -109,11 +109,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _fit_history(lm, messages: list[dict], room: int) -> list[dict]:
     """Drop the oldest exchanges (never the system message) until the rendered chat leaves `room` tokens free."""
-    from ..generate import _encode_chat, chat_prompt
+    from ..generate import encode_chat, chat_prompt
 
     block = lm.model.config.block_size
     while True:
-        n = len(_encode_chat(lm, chat_prompt(lm, messages)))
+        n = len(encode_chat(lm, chat_prompt(lm, messages)))
         if n + room <= block:
             return messages
         first = 1 if messages and messages[0]["role"] == "system" else 0

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LmforgeError
-from ..generate import SamplingParams, StopChecker, _chat_controls, _encode_chat, _eos_ids, chat_prompt
+from ..generate import SamplingParams, StopChecker, chat_controls, encode_chat, eos_token_ids, chat_prompt
 from .constrain import json_constraint, tool_call_constraint
 from .engine import Engine, EngineBusyError, EngineStoppedError, Event
 
@@ -308,7 +308,7 @@ class ServerState:
     def __init__(self, lm, settings: ServerSettings):
         self.lm, self.tok, self.settings = lm, lm.tokenizer, settings
         self.metrics = Metrics()
-        self.eos_ids = _eos_ids(lm)
+        self.eos_ids = eos_token_ids(lm)
         self.engine = Engine(lm.model, max_batch=settings.max_batch, max_len=settings.max_len,
                              max_queue=settings.max_queue, eos_token_ids=self.eos_ids)
         self.context = self.engine.max_len
@@ -803,8 +803,8 @@ async def create_chat_completion(state: ServerState, body: ChatRequest, request:
                 messages.insert(0, {"role": "system", "content": note})
     try:
         text = chat_prompt(lm, messages, tools=template_tools)
-        controls = _chat_controls(lm, {"stop": _stop_list(body.stop)})
-        prompt_ids = _encode_chat(lm, text)
+        controls = chat_controls(lm, {"stop": _stop_list(body.stop)})
+        prompt_ids = encode_chat(lm, text)
     except LmforgeError as e:
         raise APIError(400, str(e), param="messages") from None
     if not prompt_ids:
