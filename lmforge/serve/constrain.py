@@ -76,21 +76,8 @@ class JsonMachine:
                 self.state = "escape"
                 return True
             return b >= 0x20  # control characters must be escaped
-        if s == "escape":
-            if b == ord("u"):
-                self.state, self.unicode_left = "unicode", 4
-                return True
-            if b in b'"\\/bfnrt':
-                self.state = "string"
-                return True
-            return False
-        if s == "unicode":
-            if chr(b) not in "0123456789abcdefABCDEF":
-                return False
-            self.unicode_left -= 1
-            if not self.unicode_left:
-                self.state = "string"
-            return True
+        if s in ("escape", "unicode"):
+            return _escape_byte(self, b, resume="string")
         if s == "literal":
             if b != self.literal[0]:
                 return False
@@ -295,21 +282,8 @@ class _String:
             if not 0x80 <= b < 0xC0:  # count characters, not UTF-8 continuation bytes
                 self.n += 1
             return True
-        if s == "escape":
-            if b == ord("u"):
-                self.state, self.unicode_left = "unicode", 4
-                return True
-            if b in b'"\\/bfnrt':
-                self.state = "chars"
-                return True
-            return False
-        if s == "unicode":
-            if chr(b) not in "0123456789abcdefABCDEF":
-                return False
-            self.unicode_left -= 1
-            if not self.unicode_left:
-                self.state = "chars"
-            return True
+        if s in ("escape", "unicode"):
+            return _escape_byte(self, b, resume="chars")
         return False
 
     @property
@@ -533,3 +507,24 @@ def tool_call_constraint(token_bytes: list[bytes], tools: dict[str, dict | None]
         head = ('{"name": ' + json.dumps(name) + ', "arguments": ').encode()
         alts.append(SequenceMachine([_Literal(head), args, _Literal(b"}")]))
     return ByteConstraint(alts[0] if len(alts) == 1 else _OneOf(alts), token_bytes)
+
+
+def _escape_byte(machine, b: int, resume: str) -> bool:
+    """One byte after a backslash inside a JSON string: one of `"\\/bfnrt`, or `u` and four hex digits.
+
+    `machine.state` is "escape" (just after the backslash) or "unicode" (inside `\\uXXXX`); when the escape is
+    complete the machine goes back to `resume`, the state that reads ordinary string bytes."""
+    if machine.state == "escape":
+        if b == ord("u"):
+            machine.state, machine.unicode_left = "unicode", 4
+            return True
+        if b in b'"\\/bfnrt':
+            machine.state = resume
+            return True
+        return False
+    if chr(b) not in "0123456789abcdefABCDEF":
+        return False
+    machine.unicode_left -= 1
+    if not machine.unicode_left:
+        machine.state = resume
+    return True
