@@ -136,6 +136,16 @@ def _tensor_dtype(sd: Mapping[str, torch.Tensor]) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Building a model from checked tensors
 # ----------------------------------------------------------------------------------------------------------------
+def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
+    """Every expected tensor is present with the expected shape, or a one-line error naming the file and tensor."""
+    for name, shape in expected.items():
+        if name not in sd:
+            raise CheckpointError(f"{source}: missing tensor {name!r}")
+        if tuple(sd[name].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(sd[name].shape)} but the config "
+                                  f"expects {tuple(shape)}")
+
+
 def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 qconfig: dict[str, Any] | None = None) -> Transformer:
@@ -267,12 +277,7 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
     def state_fn(expected):
         if config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
-        for name, shape in expected.items():
-            if name not in sd:
-                raise CheckpointError(f"{source}: missing tensor {name!r}")
-            if tuple(sd[name].shape) != tuple(shape):
-                raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(sd[name].shape)} but config.json "
-                                      f"expects {tuple(shape)}")
+        check_tensors(sd, expected, source)
         extra = [n for n in sd if n not in expected]
         if extra:
             raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} (does config.json match the weights? "

@@ -340,7 +340,7 @@ def _read_tokenizer(reader):
 def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     """Read a GGUF file written for the llama or gpt2 architecture (f32/f16/q8_0/q4_0 tensors) as an `LM`."""
     gguf = _gguf()
-    from .checkpoint import build_model
+    from .checkpoint import build_model, check_tensors
     from .lm import LM, GenerationConfig
     from .llama2c import meta_to_hf_rope
     from .utils import parse_device, parse_dtype
@@ -417,12 +417,7 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
             sd[p + "mlp.down_proj.bias"] = t(b + "ffn_down.bias")
 
     def state_fn(expected):
-        for name, shape in expected.items():
-            if name not in sd:
-                raise CheckpointError(f"{path}: no tensor for {name!r}")
-            if tuple(sd[name].shape) != tuple(shape):
-                raise CheckpointError(f"{path}: tensor for {name!r} has shape {tuple(sd[name].shape)}, expected "
-                                      f"{tuple(shape)}")
+        check_tensors(sd, expected, str(path))
         return {k: v for k, v in sd.items() if k in expected}
 
     torch_dtype = parse_dtype(dtype) or torch.float32

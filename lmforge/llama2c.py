@@ -130,16 +130,14 @@ def find_tokenizer(model_path: Path, vocab_size: int) -> Path | None:
 
 def load_llama2c(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, dtype="auto", device=None):
     """An `LM` from a llama2.c `.bin` model and its tokenizer `.bin` (found beside the model when not given)."""
-    from .checkpoint import _resolve_device, _resolve_dtype, build_model
+    from .checkpoint import _resolve_device, _resolve_dtype, build_model, check_tensors
     from .lm import LM, GenerationConfig
 
     path = Path(path)
     config, sd = read_llama2c_model(path)
 
     def state_fn(expected):
-        for name, shape in expected.items():
-            if tuple(sd[name].shape) != tuple(shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(sd[name].shape)}, expected {shape}")
+        check_tensors(sd, expected, str(path))
         return sd
 
     model = build_model(config, state_fn, dtype=_resolve_dtype(dtype, "float32"), device=_resolve_device(device))
