@@ -78,6 +78,32 @@ def hf_generate(hf_model, ids: list[list[int]], n: int, pad: int = 0):
     return out[:, T:].tolist()
 
 
+def _matrices(model) -> list[torch.Tensor]:
+    """The weight of every nn.Linear (lm_head included): what a decode step reads in full. Embedding tables
+    are left out (a step reads one row of them)."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def weight_streaming_floor(model, repeats: int = 10) -> float:
+    """Seconds for one 1-row matmul over every weight matrix: the memory traffic of a batch-1 decode step with
+    none of its other work. Decoding is bound by it once the weights no longer fit in the CPU caches.
+
+    Each matrix is timed in both memory layouts, (out, in) as nn.Linear stores it and (in, out) as GPT-2's
+    Conv1D does (on this machine the second streams ~15% faster), and the faster one counts: a lower bound."""
+    mats = _matrices(model)
+    xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
+    transposed = [w.t().contiguous() for w in mats]  # (in, out)
+    best = [[float("inf")] * 2 for _ in mats]  # per matrix: (out, in), (in, out)
+    with torch.inference_mode():
+        for _ in range(repeats):  # whole passes, so no matrix is still in a cache when it is timed again
+            for layout in (0, 1):
+                for i, (x, w, wt) in enumerate(zip(xs, mats, transposed)):
+                    t = time.perf_counter()
+                    torch.nn.functional.linear(x, w) if layout == 0 else x @ wt
+                    best[i][layout] = min(best[i][layout], time.perf_counter() - t)
+    return sum(min(b) for b in best)
+
+
 def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list[str]) -> None:
     n, r = args.new_tokens, args.repeats
     hf_model.eval()
@@ -98,6 +124,15 @@ def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list
                 f"{w_hf / w_ours:.2f}x | {'same tokens' if same else 'TOKENS DIFFER'} |")
     rows.append(f"| {name} | decode tok per CPU-second, batch 1 | {n / c_ours:.1f} | {n / c_hf:.1f} | "
                 f"{c_hf / c_ours:.2f}x | process CPU time, steadier under load |")
+    floor = weight_streaming_floor(lm.model)
+    print(f"[{name}] memory-bandwidth floor: one pass over the {sum(w.numel() for w in _matrices(lm.model)) / 1e6:.1f}M "
+          f"fp32 matrix weights (a 1-row matmul each in its faster layout, nothing else) takes {floor * 1000:.1f} ms = at most "
+          f"{1 / floor:.1f} tok/s for any implementation that reads every weight once per token; transformers "
+          f"takes {w_hf / n * 1000:.1f} ms/token, so no fp32 decoder can beat it by more than "
+          f"{w_hf / n / floor:.2f}x here (lmforge: {w_ours / n * 1000:.1f} ms/token)", flush=True)
+    rows.append(f"| {name} | bandwidth floor: all fp32 weights read once, ms/token | {floor * 1000:.1f} | "
+                f"{w_hf / n * 1000:.1f} (transformers ms/token) | {w_hf / n / floor:.2f}x | the best ratio any fp32 "
+                f"decoder could reach; lmforge {w_ours / n * 1000:.1f} ms/token |")
 
     # batched throughput: 8 prompts of different lengths in one batch vs one at a time
     g = torch.Generator().manual_seed(0)

@@ -533,12 +533,41 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     if use_cache:
         cache = model.new_cache(B, T + steps if decoder is None else decoder.cache_len(T + steps))
     valid = torch.ones(B, dtype=torch.bool, device=device) if decoder is not None else None  # (B,) alive rows
+
+    def feed_step(next_ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Feed each row's new token; (B, V) logits of the next position. Runs inside inference mode."""
+        nonlocal ids, mask, valid
+        if seen is not None:
+            seen[torch.arange(B, device=device), next_ids] = True
+        if output_counts is not None:
+            output_counts[torch.arange(B, device=device), next_ids] += 1
+        if all(alive):
+            feed, feed_mask = next_ids[:, None], None  # (B, 1)
+        else:  # a finished row's token is padding: it takes no position and no other token sees it
+            feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
+            feed_mask = torch.tensor(alive, dtype=torch.long, device=device)[:, None]
+        if decoder is not None:  # static shapes: one (compiled) graph for every step
+            if feed_mask is not None:
+                valid = torch.tensor(alive, dtype=torch.bool, device=device)
+            return decoder.step(feed, valid, cache)  # (B, 1) -> (B, V)
+        if use_cache:
+            return model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
+        # reference path: re-run the whole (left-padded) sequence every step
+        ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
+        mask = torch.cat([mask, torch.ones_like(feed) if feed_mask is None else feed_mask], dim=1)
+        return model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
+
     # inference mode only around the work, never across a `yield` (it would leak into the caller's code)
-    with torch.inference_mode():
-        prefill_mask = None if bool(mask.all()) else mask  # no padding: the model may use its causal fast path
-        logits = model(ids, attention_mask=prefill_mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # (B, V)
+    padded = not bool(mask.all())
     for step in range(steps):
+        # one inference-mode block per step (entering one costs microseconds, which count at ~2 ms a token):
+        # feed the previous step's tokens (or prefill the prompt), then pick the next token of each row
         with torch.inference_mode():
+            if step == 0:  # prefill; with no padding the model may use its causal fast path
+                logits = model(ids, attention_mask=mask if padded else None, kv_cache=cache,
+                               logits_to_keep=1)[:, -1]  # (B, V)
+            else:
+                logits = feed_step(next_ids, tokens)
             next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
             if params.logprobs:
                 logp = logits.float().log_softmax(dim=-1)  # (B, V) the model's own distribution
@@ -567,24 +596,6 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         yield events
         if not any(alive):
             return
-        with torch.inference_mode():
-            if seen is not None:
-                seen[torch.arange(B, device=device), next_ids] = True
-            if output_counts is not None:
-                output_counts[torch.arange(B, device=device), next_ids] += 1
-            feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
-            # a finished row's token is padding: it takes no position and no other token sees it
-            feed_mask = None if all(alive) else torch.tensor(alive, dtype=torch.long, device=device)[:, None]
-            if decoder is not None:  # static shapes: one (compiled) graph for every step
-                if feed_mask is not None:
-                    valid = torch.tensor(alive, dtype=torch.bool, device=device)
-                logits = decoder.step(feed, valid, cache)  # (B, 1) -> (B, V)
-            elif use_cache:
-                logits = model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
-            else:  # reference path: re-run the whole (left-padded) sequence every step
-                ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
-                mask = torch.cat([mask, torch.ones_like(feed) if feed_mask is None else feed_mask], dim=1)
-                logits = model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
 
 
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -744,6 +755,7 @@ class StaticDecoder:
     def step(self, ids: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
         """(B, 1) ids, (B,) bool valid -> (B, V) logits; the cache gains one slot per row."""
         cos, sin = self._rope(cache.max_len)
+        cache.dense_len = None  # the step keeps per-row lengths only
         args = (ids, valid, cache.k, cache.v, cache.key_mask, cache.lengths, cache.positions, cos, sin)
         if not self.compiled:
             return self._fn(*args)

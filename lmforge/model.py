@@ -47,6 +47,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # (no casts: each op costs microseconds in a small model's decode step)
+            return self.weight * (x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps))  # x*x: pow(2), bitwise
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -95,8 +97,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (i, i+hd/2) pair of x by its position's angle. x: (B, nh, T, hd), cos/sin: (B, 1, T, hd)."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate each (i, i+hd/2) pair of x by its position's angle. x: (B, nh, T, hd), cos/sin broadcast to it.
+
+    The textbook form is x * cos + rotate_half(x) * sin. Here `sin` arrives with rotate_half's minus sign already
+    folded into its first half ([-sin, sin], see `Transformer._rope`), so the rotation is one `roll` instead of
+    chunk + neg + cat: the same numbers bit for bit, fewer and cheaper ops (it matters in a decode step).
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,6 +119,10 @@ class KVCache:
 
     `cache.rows(i, j)` is a view of rows i..j-1 that shares storage, so a serving engine can prefill one slot
     while others keep their state.
+
+    dense_len: a plain int while every row holds the same number of real tokens and no padding (one prompt, or
+    equal-length prompts): the forward then writes slots [dense_len, dense_len + T) and needs no mask and no
+    per-row bookkeeping, which is most of a small model's decode step on a CPU. None once rows differ.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -122,6 +133,7 @@ class KVCache:
         self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.dense_len: int | None = 0
 
     @property
     def batch_size(self) -> int:
@@ -132,6 +144,7 @@ class KVCache:
         view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
         view.lengths, view.key_mask = self.lengths[start:stop], self.key_mask[start:stop]
         view.positions, view.max_len = self.positions[start:stop], self.max_len
+        view.dense_len = None  # the rows' lengths are tracked per row only
         return view
 
     def reset(self, row: int | None = None) -> None:
@@ -140,6 +153,7 @@ class KVCache:
         self.lengths[sel] = 0
         self.key_mask[sel] = False
         self.positions[sel] = 0
+        self.dense_len = 0 if row is None or self.batch_size == 1 else None
 
 
 @dataclass
@@ -181,11 +195,17 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write the new keys/values at each row's slots, then attend to slots [0, kv_len)
-            idx = write_idx[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)  # (B, nkv, T, hd)
-            cache.k[layer].scatter_(2, idx, k.to(cache.k.dtype))
-            cache.v[layer].scatter_(2, idx, v.to(cache.v.dtype))
-            k = cache.k[layer][:, :, :kv_len].to(q.dtype)  # (B, nkv, S, hd)
-            v = cache.v[layer][:, :, :kv_len].to(q.dtype)  # (B, nkv, S, hd)
+            ck, cv = cache.k[layer], cache.v[layer]  # (B, nkv, max_len, hd)
+            if isinstance(write_idx, int):  # dense cache: every row writes slots [write_idx, write_idx + T)
+                ck.narrow(2, write_idx, T).copy_(k)
+                cv.narrow(2, write_idx, T).copy_(v)
+            else:
+                idx = write_idx[:, None, :, None].expand(B, self.n_kv_head, T, self.head_dim)  # (B, nkv, T, hd)
+                ck.scatter_(2, idx, k.to(ck.dtype))
+                cv.scatter_(2, idx, v.to(cv.dtype))
+            k, v = ck.narrow(2, 0, kv_len), cv.narrow(2, 0, kv_len)  # (B, nkv, S, hd)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             y, weights = _attention_with_weights(q, k, v, mask, is_causal)
@@ -308,11 +328,26 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len or self.config.block_size,
                        device=device or p.device, dtype=dtype or p.dtype)
 
+    def rope_table(self, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..n-1, (n, hd) each, kept and grown as needed (decoding reads one row a step).
+        The same numbers `_rope` computes, so a cached decode equals the uncached forward bit for bit."""
+        table = getattr(self, "_rope_tables", {}).get(dtype)
+        if table is None or table[0].shape[0] < n or table[0].device != self.inv_freq.device:
+            size = max(n, 2 * table[0].shape[0] if table is not None else 256)
+            with torch.inference_mode(False):  # usable outside inference mode too (e.g. under autograd)
+                pos = torch.arange(size, device=self.inv_freq.device)[None]  # (1, size)
+                cos, sin = self._rope(pos, dtype)
+            table = (cos[0, 0], sin[0, 0])
+            self._rope_tables = {**getattr(self, "_rope_tables", {}), dtype: table}
+        return table
+
     def _rope(self, position_ids: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for each (row, position): (B, 1, T, hd). Computed in fp32, then cast (as Hugging Face does)."""
+        """cos and signed sin for each (row, position): (B, 1, T, hd). Computed in fp32, then cast (as Hugging
+        Face does). The sin's first half is negated: the sign `rotate_half` would apply (see `apply_rope`)."""
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat((cos, cos), dim=-1).to(dtype)[:, None],  # (B, 1, T, hd)
+                torch.cat((-sin, sin), dim=-1).to(dtype)[:, None])
 
     def forward(
         self,
@@ -343,9 +378,29 @@ class Transformer(nn.Module):
 
         # --- positions, and the mask over keys -------------------------------------------------------------
         mask, is_causal, write_idx, kv_len = None, False, None, None
-        if kv_cache is not None:
-            if kv_cache.batch_size != B:
-                raise GenerationError(f"KV cache holds {kv_cache.batch_size} rows but the input has {B}")
+        dense = (kv_cache is not None and kv_cache.dense_len is not None and new_mask is None
+                 and position_ids is None)
+        if kv_cache is not None and kv_cache.batch_size != B:
+            raise GenerationError(f"KV cache holds {kv_cache.batch_size} rows but the input has {B}")
+        if dense:  # every row: L real tokens cached, T new ones at slots and positions L..L+T-1
+            L = write_idx = kv_cache.dense_len
+            kv_len = L + T
+            if kv_len > kv_cache.max_len:
+                raise GenerationError(f"sequence of {kv_len} tokens exceeds the KV cache size {kv_cache.max_len}")
+            if self.wpe is not None and kv_len > self.config.block_size:
+                raise GenerationError(f"position {kv_len - 1} is beyond the context window of "
+                                      f"{self.config.block_size}")
+            if L == 0 and not self.config.sliding_window:
+                is_causal = True  # prefill of an empty cache: the fast causal kernel
+            elif T > 1 or (self.config.sliding_window and kv_len > self.config.sliding_window):
+                slots = torch.arange(kv_len, device=device)  # (S,)
+                new = torch.arange(L, kv_len, device=device)[:, None]  # (T, 1)
+                causal = slots <= new  # (T, S)
+                if self.config.sliding_window:
+                    causal &= slots > new - self.config.sliding_window
+                mask = causal[None, None]  # (1, 1, T, S)
+            # else: one new token that may see every cached slot, no mask at all
+        elif kv_cache is not None:
             write_idx = kv_cache.lengths[:, None] + torch.arange(T, device=device)  # (B, T) slot of each new token
             kv_len = int(kv_cache.lengths.max()) + T
             if kv_len > kv_cache.max_len:
@@ -384,7 +439,14 @@ class Transformer(nn.Module):
                     # a fully padded query row would softmax over nothing (NaN): let it see itself
                     mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
 
-        if self.wpe is not None:
+        if dense:  # positions L..L+T-1 for every row: a slice of the cached tables, broadcast over rows
+            if self.wpe is not None:
+                x = x + self.wpe(torch.arange(L, kv_len, device=device))  # (B, T, C)
+                cos = sin = None
+            else:
+                cos, sin = self.rope_table(kv_len, x.dtype)
+                cos, sin = cos[L:kv_len], sin[L:kv_len]  # (T, hd), broadcasts to (B, nh, T, hd)
+        elif self.wpe is not None:
             if int(position_ids.max()) >= self.config.block_size:
                 raise GenerationError(
                     f"position {int(position_ids.max())} is beyond the context window of {self.config.block_size}")
@@ -403,7 +465,13 @@ class Transformer(nn.Module):
                 hidden.append(x)
             if output_attentions:
                 attentions.append(w)
-        if kv_cache is not None:
+        if dense:
+            kv_cache.key_mask[:, L:kv_len] = True
+            kv_cache.lengths += T
+            kv_cache.positions += T
+            kv_cache.dense_len = kv_len
+        elif kv_cache is not None:
+            kv_cache.dense_len = None
             kv_cache.lengths += T
             last = position_ids.masked_fill(~valid, -1).max(1).values + 1  # (B,) next position of each row
             kv_cache.positions.copy_(torch.maximum(kv_cache.positions, last))
