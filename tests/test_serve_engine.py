@@ -108,6 +108,49 @@ def test_prompt_logprobs_and_token_logprobs_match_the_reference():
         engine.shutdown()
 
 
+@pytest.mark.parametrize("family,prefill_tokens", [("gpt2", 2048), ("llama", 2048), ("llama", 24)])
+def test_requests_admitted_together_share_a_left_padded_prefill(family, prefill_tokens):
+    """Held back, then released at once: the queued requests are prefilled in a few padded forwards (a small
+    token budget splits them) and each still gets exactly its solo tokens and prompt logprobs. A short prompt
+    prefilled beside a long one keeps its whole context window (the padding does not stay in its cache)."""
+    model = tiny_model(family)
+    max_len = 64
+    rng = random.Random(1)
+    jobs = []
+    for i in range(10):
+        prompt = [rng.randrange(97) for _ in range(rng.choice([1, 3, 7, 12, 20]))]
+        params = PARAMS[i % len(PARAMS)]
+        jobs.append((prompt, params, None))
+    jobs.append(([4, 9], SamplingParams(max_new_tokens=max_len - 2, temperature=0, ignore_eos=True), None))
+    jobs.append(([5, 17, 3, 44, 9, 12], SamplingParams(max_new_tokens=3, temperature=0), 2))  # echo + tokens
+    jobs.append(([8, 1, 30], SamplingParams(max_new_tokens=0), 1))  # score only
+    engine = Engine(model, max_batch=len(jobs), max_len=max_len, prefill_tokens=prefill_tokens).start()
+    try:
+        gate = threading.Event()
+        engine.call(gate.wait)  # hold the engine thread: every request below waits, then is admitted together
+        events = [[] for _ in jobs]
+        done = [threading.Event() for _ in jobs]
+        for i, (prompt, params, plp) in enumerate(jobs):
+            engine.submit(prompt, params, lambda ev, i=i: (events[i].append(ev), ev.finish_reason and done[i].set()),
+                          prompt_logprobs=plp)
+        gate.set()
+        assert all(d.wait(60) for d in done)
+        assert 2 <= engine.prefills < len(jobs)  # echo prompts have their own batch; nothing prefilled alone
+        for (prompt, params, plp), evs in zip(jobs, events):
+            tokens = [e.token_id for e in evs if e.token_id is not None]
+            assert tokens == generate_ids(model, [prompt], params)[0].token_ids
+            assert evs[-1].finish_reason in ("stop", "length")
+            if plp is not None:
+                ref_lp, _, ref_top = token_logprobs(model, [prompt], [1], top_logprobs=plp)[0]
+                got = evs[0].prompt_logprobs
+                assert got[0] is None and len(got) == len(prompt)
+                torch.testing.assert_close([lp for lp, _ in got[1:]], ref_lp, atol=1e-5, rtol=1e-5)
+                assert [[i for i, _ in top] for _, top in got[1:]] == [list(r) for r in ref_top]
+        assert len(events[10]) == max_len - 2 + 1  # the short prompt beside long ones kept its full window
+    finally:
+        engine.shutdown()
+
+
 def test_max_tokens_zero_only_scores_the_prompt():
     engine = Engine(tiny_model("gpt2"), max_batch=1).start()
     try:

@@ -8,14 +8,23 @@ while the longest one runs, and new requests wait for the whole batch. *Continuo
 
     loop:
         drop the sequences whose client went away
-        admit waiting requests into free KV-cache slots (prefill: one forward over the prompt)
+        admit waiting requests into free KV-cache slots (prefill: one forward over all their prompts)
         one decode forward for every active slot at once (each row at its own length and position)
         sample each row with its own controls and RNG; finished rows leave the batch at once
+        hand the step's events to the server in one burst
 
 The KV cache (`lmforge.model.KVCache`) is pre-allocated for `max_batch` rows of `max_len` slots and keeps a
 length, a key mask and a next position per row, so rows of different lengths decode together. Active sequences
 are kept packed in rows 0..n-1: when one leaves, the last row's keys and values move into its slot, and the
 decode forward runs on `cache.rows(0, n)` only (its cost follows the number of live requests, not `max_batch`).
+
+Batched prefill. Requests admitted together are prefilled in one forward (up to `prefill_tokens` padded prompt
+tokens each): a forward's fixed cost (dispatching ~100 ops, reading every weight) is paid once, not once per
+prompt. Prompts of different lengths are left-padded (the padding is masked out and takes no position), so each
+row's last real token sits in the last column and `logits_to_keep=1` gives every row's next-token logits. The
+padding is then squeezed out of the cache (each row's keys and values move to slots 0..len-1), so a row's cache
+is exactly what prefilling it alone would have left. Prompts that want their logprobs (`echo`) need the logits
+of every position and form their own, smaller batches.
 
 The engine speaks token ids (as nanochat's engine does): text, chat templates, stop strings and detokenization
 belong to the server (`lmforge.serve.app`). Sampling reuses `lmforge.generate`'s small pure functions, each
@@ -23,7 +32,10 @@ request with its own `torch.Generator`, so a request's output does not depend on
 seeded request gives the same tokens served alone or among 31 others (tests/test_serve_engine.py checks this).
 
 All model work (prefill, decode, embeddings, scoring) runs on one background thread; other threads talk to it
-through `submit`, `cancel` and `call`, which only touch queues under a lock.
+through `submit`, `cancel` and `call`, which only touch queues under a lock. The engine thread keeps its Python
+work per step small (one `.tolist()` per step for the sampled tokens, lengths tracked in Python, not read back
+from tensors) and delivers the events of a phase (prefill, decode step) together at its end: a server turns that
+burst into one wake-up of its event loop instead of one per token (see `app.EventPump`).
 """
 
 from __future__ import annotations
@@ -92,6 +104,7 @@ class Sequence:
     seen: torch.Tensor | None = None  # (1, V) bool: tokens in prompt or output (repetition_penalty)
     counts: torch.Tensor | None = None  # (1, V) long: generated-token counts (frequency/presence penalties)
     pending: int | None = None  # sampled, not yet fed through the model
+    n_cached: int = 0  # KV-cache slots this sequence's row holds (prompt + fed tokens), tracked without syncs
     cancelled: bool = False
     finished: bool = False
     finish_reason: str | None = None
@@ -113,15 +126,21 @@ class Engine:
     """
 
     def __init__(self, model: torch.nn.Module, *, max_batch: int = 8, max_len: int | None = None,
-                 max_queue: int = 256, eos_token_ids: list[int] | tuple[int, ...] = ()):
+                 max_queue: int = 256, eos_token_ids: list[int] | tuple[int, ...] = (),
+                 prefill_tokens: int = 2048):
         if max_batch < 1:
             raise GenerationError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_tokens < 1:
+            raise GenerationError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.model = model.eval()
         self.config = model.config
         self.max_batch = max_batch
         # the cache holds max_batch x max_len slots per layer; learned positions end at block_size
         self.max_len = min(max_len or 2048, self.config.block_size)
         self.max_queue = max_queue
+        # padded prompt tokens per prefill forward (a longer prompt still goes through, alone); bounds the memory
+        # of the attention scores and, for prompts that want logprobs, of the (rows, T, V) logits (a quarter)
+        self.prefill_tokens = prefill_tokens
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids if i is not None)
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_batch, self.max_len)
@@ -132,11 +151,14 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.error: str | None = None
+        self._outbox: list[tuple[Sequence, Event]] | None = None  # events of the current phase (engine thread)
+        self._thread_id: int | None = None
         # counters read by /metrics and the benchmark
         self.steps = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.batch_size_sum = 0  # sum over decode steps of the rows decoded (mean batch = sum / steps)
+        self.prefills = 0  # prefill forwards (fewer than requests when several were admitted together)
 
     # ---- public, thread-safe -------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -239,6 +261,8 @@ class Engine:
 
     # ---- the scheduler loop (engine thread) -----------------------------------------------------------------
     def _loop(self) -> None:
+        self._thread_id = threading.get_ident()
+        self._outbox = []
         try:
             with torch.inference_mode():
                 while True:
@@ -262,12 +286,16 @@ class Engine:
                             except Exception as e:  # the caller gets it from the future and decides
                                 fut.set_exception(e)
                     self._drop_cancelled()
-                    for seq in admit:
-                        self._prefill(seq)
+                    if admit:
+                        self._prefill(admit)
+                        self._flush_events()  # first tokens now, not after the decode step
                     if self.active:
                         self._decode_step()
+                    self._flush_events()
         except Exception as e:  # a bug: fail every request loudly instead of leaving them hanging
             log.exception("engine loop crashed")
+            self._flush_events()
+            self._outbox = None
             self.error = f"engine stopped after an internal error: {type(e).__name__}: {e}"
             with self.cond:
                 self.running = False
@@ -290,7 +318,7 @@ class Engine:
         last = len(self.active) - 1
         c = self.cache
         if row != last:
-            L = int(c.lengths[last])
+            L = self.active[last].n_cached
             c.k[:, row, :, :L] = c.k[:, last, :, :L]
             c.v[:, row, :, :L] = c.v[:, last, :, :L]
             c.key_mask[row] = c.key_mask[last]
@@ -301,36 +329,91 @@ class Engine:
         c.reset(last)
         self._finish(seq, reason)
 
-    def _prefill(self, seq: Sequence) -> None:
-        if seq.cancelled:
-            self._finish(seq, "cancelled")
-            return
-        row = len(self.active)
-        self.cache.reset(row)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
-        want_prompt = seq.prompt_logprobs is not None
-        logits = self.model(ids, kv_cache=self.cache.rows(row, row + 1),
-                            logits_to_keep=0 if want_prompt else 1)  # (1, T or 1, V)
-        self.prompt_tokens += len(seq.prompt_ids)
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill newly admitted sequences, as few forwards as the token budget allows; sample their first tokens.
+
+        Sorting by length keeps the padding small; prompts that want logprobs for every position go in batches of
+        their own (a quarter of the budget: their logits are (rows, T, V))."""
+        live = []
+        for seq in seqs:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            else:
+                live.append(seq)
+        for want_all in (False, True):
+            budget = self.prefill_tokens if not want_all else max(1, self.prefill_tokens // 4)
+            group = sorted((s for s in live if (s.prompt_logprobs is not None) == want_all),
+                           key=lambda s: len(s.prompt_ids))
+            batch: list[Sequence] = []
+            for seq in group:  # ascending lengths: the newest prompt is the longest, it sets the padded width
+                if batch and (len(batch) + 1) * len(seq.prompt_ids) > budget:
+                    self._prefill_batch(batch, want_all)
+                    batch = []
+                batch.append(seq)
+            if batch:
+                self._prefill_batch(batch, want_all)
+
+    def _prefill_batch(self, batch: list[Sequence], want_all: bool) -> None:
+        """One forward over the (left-padded) prompts of `batch`, in the free rows after the active ones."""
+        batch = sorted(batch, key=lambda s: s.params.max_new_tokens == 0)  # score-only ones last: no row kept
+        n0, k = len(self.active), len(batch)
+        lens = [len(s.prompt_ids) for s in batch]
+        T = max(lens)
+        for r in range(n0, n0 + k):
+            self.cache.reset(r)
+        rows = self.cache.rows(n0, n0 + k)
+        # left padding: row j's real tokens fill the last lens[j] columns (the pad id is masked out; any id will do)
+        ids = torch.tensor([[s.prompt_ids[0]] * (T - L) + s.prompt_ids for s, L in zip(batch, lens)],
+                           dtype=torch.long, device=self.device)  # (k, T)
+        padded = min(lens) < T
+        mask = torch.tensor([[0] * (T - L) + [1] * L for L in lens], dtype=torch.long, device=self.device) \
+            if padded else None  # (k, T)
+        logits = self.model(ids, attention_mask=mask, kv_cache=rows,
+                            logits_to_keep=0 if want_all else 1)  # (k, T or 1, V)
+        if padded:
+            self._squeeze_padding(rows, lens, T)
+        self.prefills += 1
+        self.prompt_tokens += sum(lens)
         V = self.config.vocab_size
-        p = seq.params
-        if p.repetition_penalty not in (None, 1.0):
-            seq.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
-            seq.seen[0, ids[0]] = True
-        if p.frequency_penalty or p.presence_penalty:
-            seq.counts = torch.zeros(1, V, dtype=torch.long, device=self.device)
-        self.active.append(seq)
-        if want_prompt:
-            self._send(seq, Event(prompt_logprobs=self._prompt_logprobs(seq, logits[0])))
-        if p.max_new_tokens == 0:
-            self._retire(row, "length")
-            return
-        self._emit_rows([row], logits[:, -1])
+        emit: list[int] = []  # rows that sample a first token
+        for j, (seq, L) in enumerate(zip(batch, lens)):
+            p = seq.params
+            seq.n_cached = L
+            if want_all:
+                self._send(seq, Event(prompt_logprobs=self._prompt_logprobs(seq, logits[j, T - L:])))
+            if p.max_new_tokens == 0:  # only the prompt was scored: done, its row is not kept
+                self._finish(seq, "length")
+                continue
+            if p.repetition_penalty not in (None, 1.0):
+                seq.seen = torch.zeros(1, V, dtype=torch.bool, device=self.device)
+                seq.seen[0, torch.tensor(seq.prompt_ids, device=self.device)] = True
+            if p.frequency_penalty or p.presence_penalty:
+                seq.counts = torch.zeros(1, V, dtype=torch.long, device=self.device)
+            self.active.append(seq)
+            emit.append(j)
+        if emit:
+            self._emit_rows([n0 + j for j in emit], logits[emit, -1])
+
+    @staticmethod
+    def _squeeze_padding(rows, lens: list[int], T: int) -> None:
+        """Move each left-padded row's keys and values from slots T-L..T-1 to 0..L-1: the row then looks exactly
+        as if its prompt had been prefilled alone (no wasted slots; lengths and key mask per row as usual)."""
+        for j, L in enumerate(lens):
+            pad = T - L
+            if not pad:
+                continue
+            rows.k[:, j, :, :L] = rows.k[:, j, :, pad:T].clone()  # (n_layer, nkv, L, hd); clone: ranges overlap
+            rows.v[:, j, :, :L] = rows.v[:, j, :, pad:T].clone()
+            rows.key_mask[j, :L] = True
+            rows.key_mask[j, L:T] = False
+            rows.lengths[j] = L  # positions already count real tokens only
 
     def _decode_step(self) -> None:
         n = len(self.active)
         ids = torch.tensor([[s.pending] for s in self.active], dtype=torch.long, device=self.device)  # (n, 1)
         logits = self.model(ids, kv_cache=self.cache.rows(0, n))  # (n, 1, V), each row at its own position
+        for seq in self.active:
+            seq.n_cached += 1
         self.steps += 1
         self.batch_size_sum += n
         self._emit_rows(list(range(n)), logits[:, -1])
@@ -371,7 +454,7 @@ class Engine:
                 if seq.constraint.is_complete():
                     done.append((row, "stop"))
                     continue
-            if len(seq.output_ids) >= p.max_new_tokens or int(self.cache.lengths[row]) + 1 >= self.max_len:
+            if len(seq.output_ids) >= p.max_new_tokens or seq.n_cached + 1 >= self.max_len:
                 done.append((row, "length"))
                 continue
             seq.pending = token
@@ -438,6 +521,19 @@ class Engine:
         return out
 
     def _send(self, seq: Sequence, ev: Event) -> None:
+        """On the engine thread inside a phase: queue the event for `_flush_events`; elsewhere deliver it now."""
+        if self._outbox is not None and threading.get_ident() == self._thread_id:
+            self._outbox.append((seq, ev))
+        else:
+            self._deliver(seq, ev)
+
+    def _flush_events(self) -> None:
+        """Deliver the phase's events, each sequence's in order, back to back (one burst for the server)."""
+        out, self._outbox = self._outbox, []
+        for seq, ev in out or ():
+            self._deliver(seq, ev)
+
+    def _deliver(self, seq: Sequence, ev: Event) -> None:
         try:
             seq.on_event(ev)
         except Exception:  # a broken callback (e.g. its event loop closed) cancels that request, nothing else
