@@ -475,10 +475,11 @@ class Engine:
             params = seqs[idx[0]].params
             seen = torch.cat([seqs[i].seen for i in idx]) if seqs[idx[0]].seen is not None else None
             counts = torch.cat([seqs[i].counts for i in idx]) if seqs[idx[0]].counts is not None else None
-            scores = process_logits(logits[idx], params, seen, counts)  # (b, V)
+            whole = len(idx) == len(seqs)  # one group (the usual case): no (b, V) copies by indexing
+            scores = process_logits(logits if whole else logits[idx], params, seen, counts)  # (b, V)
             free = [j for j, i in enumerate(idx) if seqs[i].constraint is None]
             if free:
-                sub = scores[free]
+                sub = scores if len(free) == len(idx) else scores[free]
                 picked = greedy(sub) if params.greedy else sample(sub, [seqs[idx[j]].generator for j in free])
                 for j, t in zip(free, picked.tolist()):
                     out[idx[j]] = t
