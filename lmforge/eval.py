@@ -28,33 +28,54 @@ from .ngram import NGramLM
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokens, block_size: int | None = None, batch_size: int = 8,
-               progress: bool = False) -> dict[str, float]:
-    """Cross-entropy (nats/token) and perplexity of `model` on a 1-D token sequence (array, list or TokenView)."""
+               progress: bool = False, stride: int | None = None) -> dict[str, float]:
+    """Cross-entropy (nats/token) and perplexity of `model` on a 1-D token sequence (array, list or TokenView).
+
+    A model with a context of T tokens cannot see the whole sequence, so it is scored in windows of T tokens.
+    stride: windows start every `stride` tokens, and each scores only the tokens no earlier window scored. The
+    default (stride = T) is non-overlapping windows: cheap, but the first tokens of every window are predicted
+    from almost no context, which overstates the loss. With stride < T every token after the first window is
+    predicted from at least T - stride tokens of context, at T / stride times the compute (the sliding-window
+    evaluation of Hugging Face's "perplexity of fixed-length models"). Every token is scored exactly once.
+    """
     from tqdm.auto import tqdm
 
     toks = np.asarray(tokens[0:len(tokens)], dtype=np.int64)
     if len(toks) < 2:
         raise DataError(f"need at least 2 tokens to compute perplexity, got {len(toks)}")
     T = block_size or model.config.block_size
+    stride = stride or T
+    if not 1 <= stride <= T:
+        raise DataError(f"stride must be between 1 and the window of {T} tokens, got {stride}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    starts = list(range(0, len(toks) - 1, T))
+    # window w covers inputs toks[s:s+T] and targets toks[s+1:s+T+1]; it scores the targets from index `first` on
+    windows, scored_to = [], 0  # scored_to: targets 1..scored_to are already scored
+    for s in range(0, len(toks) - 1, stride):
+        end = min(s + T, len(toks) - 1)  # last target index of this window
+        if end > scored_to:
+            windows.append((s, scored_to + 1))
+            scored_to = end
+        if scored_to == len(toks) - 1:
+            break
     nll, count = 0.0, 0
-    for i in tqdm(range(0, len(starts), batch_size), desc="perplexity", disable=not progress, unit="batch"):
-        group = starts[i:i + batch_size]
-        rows = [toks[s:s + T + 1] for s in group]
-        width = max(len(r) for r in rows)
-        x = torch.zeros(len(rows), width - 1, dtype=torch.long)  # (B, T)
-        y = torch.full((len(rows), width - 1), -100, dtype=torch.long)  # (B, T), -100 = padding
-        for j, r in enumerate(rows):
-            x[j, :len(r) - 1] = torch.from_numpy(r[:-1])
-            y[j, :len(r) - 1] = torch.from_numpy(r[1:])
-        logits = model(x.to(device))  # (B, T, V); right padding never affects earlier positions (causal)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
-                               reduction="sum")
-        nll += float(loss)
-        count += int((y != -100).sum())
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, unit="batch"):
+            group = windows[i:i + batch_size]
+            rows = [toks[s:s + T + 1] for s, _ in group]
+            width = max(len(r) for r in rows)
+            x = torch.zeros(len(rows), width - 1, dtype=torch.long)  # (B, T)
+            y = torch.full((len(rows), width - 1), -100, dtype=torch.long)  # (B, T), -100 = not scored here
+            for j, (r, (s, first)) in enumerate(zip(rows, group)):
+                x[j, :len(r) - 1] = torch.from_numpy(r[:-1])
+                skip = first - (s + 1)  # targets before `first` were scored by an earlier window
+                y[j, skip:len(r) - 1] = torch.from_numpy(r[1 + skip:])
+            logits = model(x.to(device))  # (B, T, V); right padding never affects earlier positions (causal)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
+                                   reduction="sum")
+            nll += float(loss)
+            count += int((y != -100).sum())
     model.train(was_training)
     ce = nll / count
     return {"loss": ce, "perplexity": math.exp(min(ce, 700.0)), "tokens": count}

@@ -91,7 +91,8 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0: off)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the forward pass and the loss (a one-time "
+                                                           "compile, then faster steps; needs a C++ compiler on CPU)"})
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0: all)"})
@@ -102,6 +103,10 @@ class TrainConfig:
     sample_tokens: int = field(default=40, metadata={"help": "tokens per sample generation"})
     max_minutes: float = field(default=0.0, metadata={"help": "stop after this much wall time (0: no limit); "
                                                               "the schedule still spans max_steps"})
+    time_schedule: bool = field(default=False, metadata={
+        "help": "with max_minutes: the lr schedule follows wall time (a step's place in the schedule is the larger "
+                "of step/max_steps and elapsed/max_minutes), so the decay ends when the time budget does on any "
+                "machine; max_steps becomes an upper bound. Runs are then not reproducible step for step"})
     seed: int = field(default=1337, metadata={"help": "seed of dropout and other randomness in the loop"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -123,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 < self.decay_frac <= 1.0:
             raise ConfigError(f"decay_frac must be in (0, 1], got {self.decay_frac}")
+        if self.time_schedule and not self.max_minutes:
+            raise ConfigError("time_schedule needs a time budget: set max_minutes too")
 
 
 @dataclass
@@ -687,8 +694,12 @@ def train(
         no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                            inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
         fwd_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
+    step_loss = loss_fn
     if cfg.compile:
-        fwd_model = torch.compile(fwd_model)
+        if dist_info.world_size == 1:  # one graph for forward + loss: the cross-entropy fuses with the logits
+            step_loss = torch.compile(loss_fn)
+        else:  # DDP/FSDP: compile the (wrapped) model, as before
+            fwd_model = torch.compile(fwd_model)
     autocast = _autocast(device, cfg.dtype)
     params = [p for _, p in unique_trainable(raw_model)]
 
@@ -731,7 +742,11 @@ def train(
     end_step = cfg.max_steps
     try:
         for step in range(start_step, cfg.max_steps):
-            lr = lr_at(step, cfg)
+            sched_step = step
+            if cfg.time_schedule:  # the schedule's clock is the time budget: ahead of the step count on slow machines
+                elapsed = (time.perf_counter() - t_start) / (cfg.max_minutes * 60)
+                sched_step = max(step, int(elapsed * cfg.max_steps))
+            lr = lr_at(sched_step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -742,7 +757,7 @@ def train(
                 sync = contextlib.nullcontext() if (last or fwd_model is raw_model or fsdp) else fwd_model.no_sync()
                 with sync:
                     with autocast:
-                        loss = loss_fn(fwd_model, batch)
+                        loss = step_loss(fwd_model, batch)
                     (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach().float()
                 tokens += count_tokens(batch) * dist_info.world_size

@@ -72,3 +72,31 @@ def test_generate_and_errors():
         NGramLM().prob([1], 2)
     with pytest.raises(DataError, match="outside"):
         lm.cross_entropy([1, 7])
+
+
+def test_sliding_window_perplexity_scores_each_token_once_with_full_context():
+    """stride=1: target t is predicted from the T tokens before it (from all of them while t <= T); checked against
+    one forward per target. Non-overlapping windows (the default) cost less and see less context."""
+    import torch
+    import torch.nn.functional as F
+
+    from lmforge.config import ModelConfig
+    from lmforge.eval import perplexity
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("llama-tiny", vocab_size=50, block_size=16, n_layer=2, n_embd=32,
+                                              n_head=2, n_kv_head=1, intermediate_size=64)).eval()
+    toks = np.random.default_rng(0).integers(0, 50, size=61)
+    T = 8
+    nll = 0.0
+    with torch.no_grad():
+        for t in range(1, len(toks)):
+            ctx = torch.from_numpy(toks[max(0, t - T):t])[None]
+            nll -= F.log_softmax(model(ctx)[0, -1], -1)[int(toks[t])].item()
+    full = perplexity(model, toks, T, batch_size=5, stride=1)
+    assert full["tokens"] == len(toks) - 1 and full["loss"] == pytest.approx(nll / (len(toks) - 1), rel=1e-5)
+    for stride in (3, T):  # any stride scores every token exactly once
+        assert perplexity(model, toks, T, stride=stride)["tokens"] == len(toks) - 1
+    with pytest.raises(DataError, match="stride"):
+        perplexity(model, toks, T, stride=T + 1)

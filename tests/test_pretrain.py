@@ -90,6 +90,10 @@ def test_pretrain_end_to_end_resume_and_eval(tmp_path, capsys):
     model_row, ngram_row = res["model"], next(v for k, v in res.items() if k.startswith("3-gram"))
     assert model_row["tokens"] == ngram_row["tokens"] > 100
     assert 0 < model_row["loss"] < 7 and 0 < ngram_row["loss"] < 7 and model_row["bits_per_char"] > 0
+    assert main(["eval", "perplexity", str(out), "--data", str(text), "--ngram", "0", "--stride", "8",
+                 "--json"]) == 0
+    strided = json.loads(capsys.readouterr().out)["model"]
+    assert strided["tokens"] == model_row["tokens"] and strided["stride"] == 8 and strided["loss"] != model_row["loss"]
 
 
 def test_bad_data_is_one_line_error(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,33 @@ def test_schedules():
     assert {lr_at(s, k) for s in range(10)} == {0.5}
     with pytest.raises(ConfigError, match="schedule"):
         TrainConfig(schedule="linear")
+
+
+def test_time_schedule_decays_by_the_time_budget():
+    """With time_schedule the cosine runs on the clock: a budget far shorter than max_steps still ends decayed."""
+    toks = pattern_tokens()
+    cfg = TrainConfig(max_steps=100_000, lr=1e-2, min_lr_ratio=0.0, batch_size=2, eval_every=0, progress=False,
+                      max_minutes=0.05, time_schedule=True)
+    res = train(tiny_model(), PackedBatches(toks, 2, 32, seed=1), cfg)
+    lrs = [r["lr"] for r in res.history if "lr" in r]
+    assert 2 < len(lrs) < 100_000  # stopped by the 3 s budget, not by max_steps
+    assert lrs[0] == pytest.approx(1e-2, rel=0.05) and lrs[-1] < 2e-3  # decayed on the clock's schedule
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    with pytest.raises(ConfigError, match="max_minutes"):
+        TrainConfig(time_schedule=True)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs C++")
+def test_compiled_training_matches_eager():
+    """compile=True traces forward + loss into one graph; the losses follow the eager run's (different kernel
+    summation order: close, not bit-equal). One layer keeps the cold compile short."""
+    toks = pattern_tokens()
+    losses = {}
+    for compile_ in (False, True):
+        cfg = TrainConfig(max_steps=4, lr=1e-2, batch_size=2, eval_every=0, progress=False, compile=compile_)
+        res = train(tiny_model(n_layer=1), PackedBatches(toks, 2, 32, seed=1), cfg)
+        losses[compile_] = [r["loss"] for r in res.history if "loss" in r]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
 def test_optimizer_groups_skip_frozen_and_decay_only_matrices():

@@ -3,7 +3,7 @@
     lmforge pretrain --config configs/pretrain/demo.yaml --out runs/demo --max-steps 300
     lmforge pretrain --config configs/pretrain/demo.yaml --out runs/demo --max-steps 600 --resume
     torchrun --standalone --nproc_per_node=2 -m lmforge pretrain --config configs/pretrain/demo.yaml --out runs/ddp
-    lmforge eval perplexity runs/demo --data notes.txt --ngram 5
+    lmforge eval perplexity runs/demo --data notes.txt --ngram 5 [--stride 64]
 
 Every field of `PretrainConfig` is a flag (`--block-size 128`), a YAML key (`block_size: 128`) and a Python
 argument. A field that does not exist is an error naming it and the closest real one.
@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pp.add_argument("--ngram", type=int, default=5, help="n of the n-gram baseline (0: none; default 5)")
     pp.add_argument("--smoothing", default="kneser_ney", help="kneser_ney (default) or add_k")
     pp.add_argument("--block-size", type=int, help="context per window (default: the model's)")
+    pp.add_argument("--stride", type=int, default=None,
+                    help="sliding windows: a new window every N tokens, so each token keeps at least block-size - N "
+                         "tokens of context (default: block size, non-overlapping windows)")
     pp.add_argument("--batch-size", type=int, default=8)
     pp.add_argument("--device", default=None, help="cpu (default), auto, cuda")
     pp.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -76,7 +79,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     val = val_ids.numpy()
     n_chars = len(tok.decode(val[1:].tolist()))
     block = min(args.block_size or lm.config.block_size, lm.config.block_size)
-    rows = [("model", per_char(perplexity(lm.model, val, block, args.batch_size, progress=True), n_chars))]
+    stride = args.stride or block
+    res = perplexity(lm.model, val, block, args.batch_size, progress=True, stride=stride)
+    rows = [("model", per_char({**res, "window": block, "stride": stride}, n_chars))]
     if args.ngram:
         if len(train_ids) < 2:
             raise DataError(f"{args.data}: no tokens left to fit the n-gram baseline")
@@ -87,7 +92,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({name: r for name, r in rows}, indent=2))
         return 0
-    print(f"{len(val):,} validation tokens ({n_chars:,} characters) of {args.data}")
+    print(f"{len(val):,} validation tokens ({n_chars:,} characters) of {args.data}; the model scores them in "
+          f"windows of {block} tokens" + (f" starting every {stride} (each token sees >= {block - stride} tokens of "
+                                          f"context)" if stride < block else " (non-overlapping)"))
     print(f"{'':60s} {'loss/token':>10s} {'perplexity':>11s} {'bits/char':>10s}")
     for name, r in rows:
         print(f"{name:60s} {r['loss']:10.4f} {r['perplexity']:11.2f} {r['bits_per_char']:10.4f}")
