@@ -133,25 +133,29 @@ def prune_model(model: Transformer, calibration, n_kv_head: int | None = None, i
         q_rows = (q_heads[:, None] * hd + torch.arange(hd)[None]).reshape(-1)
         kv_rows = (g[:, None] * hd + torch.arange(hd)[None]).reshape(-1)
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-            s, d = getattr(src.attn, name), getattr(dst.attn, name)
-            d.weight.copy_(s.weight[rows])
-            if s.bias is not None:
-                d.bias.copy_(s.bias[rows])
-        dst.attn.o_proj.weight.copy_(src.attn.o_proj.weight[:, q_rows])
-        if src.attn.o_proj.bias is not None:
-            dst.attn.o_proj.bias.copy_(src.attn.o_proj.bias)
+            _copy_outputs(getattr(src.attn, name), getattr(dst.attn, name), rows)
+        _copy_inputs(src.attn.o_proj, dst.attn.o_proj, q_rows)
         ch = _keep_top(scores["mlp"][i], new_h)
         names = ("gate_proj", "up_proj") if new_cfg.mlp == "swiglu" else ("up_proj",)
         for name in names:
-            s, d = getattr(src.mlp, name), getattr(dst.mlp, name)
-            d.weight.copy_(s.weight[ch])
-            if s.bias is not None:
-                d.bias.copy_(s.bias[ch])
-        dst.mlp.down_proj.weight.copy_(src.mlp.down_proj.weight[:, ch])
-        if src.mlp.down_proj.bias is not None:
-            dst.mlp.down_proj.bias.copy_(src.mlp.down_proj.bias)
+            _copy_outputs(getattr(src.mlp, name), getattr(dst.mlp, name), ch)
+        _copy_inputs(src.mlp.down_proj, dst.mlp.down_proj, ch)
     small.train(model.training)
     return small
+
+
+def _copy_outputs(src: torch.nn.Linear, dst: torch.nn.Linear, rows: torch.Tensor) -> None:
+    """dst keeps the output features `rows` of src (weight rows and their biases)."""
+    dst.weight.copy_(src.weight[rows])
+    if src.bias is not None:
+        dst.bias.copy_(src.bias[rows])
+
+
+def _copy_inputs(src: torch.nn.Linear, dst: torch.nn.Linear, cols: torch.Tensor) -> None:
+    """dst reads only the input features `cols` of src (weight columns; the bias is per output, kept whole)."""
+    dst.weight.copy_(src.weight[:, cols])
+    if src.bias is not None:
+        dst.bias.copy_(src.bias)
 
 
 def prune_and_heal(lm, calibration, data, heal_config=None, val_tokens=None, **targets) -> tuple[Any, dict]:
