@@ -651,13 +651,6 @@ def _completion(c: StopChecker, prompt_tokens: int) -> Completion:
 STATIC_BUCKET = 128  # cache sizes are rounded up to this, so few distinct shapes (graphs) exist
 
 
-def _rope_table(model: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions 0..n-1: (n, hd) each, computed exactly as `Transformer._rope` does."""
-    pos = torch.arange(n, device=model.inv_freq.device)[None]  # (1, n)
-    cos, sin = model._rope(pos, model.wte.weight.dtype)  # (1, 1, n, hd)
-    return cos[0, 0], sin[0, 0]
-
-
 def static_decode_step(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, k_all: torch.Tensor,
                        v_all: torch.Tensor, key_mask: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
                        cos_table: torch.Tensor | None, sin_table: torch.Tensor | None) -> torch.Tensor:
@@ -749,7 +742,9 @@ class StaticDecoder:
         if self.model.wpe is not None:
             return None, None
         if self._table is None or self._table[0].shape[0] < n:
-            self._table = _rope_table(self.model, self.cache_len(n))
+            size = self.cache_len(n)  # a fixed size per cache size: the compiled graph sees stable shapes
+            cos, sin = self.model.rope_table(size, self.model.wte.weight.dtype)
+            self._table = (cos[:size], sin[:size])
         return self._table
 
     def step(self, ids: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
