@@ -60,22 +60,21 @@ def perplexity(model: torch.nn.Module, tokens, block_size: int | None = None, ba
         if scored_to == len(toks) - 1:
             break
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, unit="batch"):
-            group = windows[i:i + batch_size]
-            rows = [toks[s:s + T + 1] for s, _ in group]
-            width = max(len(r) for r in rows)
-            x = torch.zeros(len(rows), width - 1, dtype=torch.long)  # (B, T)
-            y = torch.full((len(rows), width - 1), -100, dtype=torch.long)  # (B, T), -100 = not scored here
-            for j, (r, (s, first)) in enumerate(zip(rows, group)):
-                x[j, :len(r) - 1] = torch.from_numpy(r[:-1])
-                skip = first - (s + 1)  # targets before `first` were scored by an earlier window
-                y[j, skip:len(r) - 1] = torch.from_numpy(r[1 + skip:])
-            logits = model(x.to(device))  # (B, T, V); right padding never affects earlier positions (causal)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
-                                   reduction="sum")
-            nll += float(loss)
-            count += int((y != -100).sum())
+    for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, unit="batch"):
+        group = windows[i:i + batch_size]
+        rows = [toks[s:s + T + 1] for s, _ in group]
+        width = max(len(r) for r in rows)
+        x = torch.zeros(len(rows), width - 1, dtype=torch.long)  # (B, T)
+        y = torch.full((len(rows), width - 1), -100, dtype=torch.long)  # (B, T), -100 = not scored here
+        for j, (r, (s, first)) in enumerate(zip(rows, group)):
+            x[j, :len(r) - 1] = torch.from_numpy(r[:-1])
+            skip = first - (s + 1)  # targets before `first` were scored by an earlier window
+            y[j, skip:len(r) - 1] = torch.from_numpy(r[1 + skip:])
+        logits = model(x.to(device))  # (B, T, V); right padding never affects earlier positions (causal)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), ignore_index=-100,
+                               reduction="sum")
+        nll += float(loss)
+        count += int((y != -100).sum())
     model.train(was_training)
     ce = nll / count
     return {"loss": ce, "perplexity": math.exp(min(ce, 700.0)), "tokens": count}
