@@ -3,16 +3,21 @@
 Both train the same ~20M-parameter Llama-shaped model (same config, same initial weights via lmforge.hf.to_hf_model),
 on the same batches (B x T random windows of a fixed token stream), with AdamW (same hyper-parameters), gradient
 clipping at 1.0, fp32. The Hugging Face side is the loop a user writes by hand: `model(input_ids, labels=...)`,
-`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW(...)` with its default implementation. Rounds alternate
-between the two so that load from other processes on a shared machine hits both alike; we report the median
-tokens/s per step (the first step of each round is a warm-up and is dropped).
+`loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW(...)` with its default implementation.
 
-    .venv/bin/python benchmarks/bench_train.py [--rounds 4] [--steps 6] [--compile]
+The steps interleave one for one: lmforge's `train()` runs with an `on_step` hook that takes one transformers step
+after each of its own (lmforge's tokens/s excludes the hook). Each pair of neighbouring steps sees the same machine
+load, so the median of the per-pair ratios is steady on a shared machine where the speed of the whole box drifts by
++-20% within a minute; the medians of tokens/s are printed too. The first steps of each run (warm-up, and the
+one-time compile with --compile) are dropped.
+
+    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps 8] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,8 +37,9 @@ from lmforge.train import TrainConfig, train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each run")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -52,49 +58,55 @@ def main() -> None:
     tok_per_step = args.batch_size * args.block_size
     hp = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 
-    def run_lmforge(compile_: bool) -> list[float]:
-        res = train(ours, batches, TrainConfig(max_steps=args.steps, lr=hp["lr"], weight_decay=hp["weight_decay"],
-                                               batch_size=args.batch_size, schedule="constant", eval_every=0,
-                                               grad_clip=1.0, progress=False, compile=compile_))
-        return [r["tok_per_s"] for r in res.history[1:]]
-
     hf_opt = torch.optim.AdamW(theirs.parameters(), **hp)
+    hf_step_index = [0]
 
-    def run_hf() -> list[float]:
-        out = []
-        for i in range(args.steps):
-            b = batches(i)
-            t0 = time.perf_counter()
-            # HF shifts labels inside the loss: pass the window (T+1 tokens would change T), so we give the
-            # inputs as labels and the same T positions are scored (T-1 of them; the cost is identical)
-            loss = theirs(input_ids=b["input_ids"], labels=b["input_ids"]).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-            hf_opt.step()
-            hf_opt.zero_grad(set_to_none=True)
-            float(loss.detach())
-            out.append(tok_per_step / (time.perf_counter() - t0))
-        return out[1:]
+    def hf_step() -> float:
+        b = batches(hf_step_index[0])
+        hf_step_index[0] += 1
+        t0 = time.perf_counter()
+        # HF shifts labels inside the loss: pass the window (T+1 tokens would change T), so we give the
+        # inputs as labels and the same T positions are scored (T-1 of them; the cost is identical)
+        loss = theirs(input_ids=b["input_ids"], labels=b["input_ids"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        float(loss.detach())
+        return tok_per_step / (time.perf_counter() - t0)
 
-    results: dict[str, list[float]] = {"lmforge": [], "transformers": []}
-    if args.compile:
-        results["lmforge+compile"] = []
+    def run_pair(compile_: bool) -> tuple[list[float], list[float]]:
+        """lmforge's steps and the transformers step taken right after each (tokens/s), warm-up dropped."""
+        hf_tps: list[float] = []
+        res = train(ours, batches, TrainConfig(max_steps=args.steps + args.warmup, lr=hp["lr"],
+                                               weight_decay=hp["weight_decay"], batch_size=args.batch_size,
+                                               schedule="constant", eval_every=0, grad_clip=1.0, progress=False,
+                                               compile=compile_),
+                    on_step=lambda rec: hf_tps.append(hf_step()))
+        ours_tps = [r["tok_per_s"] for r in res.history]
+        return ours_tps[args.warmup:], hf_tps[args.warmup:]
+
+    kinds = ["eager"] + (["compile"] if args.compile else [])
+    tps: dict[str, dict[str, list[float]]] = {k: {"lmforge": [], "transformers": []} for k in kinds}
     for r in range(args.rounds):
-        results["lmforge"] += run_lmforge(False)
-        results["transformers"] += run_hf()
-        if args.compile:
-            results["lmforge+compile"] += run_lmforge(True)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {statistics.median(v):,.0f} tok/s"
-                                                           for k, v in results.items()), flush=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
+        for k in kinds:
+            o, h = run_pair(k == "compile")
+            tps[k]["lmforge"] += o
+            tps[k]["transformers"] += h
+        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
+            f"{k}: lmforge {statistics.median(v['lmforge']):,.0f} / transformers "
+            f"{statistics.median(v['transformers']):,.0f} tok/s" for k, v in tps.items()), flush=True)
     print(f"\nmodel: Llama-shaped, {n_params / 1e6:.1f}M params (n_layer=6, n_embd=512, n_head=8, n_kv_head=4, "
           f"vocab 8192), batch {args.batch_size} x {args.block_size}, fp32, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    for k, v in med.items():
-        print(f"{k:18s} {v:10,.0f} tokens/s (median of {len(results[k])} steps)")
-    print(f"ratio lmforge / transformers: {med['lmforge'] / med['transformers']:.2f}x (target >= 1.2x)")
-    if args.compile:
-        print(f"ratio lmforge+compile / transformers: {med['lmforge+compile'] / med['transformers']:.2f}x")
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    for k, v in tps.items():
+        name = "lmforge" if k == "eager" else "lmforge+compile"
+        pair = [a / b for a, b in zip(v["lmforge"], v["transformers"])]
+        q = statistics.quantiles(pair, n=4) if len(pair) > 1 else [pair[0]] * 3
+        print(f"{name:16s} {statistics.median(v['lmforge']):8,.0f} tok/s | transformers steps next to it "
+              f"{statistics.median(v['transformers']):8,.0f} tok/s | per-pair ratio "
+              f"median {statistics.median(pair):.2f}x "
+              f"(quartiles {q[0]:.2f}-{q[2]:.2f}, {len(pair)} pairs; target >= 1.2x)")
 
 
 if __name__ == "__main__":

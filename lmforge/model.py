@@ -123,6 +123,10 @@ class KVCache:
     dense_len: a plain int while every row holds the same number of real tokens and no padding (one prompt, or
     equal-length prompts): the forward then writes slots [dense_len, dense_len + T) and needs no mask and no
     per-row bookkeeping, which is most of a small model's decode step on a CPU. None once rows differ.
+
+    fused: the model's `DecodeWeights` when the cache was made (small models only): one-token dense steps then run
+    through `Transformer.decode_fused`. The copies are taken when the cache is made, like the keys it will hold:
+    change the weights and start a new cache.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -134,6 +138,7 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.dense_len: int | None = 0
+        self.fused: DecodeWeights | None = None
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +150,7 @@ class KVCache:
         view.lengths, view.key_mask = self.lengths[start:stop], self.key_mask[start:stop]
         view.positions, view.max_len = self.positions[start:stop], self.max_len
         view.dense_len = None  # the rows' lengths are tracked per row only
+        view.fused = None
         return view
 
     def reset(self, row: int | None = None) -> None:
@@ -154,6 +160,51 @@ class KVCache:
         self.key_mask[sel] = False
         self.positions[sel] = 0
         self.dense_len = 0 if row is None or self.batch_size == 1 else None
+
+
+FUSED_DECODE_MAX_PARAMS = 16_000_000  # block weights up to this many elements get fused decode copies
+
+
+class DecodeWeights:
+    """Each block's projections concatenated and transposed once, for one-token decode steps of small models.
+
+    A decode step of a small model on a CPU is bound by the number of operations, not by arithmetic: stories260K
+    runs ~45 tensor ops per layer, each a few microseconds of dispatch. Fusing q, k and v into one (C, nq + 2 nkv)
+    matrix (and gate with up into one (C, 2H)) turns seven matrix products per layer into four and rotates q and k
+    together; stored (in, out) a 1-row product reads the matrix in the order it is laid out. It costs a copy of the
+    block weights, so only models with at most FUSED_DECODE_MAX_PARAMS block weights get one; large models are
+    bound by reading their weights from memory, where a second copy would not help.
+
+    Per block: (w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_down, b_down); w_in is (C, 2H) for SwiGLU ([gate | up]).
+    """
+
+    def __init__(self, model: "Transformer"):
+        def t(*linears):  # (in, sum of outs), contiguous; biases concatenated alike (None when absent)
+            w = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
+            b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+            return w, b
+
+        self.blocks = []
+        for block in model.blocks:
+            a, mlp = block.attn, block.mlp
+            ins = (mlp.gate_proj, mlp.up_proj) if mlp.swiglu else (mlp.up_proj,)
+            self.blocks.append((*t(a.q_proj, a.k_proj, a.v_proj), *t(a.o_proj), *t(*ins), *t(mlp.down_proj)))
+        self.stamp = DecodeWeights.stamp_of(model)
+
+    @staticmethod
+    def stamp_of(model: nn.Module) -> tuple:
+        """Changes whenever a block weight is replaced or updated in place (optimizer steps bump `_version`)."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.blocks.parameters())
+
+    @staticmethod
+    def eligible(model: "Transformer") -> bool:
+        """Plain nn.Linear projections (no LoRA wrappers, no quantized layers) and a small model."""
+        linears = [m for b in model.blocks for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj,
+                                                     b.mlp.up_proj, b.mlp.down_proj)
+                   + ((b.mlp.gate_proj,) if b.mlp.swiglu else ())]
+        if any(type(m) is not nn.Linear for m in linears):
+            return False
+        return sum(m.weight.numel() for m in linears) <= FUSED_DECODE_MAX_PARAMS
 
 
 @dataclass
@@ -323,10 +374,82 @@ class Transformer(nn.Module):
             n += p.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
+                  fused: bool = True) -> KVCache:
+        """An empty KV cache; `fused` lets a small model's one-token steps use `decode_fused` (see DecodeWeights)."""
         p = self.norm_f.weight  # device and compute dtype (a quantized wte has no cheap .weight)
-        return KVCache(self.config, batch_size, max_len or self.config.block_size,
-                       device=device or p.device, dtype=dtype or p.dtype)
+        cache = KVCache(self.config, batch_size, max_len or self.config.block_size,
+                        device=device or p.device, dtype=dtype or p.dtype)
+        if fused and cache.k.dtype == p.dtype:
+            cache.fused = self.decode_weights()
+        return cache
+
+    def decode_weights(self) -> DecodeWeights | None:
+        """This model's fused decode copies (made once, remade after the weights change); None when not eligible."""
+        if not DecodeWeights.eligible(self):
+            return None
+        dw = getattr(self, "_decode_weights", None)
+        if dw is None or dw.stamp != DecodeWeights.stamp_of(self):
+            with torch.no_grad():
+                dw = DecodeWeights(self)
+            self._decode_weights = dw
+        return dw
+
+    def _fused_step_ok(self, L: int, max_len: int) -> bool:
+        """`decode_fused` covers a step at slot L: after a prefill, inside the cache and the learned positions,
+        every cached token inside the sliding window (if any), and no dropout to apply."""
+        cfg = self.config
+        return (0 < L < max_len and (self.wpe is None or L < cfg.block_size)
+                and not (cfg.sliding_window and L >= cfg.sliding_window) and not (self.training and cfg.dropout))
+
+    def decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row on a dense cache, through the fused weights: (B, 1) ids -> (B, 1, V) logits.
+
+        The same computation as `forward` (the numbers differ only by float rounding: fused products sum in
+        another order), written as a flat loop: no module calls, no (B, T, ...) reshapes, q and k rotated together.
+        """
+        cfg = self.config
+        B, nh, nkv, hd = input_ids.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        nq, nk = nh * hd, nkv * hd
+        L = cache.dense_len
+        S = L + 1
+        x = self.wte(input_ids[:, 0])  # (B, C)
+        if self.wpe is not None:
+            x = x + self.wpe.weight[L]
+        else:
+            cos, sin = self.rope_table(S, x.dtype)
+            cos, sin = cos[L], sin[L]  # (hd,) the new position's angles
+        gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
+        rep = 1 if gqa or nkv == nh else nh // nkv
+        for i, (block, weights) in enumerate(zip(self.blocks, cache.fused.blocks)):
+            w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_d, b_d = weights
+            h = block.norm_1(x)
+            qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # (B, nq + 2 nk)
+            qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
+            if self.wpe is None:
+                qk = apply_rope(qk, cos, sin)
+            ck, cv = cache.k[i], cache.v[i]  # (B, nkv, max_len, hd)
+            ck[:, :, L] = qk[:, nh:]
+            cv[:, :, L] = qkv[:, nq + nk:].view(B, nkv, hd)
+            k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(qk[:, :nh].view(B, nh, 1, hd), k, v, **gqa)  # (B, nh, 1, hd)
+            y = y.view(B, nq)
+            x = x + (y @ w_o if b_o is None else torch.addmm(b_o, y, w_o))
+            h = block.norm_2(x)
+            h = h @ w_in if b_in is None else torch.addmm(b_in, h, w_in)  # (B, 2H) SwiGLU, else (B, H)
+            if block.mlp.swiglu:
+                H = h.shape[1] // 2
+                h = F.silu(h[:, :H]) * h[:, H:]
+            else:
+                h = F.gelu(h, approximate="tanh")
+            x = x + (h @ w_d if b_d is None else torch.addmm(b_d, h, w_d))
+        cache.key_mask[:, L] = True
+        cache.lengths += 1
+        cache.positions += 1
+        cache.dense_len = S
+        return self.lm_head(self.norm_f(x))[:, None]  # (B, 1, V)
 
     def rope_table(self, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions 0..n-1, (n, hd) each, kept and grown as needed (decoding reads one row a step).
@@ -382,6 +505,10 @@ class Transformer(nn.Module):
                  and position_ids is None)
         if kv_cache is not None and kv_cache.batch_size != B:
             raise GenerationError(f"KV cache holds {kv_cache.batch_size} rows but the input has {B}")
+        if (dense and T == 1 and kv_cache.fused is not None and inputs_embeds is None
+                and not (output_hidden_states or output_attentions)
+                and self._fused_step_ok(kv_cache.dense_len, kv_cache.max_len)):
+            return self.decode_fused(input_ids, kv_cache)  # a small model's one-token step: same numbers, fewer ops
         if dense:  # every row: L real tokens cached, T new ones at slots and positions L..L+T-1
             L = write_idx = kv_cache.dense_len
             kv_len = L + T
