@@ -531,7 +531,10 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         decoder = static_decoder(model, compile=bool(compile), mode=compile if isinstance(compile, str) else None)
     cache = None
     if use_cache:
-        cache = model.new_cache(B, T + steps if decoder is None else decoder.cache_len(T + steps))
+        if decoder is None:
+            cache = model.new_cache(B, T + steps)
+        else:  # the static step keeps per-row lengths: no dense fused steps, so no fused copies
+            cache = model.new_cache(B, decoder.cache_len(T + steps), fused=False)
     valid = torch.ones(B, dtype=torch.bool, device=device) if decoder is not None else None  # (B,) alive rows
 
     def feed_step(next_ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
