@@ -20,6 +20,10 @@ The KV cache: when generating, the keys and values of past tokens never change, 
 each new token only computes its own q/k/v. The cache keeps a length per batch row, so rows of different lengths
 (left-padded batches, or a serving engine's slots) live in one tensor; `key_mask` marks which stored slots hold
 real tokens (padding slots are never attended to).
+
+A one-token decode step of a small model is bound by how many tensor ops it launches, not by arithmetic, so a
+cache can carry `DecodeWeights`: each block's q/k/v (and gate/up) projections fused into one matrix, which
+`Transformer.decode_fused` runs as a flat loop (same numbers to float rounding, about half the ops).
 """
 
 from __future__ import annotations
