@@ -173,11 +173,12 @@ class DecodeWeights:
     """Each block's projections concatenated and transposed once, for one-token decode steps of small models.
 
     A decode step of a small model on a CPU is bound by the number of operations, not by arithmetic: stories260K
-    runs ~45 tensor ops per layer, each a few microseconds of dispatch. Fusing q, k and v into one (C, nq + 2 nkv)
-    matrix (and gate with up into one (C, 2H)) turns seven matrix products per layer into four and rotates q and k
-    together; stored (in, out) a 1-row product reads the matrix in the order it is laid out. It costs a copy of the
-    block weights, so only models with at most FUSED_DECODE_MAX_PARAMS block weights get one; large models are
-    bound by reading their weights from memory, where a second copy would not help.
+    launches dozens of tensor ops per layer, each a few microseconds of dispatch for almost no arithmetic. Fusing
+    q, k and v into one (C, nq + 2 nkv) matrix (and gate with up into one (C, 2H)) turns seven matrix products per
+    layer into four and rotates q and k together; stored (in, out), a 1-row product reads the matrix in the order
+    it is laid out. It costs a copy of the block weights, so only models with at most FUSED_DECODE_MAX_PARAMS
+    block weights get one; large models are bound by reading their weights from memory, where a second copy would
+    not help.
 
     Per block: (w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_down, b_down); w_in is (C, 2H) for SwiGLU ([gate | up]).
     """
