@@ -34,6 +34,7 @@ from lmforge.checkpoint import load  # noqa: E402
 from lmforge.generate import generate  # noqa: E402
 from lmforge.hf import from_hf_model, to_hf_model  # noqa: E402
 from lmforge.lm import LM  # noqa: E402
+from lmforge.model import decode_product  # noqa: E402
 from lmforge.utils import shared_data_dir  # noqa: E402
 
 
@@ -103,15 +104,18 @@ def weight_streaming_floor(model, repeats: int = 10) -> float:
     """Seconds for one 1-row matmul over every weight matrix: the memory traffic of a batch-1 decode step with
     none of its other work. Decoding is bound by it once the weights no longer fit in the CPU caches.
 
-    Each matrix is timed in both memory layouts, (out, in) as nn.Linear stores it and (in, out) as GPT-2's
-    Conv1D does (on this machine neither is faster for every shape), and for each matrix the faster layout's best
-    time counts: a lower bound for any implementation that reads every weight once per token."""
+    Each matrix is timed three ways: (out, in) as nn.Linear stores it, (in, out) as GPT-2's Conv1D does, and
+    (in, out) split across torch's threads (`lmforge.model.decode_product`; the same as the second on one thread),
+    and for each matrix the fastest way's best time counts: a lower bound for any implementation that reads every
+    weight once per token with these kernels."""
     mats = _matrices(model)
     xs = [torch.randn(1, w.shape[1], dtype=w.dtype) for w in mats]
     transposed = [w.t().contiguous() for w in mats]  # (in, out)
-    out_in = _time_passes([lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, mats)], repeats)
-    in_out = _time_passes([lambda x=x, w=w: x @ w for x, w in zip(xs, transposed)], repeats)
-    return sum(min(min(p[i] for p in out_in), min(p[i] for p in in_out)) for i in range(len(mats)))
+    ways = [[lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, mats)],
+            [lambda x=x, w=w: x @ w for x, w in zip(xs, transposed)],
+            [lambda x=x, w=w: decode_product(x, w, None) for x, w in zip(xs, transposed)]]
+    passes = [_time_passes(products, repeats) for products in ways]
+    return sum(min(min(p[i] for p in way) for way in passes) for i in range(len(mats)))
 
 
 def hf_matmul_time(hf_model, repeats: int = 10) -> float:
@@ -152,7 +156,7 @@ def bench_model(name: str, lm: LM, hf_model, prompt: list[int], args, rows: list
     hf_mm = hf_matmul_time(hf_model)
     n_w = sum(w.numel() for w in _matrices(lm.model)) / 1e6
     print(f"[{name}] memory-bandwidth floor: one pass over the {n_w:.1f}M fp32 matrix weights (a 1-row matmul each "
-          f"in its faster layout, best time of each, nothing else) takes {floor * 1000:.1f} ms = at most "
+          f"in its fastest way, best time of each, nothing else) takes {floor * 1000:.1f} ms = at most "
           f"{1 / floor:.1f} tok/s for any implementation that reads every weight once per token; transformers "
           f"takes {w_hf / n * 1000:.1f} ms/token, of which its own weight products alone (its layouts, median "
           f"pass) are {hf_mm * 1000:.1f} ms; so no fp32 decoder can beat it by more than {w_hf / n / floor:.2f}x "
@@ -258,7 +262,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batch-tokens", type=int, default=64, help="new tokens per prompt in the batch test")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch intra-op threads, for both libraries (default: torch's default, one per core)")
     ap.add_argument("--quick", action="store_true", help="32 new tokens, 1 repeat")
     ap.add_argument("--only", choices=["gpt2", "stories"], help="run one model")
     ap.add_argument("--compile", action="store_true", help="measure generate(..., compile=True) instead")

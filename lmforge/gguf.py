@@ -153,12 +153,13 @@ def _write_tokenizer(w, tok, n_vocab: int) -> None:
 # Export
 # ----------------------------------------------------------------------------------------------------------------
 def _weight(model: torch.nn.Module, name: str) -> np.ndarray:
-    """A module's float weight as numpy fp32 (quantized lmforge modules are dequantized)."""
-    return model.get_submodule(name).weight.detach().float().cpu().numpy()
+    """A module's float weight as numpy fp32, row-major (quantized lmforge modules are dequantized; a weight
+    re-laid out for decoding, see `DecodeWeights`, is copied back to (out, in) rows)."""
+    return model.get_submodule(name).weight.detach().float().cpu().contiguous().numpy()
 
 
 def _bias(model: torch.nn.Module, name: str) -> np.ndarray:
-    return model.get_submodule(name).bias.detach().float().cpu().numpy()
+    return model.get_submodule(name).bias.detach().float().cpu().contiguous().numpy()
 
 
 def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict[str, np.ndarray]:

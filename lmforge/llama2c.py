@@ -58,7 +58,7 @@ def hf_to_meta_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """The inverse of `meta_to_hf_rope`."""
     out_dim, in_dim = w.shape
     hd = out_dim // n_head
-    return w.view(n_head, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+    return w.reshape(n_head, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
 def read_llama2c_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

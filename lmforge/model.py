@@ -21,9 +21,11 @@ each new token only computes its own q/k/v. The cache keeps a length per batch r
 (left-padded batches, or a serving engine's slots) live in one tensor; `key_mask` marks which stored slots hold
 real tokens (padding slots are never attended to).
 
-A one-token decode step of a small model is bound by how many tensor ops it launches, not by arithmetic, so a
-cache can carry `DecodeWeights`: each block's q/k/v (and gate/up) projections fused into one matrix, which
-`Transformer.decode_fused` runs as a flat loop (same numbers to float rounding, about half the ops).
+A one-token decode step multiplies one row of activations by every weight matrix. For a small model that is bound
+by how many tensor ops it launches, not by arithmetic; for a large one, by reading the weights from memory. A cache
+can carry `DecodeWeights`, the weights laid out for that step, which `Transformer.decode_fused` runs as a flat loop
+(same numbers to float rounding): a small model's q/k/v (and gate/up) projections fused into one matrix (about half
+the ops), a large model's weights re-laid out in place as (in, out) with each product spread over all threads.
 """
 
 from __future__ import annotations
@@ -128,9 +130,9 @@ class KVCache:
     equal-length prompts): the forward then writes slots [dense_len, dense_len + T) and needs no mask and no
     per-row bookkeeping, which is most of a small model's decode step on a CPU. None once rows differ.
 
-    fused: the model's `DecodeWeights` when the cache was made (small models only): one-token dense steps then run
-    through `Transformer.decode_fused`. The copies are taken when the cache is made, like the keys it will hold:
-    change the weights and start a new cache.
+    fused: the model's `DecodeWeights` when the cache was made: one-token dense steps then run through
+    `Transformer.decode_fused`. A small model's fused copies are taken when the cache is made, like the keys it
+    will hold: change the weights and start a new cache.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -167,49 +169,110 @@ class KVCache:
 
 
 FUSED_DECODE_MAX_PARAMS = 16_000_000  # block weights up to this many elements get fused decode copies
+SPLIT_PRODUCT_MIN_WEIGHTS = 1 << 18  # decode products over matrices this large (1 MB in fp32) use every thread
+
+
+def _projection_groups(block: "Block") -> tuple[tuple[nn.Module, ...], ...]:
+    """A block's projections in the order a decode step multiplies them: (q, k, v), (o,), (gate, up) or (up,), (down,)."""
+    a, mlp = block.attn, block.mlp
+    return ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,),
+            (mlp.gate_proj, mlp.up_proj) if mlp.swiglu else (mlp.up_proj,), (mlp.down_proj,))
+
+
+def decode_product(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """h (B, K) @ w (K, N) [+ b] for a one-token step; w is laid out (in, out) and contiguous.
+
+    A one-row product reads every weight once and does two flops with it: it runs at the speed memory delivers
+    the matrix, and a BLAS runs it (a matrix-vector product) on one thread, whatever torch's thread count. With T
+    threads a large fp32 matrix is cut along K into T slabs (a view: slab t is rows t*K/T .. (t+1)*K/T - 1), the T
+    products (1, K/T) x (K/T, N) run as one batched product, one slab per thread, and the T partial rows are
+    summed. The same sums as h @ w, added in another order: equal to float rounding.
+    """
+    T, (K, N) = torch.get_num_threads(), w.shape
+    if T > 1 and K % T == 0 and w.numel() >= SPLIT_PRODUCT_MIN_WEIGHTS and w.dtype == torch.float32 \
+            and w.device.type == "cpu" and w.is_contiguous():
+        parts = torch.bmm(h.reshape(-1, T, K // T).transpose(0, 1), w.view(T, K // T, N))  # (T, B, N)
+        y = parts.sum(0)  # (B, N)
+        return y if b is None else y.add_(b)
+    return h @ w if b is None else torch.addmm(b, h, w)
+
+
+def _products(h: torch.Tensor, parts: list) -> torch.Tensor:
+    """h times each (w, b) of `parts`, the outputs side by side: (B, sum of N)."""
+    ys = [decode_product(h, w, b) for w, b in parts]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
+
+def _column_major_(p: nn.Parameter) -> None:
+    """Re-lay a (out, in) weight out in memory as (in, out), in place: same Parameter, shape and values; strides
+    (1, out). nn.Linear's forward works on it unchanged (x @ W.t() reads a contiguous matrix), and W.t() is the
+    (in, out) layout that a one-row product streams fastest."""
+    if p.stride() != (1, p.shape[0]):
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, still trainable afterwards
+            p.data = p.data.t().contiguous().t()
 
 
 class DecodeWeights:
-    """Each block's projections concatenated and transposed once, for one-token decode steps of small models.
+    """The weights a one-token decode step multiplies, laid out for it: `Transformer.decode_fused` runs on these.
 
-    A decode step of a small model on a CPU is bound by the number of operations, not by arithmetic: stories260K
-    launches dozens of tensor ops per layer, each a few microseconds of dispatch for almost no arithmetic. Fusing
-    q, k and v into one (C, nq + 2 nkv) matrix (and gate with up into one (C, 2H)) turns seven matrix products per
-    layer into four and rotates q and k together; stored (in, out), a 1-row product reads the matrix in the order
-    it is laid out. It costs a copy of the block weights, so only models with at most FUSED_DECODE_MAX_PARAMS
-    block weights get one; large models are bound by reading their weights from memory, where a second copy would
-    not help.
+    A decode step multiplies one row of activations by every weight matrix: (1, C) x (C, N) products. Two
+    regimes, so two forms:
 
-    Per block: (w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_down, b_down); w_in is (C, 2H) for SwiGLU ([gate | up]).
+    * small models (at most FUSED_DECODE_MAX_PARAMS block weights): the step is bound by the number of
+      operations, not by arithmetic. stories260K launches dozens of tensor ops per layer, each a few
+      microseconds of dispatch for almost no arithmetic. Copies of each block's projections with q, k and v
+      concatenated into one (C, nq + 2 nkv) matrix (and gate with up into one (C, 2H)) turn seven products per
+      layer into four. The copies cost memory, which a small model can spare.
+    * large models on a CPU (`in_place`): the step is bound by reading the weights from memory; a second copy
+      would double the memory of exactly the models that are short of it. Instead every projection and the
+      output layer are re-laid out in place as (in, out) (see `_column_major_`), the layout a one-row product
+      streams fastest here, and `decode_product` spreads each large product over all threads.
+
+    Per block: (qkv, o, mlp_in, down), each a list of (w, b) with w (in, out): one fused entry for the copies, or
+    one per projection in place. `head` is the output layer's (w, b) in place, None for the copies (the step calls
+    lm_head).
     """
 
     def __init__(self, model: "Transformer"):
-        def t(*linears):  # (in, sum of outs), contiguous; biases concatenated alike (None when absent)
-            w = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
-            b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-            return w, b
+        self.in_place = DecodeWeights.form(model) == "in_place"
+        if self.in_place:
+            for lin in [m for block in model.blocks for g in _projection_groups(block) for m in g] + [model.lm_head]:
+                _column_major_(lin.weight)
+            self.blocks = [[[(m.weight.t(), m.bias) for m in g] for g in _projection_groups(block)]
+                           for block in model.blocks]
+            self.head = (model.lm_head.weight.t(), model.lm_head.bias)
+        else:
+            def fused(linears):  # [(w (in, sum of outs) contiguous, biases concatenated alike or None)]
+                w = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
+                b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+                return [(w, b)]
 
-        self.blocks = []
-        for block in model.blocks:
-            a, mlp = block.attn, block.mlp
-            ins = (mlp.gate_proj, mlp.up_proj) if mlp.swiglu else (mlp.up_proj,)
-            self.blocks.append((*t(a.q_proj, a.k_proj, a.v_proj), *t(a.o_proj), *t(*ins), *t(mlp.down_proj)))
+            self.blocks = [[fused(g) for g in _projection_groups(block)] for block in model.blocks]
+            self.head = None
         self.stamp = DecodeWeights.stamp_of(model)
 
     @staticmethod
     def stamp_of(model: nn.Module) -> tuple:
-        """Changes whenever a block weight is replaced or updated in place (optimizer steps bump `_version`)."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.blocks.parameters())
+        """Changes whenever a weight is replaced or updated in place (optimizer steps bump `_version`)."""
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+    @staticmethod
+    def form(model: "Transformer") -> str | None:
+        """"copies" (small models), "in_place" (large ones on a CPU) or None: the step needs plain nn.Linear
+        projections (no LoRA wrappers, no quantized layers)."""
+        linears = [m for block in model.blocks for g in _projection_groups(block) for m in g]
+        if any(type(m) is not nn.Linear for m in linears):
+            return None
+        if sum(m.weight.numel() for m in linears) <= FUSED_DECODE_MAX_PARAMS:
+            return "copies"
+        head = model.lm_head
+        if type(head) is nn.Linear and head.weight.device.type == "cpu":
+            return "in_place"
+        return None
 
     @staticmethod
     def eligible(model: "Transformer") -> bool:
-        """Plain nn.Linear projections (no LoRA wrappers, no quantized layers) and a small model."""
-        linears = [m for b in model.blocks for m in (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj, b.attn.o_proj,
-                                                     b.mlp.up_proj, b.mlp.down_proj)
-                   + ((b.mlp.gate_proj,) if b.mlp.swiglu else ())]
-        if any(type(m) is not nn.Linear for m in linears):
-            return False
-        return sum(m.weight.numel() for m in linears) <= FUSED_DECODE_MAX_PARAMS
+        return DecodeWeights.form(model) is not None
 
 
 @dataclass
@@ -381,7 +444,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
                   fused: bool = True) -> KVCache:
-        """An empty KV cache; `fused` lets a small model's one-token steps use `decode_fused` (see DecodeWeights)."""
+        """An empty KV cache; `fused` lets one-token steps use `decode_fused` (see DecodeWeights)."""
         p = self.norm_f.weight  # device and compute dtype (a quantized wte has no cheap .weight)
         cache = KVCache(self.config, batch_size, max_len or self.config.block_size,
                         device=device or p.device, dtype=dtype or p.dtype)
@@ -390,7 +453,8 @@ class Transformer(nn.Module):
         return cache
 
     def decode_weights(self) -> DecodeWeights | None:
-        """This model's fused decode copies (made once, remade after the weights change); None when not eligible."""
+        """This model's `DecodeWeights` (made once, remade after the weights change); None when not eligible.
+        For a large model on a CPU this re-lays its weights out in place, once (see `_column_major_`)."""
         if not DecodeWeights.eligible(self):
             return None
         dw = getattr(self, "_decode_weights", None)
@@ -426,10 +490,9 @@ class Transformer(nn.Module):
             cos, sin = cos[L], sin[L]  # (hd,) the new position's angles
         gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
         rep = 1 if gqa or nkv == nh else nh // nkv
-        for i, (block, weights) in enumerate(zip(self.blocks, cache.fused.blocks)):
-            w_qkv, b_qkv, w_o, b_o, w_in, b_in, w_d, b_d = weights
+        for i, (block, (qkv_w, o_w, in_w, down_w)) in enumerate(zip(self.blocks, cache.fused.blocks)):
             h = block.norm_1(x)
-            qkv = h @ w_qkv if b_qkv is None else torch.addmm(b_qkv, h, w_qkv)  # (B, nq + 2 nk)
+            qkv = _products(h, qkv_w)  # (B, nq + 2 nk)
             qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
             if self.wpe is None:
                 qk = apply_rope(qk, cos, sin)
@@ -440,21 +503,22 @@ class Transformer(nn.Module):
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             y = F.scaled_dot_product_attention(qk[:, :nh].view(B, nh, 1, hd), k, v, **gqa)  # (B, nh, 1, hd)
-            y = y.view(B, nq)
-            x = x + (y @ w_o if b_o is None else torch.addmm(b_o, y, w_o))
+            x = x + decode_product(y.view(B, nq), *o_w[0])
             h = block.norm_2(x)
-            h = h @ w_in if b_in is None else torch.addmm(b_in, h, w_in)  # (B, 2H) SwiGLU, else (B, H)
-            if block.mlp.swiglu:
-                H = h.shape[1] // 2
-                h = F.silu(h[:, :H]) * h[:, H:]
+            if block.mlp.swiglu:  # [gate | up] fused, or gate and up apart
+                gate, up = (_products(h, in_w).chunk(2, dim=1) if len(in_w) == 1 else
+                            (decode_product(h, *wb) for wb in in_w))  # (B, H) each
+                h = F.silu(gate) * up
             else:
-                h = F.gelu(h, approximate="tanh")
-            x = x + (h @ w_d if b_d is None else torch.addmm(b_d, h, w_d))
+                h = F.gelu(decode_product(h, *in_w[0]), approximate="tanh")  # (B, H)
+            x = x + decode_product(h, *down_w[0])
         cache.key_mask[:, L] = True
         cache.lengths += 1
         cache.positions += 1
         cache.dense_len = S
-        return self.lm_head(self.norm_f(x))[:, None]  # (B, 1, V)
+        x = self.norm_f(x)
+        head = cache.fused.head
+        return (self.lm_head(x) if head is None else decode_product(x, *head))[:, None]  # (B, 1, V)
 
     def rope_table(self, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions 0..n-1, (n, hd) each, kept and grown as needed (decoding reads one row a step).
@@ -513,7 +577,7 @@ class Transformer(nn.Module):
         if (dense and T == 1 and kv_cache.fused is not None and inputs_embeds is None
                 and not (output_hidden_states or output_attentions)
                 and self._fused_step_ok(kv_cache.dense_len, kv_cache.max_len)):
-            return self.decode_fused(input_ids, kv_cache)  # a small model's one-token step: same numbers, fewer ops
+            return self.decode_fused(input_ids, kv_cache)  # a one-token step: same numbers, fewer ops
         if dense:  # every row: L real tokens cached, T new ones at slots and positions L..L+T-1
             L = write_idx = kv_cache.dense_len
             kv_len = L + T

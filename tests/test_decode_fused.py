@@ -1,6 +1,7 @@
-"""The fused one-token decode step (`Transformer.decode_fused`, `DecodeWeights`) against the module-by-module
-forward: same logits and same cache contents for every architecture variant it covers, rebuilt after the weights
-change, and never used where it does not apply (LoRA, quantized layers, large models, past a sliding window)."""
+"""The one-token decode step (`Transformer.decode_fused`, `DecodeWeights`) against the module-by-module forward:
+same logits and same cache contents for every architecture variant it covers, in both forms (a small model's fused
+copies; a large model's weights re-laid out in place, with products split across threads), rebuilt after the
+weights change, and never used where it does not apply (LoRA, quantized layers, past a sliding window)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import lmforge.model as model_mod
 from lmforge.config import ModelConfig
-from lmforge.model import DecodeWeights, Transformer
+from lmforge.model import DecodeWeights, Transformer, decode_product
 
 CONFIGS = {
     "gpt2": dict(name="gpt-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32, n_head=4),  # biases, LayerNorm
@@ -49,9 +50,24 @@ def decode(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool):
     return torch.stack(out), cache
 
 
+@pytest.fixture
+def in_place(monkeypatch):
+    """Every model counts as large (weights re-laid out in place), and every product is split over 2 threads."""
+    monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_PARAMS", 0)
+    monkeypatch.setattr(model_mod, "SPLIT_PRODUCT_MIN_WEIGHTS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("form", ["copies", "in_place"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_fused_steps_equal_the_module_forward(kind):
+def test_fused_steps_equal_the_module_forward(kind, form, request):
+    if form == "in_place":
+        request.getfixturevalue("in_place")
     model = make(kind)
+    assert DecodeWeights.form(model) == form
     prompt = torch.randint(0, 97, (2, 5))  # two rows of equal length: the dense cache
     calls = []
     orig = Transformer.decode_fused
@@ -108,6 +124,86 @@ def test_not_used_for_lora_quantized_or_large_models(monkeypatch):
     q = quantize_model(make("gpt2"), "int8", progress=False)
     assert q.new_cache(1, 8).fused is None
 
-    monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_PARAMS", 100)
-    assert not DecodeWeights.eligible(make("gpt2"))
-    assert make("gpt2").new_cache(1, 8).fused is None
+    monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_PARAMS", 100)  # large: in place on a CPU, nothing elsewhere
+    assert DecodeWeights.form(make("gpt2")) == "in_place"
+    with torch.device("meta"):
+        meta = Transformer(ModelConfig.from_name("gpt-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32,
+                                                 n_head=4))
+    assert DecodeWeights.form(meta) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_split_product_equals_the_plain_product(monkeypatch, rows):
+    monkeypatch.setattr(model_mod, "SPLIT_PRODUCT_MIN_WEIGHTS", 0)
+    threads = torch.get_num_threads()
+    try:
+        for t in (2, 3):
+            torch.set_num_threads(t)
+            h, w, b = torch.randn(rows, 96), torch.randn(96, 40), torch.randn(40)
+            calls = []
+            orig_bmm = torch.bmm
+            monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or orig_bmm(*a))
+            torch.testing.assert_close(decode_product(h, w, b), torch.addmm(b, h, w), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(decode_product(h, w, None), h @ w, atol=1e-5, rtol=1e-5)
+            assert len(calls) == 2  # the split path ran
+            monkeypatch.setattr(torch, "bmm", orig_bmm)
+            torch.testing.assert_close(decode_product(h[:, :95], w[:95], None), h[:, :95] @ w[:95])  # K % T != 0: plain
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
+    """Re-laid out weights are the same parameters with the same values, no copy is kept, and every other stage
+    (the module forward, training, saving and loading, LoRA, quantization) still works on them."""
+    from lmforge.checkpoint import load, save
+    from lmforge.lm import LM
+    from lmforge.lora import add_lora
+    from lmforge.quantize import quantize_model
+
+    model = make("qwen2-bias")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {k: p for k, p in model.named_parameters()}
+    prompt = torch.randint(0, 97, (1, 6))
+    with torch.inference_mode():
+        want = model(prompt)
+    dw = model.decode_weights()  # relayout happens here (inference mode or not, the weights stay trainable)
+    assert dw.in_place and model.decode_weights() is dw
+    assert {k: p for k, p in model.named_parameters()} == params  # the same Parameter objects
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    q = model.blocks[0].attn.q_proj.weight
+    assert q.stride() == (1, q.shape[0]) and model.lm_head.weight.stride() == (1, 97)
+    assert dw.blocks[0][0][0][0].data_ptr() == q.data_ptr()  # a view of the parameter, not a copy
+    with torch.inference_mode():
+        torch.testing.assert_close(model(prompt), want, atol=1e-5, rtol=0)
+
+    save(LM(model, None), tmp_path / "m")  # contiguous on disk
+    again = load(tmp_path / "m").model
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(prompt).float().pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    assert model.decode_weights() is not dw  # the optimizer step is seen; the step agrees with the forward again
+    got, _ = decode(model, prompt, 5, fused=True)
+    want_steps, _ = decode(model, prompt, 5, fused=False)
+    torch.testing.assert_close(got, want_steps, atol=1e-5, rtol=0)
+
+    from lmforge.gguf import gguf_tensors  # GGUF export reads row-major arrays back
+
+    plain, relaid = make("llama-gqa"), make("llama-gqa")
+    relaid.decode_weights()
+    a, b = gguf_tensors(plain, plain.config, "llama"), gguf_tensors(relaid, relaid.config, "llama")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() and b[k].flags.c_contiguous for k in a)
+
+    relaid_gpt2 = make("gpt2")
+    relaid_gpt2.decode_weights()
+    quantize_model(relaid_gpt2, "int8", progress=False)  # a re-laid out model quantizes
+    lora_model = make("gpt2")
+    lora_model.decode_weights()
+    add_lora(lora_model, ("q_proj", "v_proj"), r=2)
+    with torch.inference_mode():
+        lora_model(prompt)
