@@ -173,7 +173,8 @@ SPLIT_PRODUCT_MIN_WEIGHTS = 1 << 18  # decode products over matrices this large 
 
 
 def _projection_groups(block: "Block") -> tuple[tuple[nn.Module, ...], ...]:
-    """A block's projections in the order a decode step multiplies them: (q, k, v), (o,), (gate, up) or (up,), (down,)."""
+    """A block's projections in the order a decode step multiplies them:
+    (q, k, v), (o,), (gate, up) or (up,), (down,)."""
     a, mlp = block.attn, block.mlp
     return ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,),
             (mlp.gate_proj, mlp.up_proj) if mlp.swiglu else (mlp.up_proj,), (mlp.down_proj,))
