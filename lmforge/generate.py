@@ -529,10 +529,11 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     decoder = None
     if use_cache and (compile or static) and supports_static_decode(model):
         decoder = static_decoder(model, compile=bool(compile), mode=compile if isinstance(compile, str) else None)
+    padded = not bool(mask.all())
     cache = None
     if use_cache:
-        if decoder is None:
-            cache = model.new_cache(B, T + steps)
+        if decoder is None:  # a left-padded batch never takes the dense one-token step: no decode weights for it
+            cache = model.new_cache(B, T + steps, fused=not padded)
         else:  # the static step keeps per-row lengths: no dense fused steps, so no fused copies
             cache = model.new_cache(B, decoder.cache_len(T + steps), fused=False)
     valid = torch.ones(B, dtype=torch.bool, device=device) if decoder is not None else None  # (B,) alive rows
@@ -561,7 +562,6 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         return model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
 
     # inference mode only around the work, never across a `yield` (it would leak into the caller's code)
-    padded = not bool(mask.all())
     for step in range(steps):
         # one inference-mode block per step (entering one costs microseconds, which count at ~2 ms a token):
         # feed the previous step's tokens (or prefill the prompt), then pick the next token of each row

@@ -234,8 +234,9 @@ class DecodeWeights:
     lm_head).
     """
 
-    def __init__(self, model: "Transformer"):
-        self.in_place = DecodeWeights.form(model) == "in_place"
+    def __init__(self, model: "Transformer", form: str):
+        """`form`: what `DecodeWeights.form(model)` returned, "copies" or "in_place"."""
+        self.in_place = form == "in_place"
         if self.in_place:
             for lin in [m for block in model.blocks for g in _projection_groups(block) for m in g] + [model.lm_head]:
                 _column_major_(lin.weight)
@@ -270,10 +271,6 @@ class DecodeWeights:
         if type(head) is nn.Linear and head.weight.device.type == "cpu":
             return "in_place"
         return None
-
-    @staticmethod
-    def eligible(model: "Transformer") -> bool:
-        return DecodeWeights.form(model) is not None
 
 
 @dataclass
@@ -456,12 +453,13 @@ class Transformer(nn.Module):
     def decode_weights(self) -> DecodeWeights | None:
         """This model's `DecodeWeights` (made once, remade after the weights change); None when not eligible.
         For a large model on a CPU this re-lays its weights out in place, once (see `_column_major_`)."""
-        if not DecodeWeights.eligible(self):
+        form = DecodeWeights.form(self)
+        if form is None:
             return None
         dw = getattr(self, "_decode_weights", None)
         if dw is None or dw.stamp != DecodeWeights.stamp_of(self):
             with torch.no_grad():
-                dw = DecodeWeights(self)
+                dw = DecodeWeights(self, form)
             self._decode_weights = dw
         return dw
 

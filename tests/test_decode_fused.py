@@ -207,3 +207,19 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     add_lora(lora_model, ("q_proj", "v_proj"), r=2)
     with torch.inference_mode():
         lora_model(prompt)
+
+
+def test_padded_batches_make_no_decode_weights(monkeypatch):
+    """A left-padded batch never takes the dense one-token step, so generate does not ask for decode weights."""
+    from lmforge.generate import generate
+    from lmforge.lm import LM
+
+    model = make("llama-gqa")
+    calls = []
+    orig = Transformer.decode_weights
+    monkeypatch.setattr(Transformer, "decode_weights", lambda self: calls.append(1) or orig(self))
+    lm = LM(model, None)
+    generate(lm, [[5, 6, 7], [8, 9]], temperature=0, max_new_tokens=3, ignore_eos=True)
+    assert calls == []
+    generate(lm, [[5, 6, 7], [8, 9, 10]], temperature=0, max_new_tokens=3, ignore_eos=True)
+    assert calls == [1]
