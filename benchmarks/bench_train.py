@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also measure lmforge with torch.compile")
+    ap.add_argument("--cores", type=int, default=0, help="TrainConfig.cores for lmforge (0: auto, 1: off)")
+    ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "torch", "numpy"],
+                    help="TrainConfig.cpu_matmul for lmforge")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -81,7 +84,8 @@ def main() -> None:
         res = train(ours, batches, TrainConfig(max_steps=args.steps + args.warmup, lr=hp["lr"],
                                                weight_decay=hp["weight_decay"], batch_size=args.batch_size,
                                                schedule="constant", eval_every=0, grad_clip=1.0, progress=False,
-                                               compile=compile_),
+                                               compile=compile_, cores=args.cores,
+                                               cpu_matmul=args.cpu_matmul),
                     on_step=lambda rec: hf_tps.append(hf_step()))
         ours_tps = [r["tok_per_s"] for r in res.history]
         return ours_tps[args.warmup:], hf_tps[args.warmup:]

@@ -94,6 +94,13 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the forward pass and the loss (a one-time "
                                                            "compile, then faster steps; needs a C++ compiler on CPU)"})
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp"})
+    cores: int = field(default=0, metadata={
+        "help": "CPU: run each micro-batch as this many shards at once, one per core, each single-threaded "
+                "(lmforge.cores). 0 = auto: torch's thread count for fp32 CPU training in one process without "
+                "dropout, else off; 1 = off"})
+    cpu_matmul: Literal["auto", "torch", "numpy"] = field(default="auto", metadata={
+        "help": "with cores > 1: who runs the matrix products: torch (MKL), numpy (its BLAS: OpenBLAS in numpy's "
+                "wheels), or auto (time both once, take the faster)"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0: all)"})
     eval_at_start: bool = field(default=False, metadata={"help": "also evaluate before the first step"})
@@ -122,6 +129,10 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.schedule not in ("cosine", "constant", "wsd"):
             raise ConfigError(f"schedule must be cosine, constant or wsd, got {self.schedule!r}")
+        if self.cores < 0:
+            raise ConfigError(f"cores must be >= 0 (0: auto), got {self.cores}")
+        if self.cpu_matmul not in ("auto", "torch", "numpy"):
+            raise ConfigError(f"cpu_matmul must be auto, torch or numpy, got {self.cpu_matmul!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -594,6 +605,39 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: s
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
+def _core_parallel(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: DistInfo,
+                   log: Callable[[str], None], resumed: dict[str, Any]):
+    """The `lmforge.cores.CoreParallel` runner this run uses, or None (see TrainConfig.cores).
+
+    A resumed run keeps the shard count and matrix-product library its checkpoint recorded (when the config
+    leaves them on auto): a different cut of the batch, or another BLAS, would change the float rounding and the
+    resumed losses would no longer match an uninterrupted run bit for bit."""
+    from .cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
+
+    n = cfg.cores or int(resumed.get("cores") or 0) or torch.get_num_threads()
+    if n == 1:
+        return None
+    why_not = None
+    if device.type != "cpu":
+        why_not = f"the run is on {device.type}"
+    elif dist_info.world_size > 1:
+        why_not = "the run has several processes"
+    elif cfg.dtype not in ("auto", "float32", "fp32"):
+        why_not = f"it needs float32 training, not {cfg.dtype}"
+    elif dropout_active(model):
+        why_not = "the model uses dropout (random numbers drawn from two threads would make runs unrepeatable)"
+    if why_not is not None:
+        if cfg.cores > 1:
+            log(f"note: cores={cfg.cores} is ignored: {why_not}")
+        return None
+    matmul = cfg.cpu_matmul
+    if matmul == "auto":
+        matmul = resumed.get("cpu_matmul") or pick_matmul(n, linear_shapes(model))
+    log(f"training on {n} cores: one shard of each batch per core, matrix products by "
+        f"{'numpy' if matmul == 'numpy' else 'torch'}")
+    return CoreParallel(model, n, matmul)
+
+
 def _autocast(device: torch.device, dtype: str):
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -665,7 +709,7 @@ def train(
     optimizer = configure_optimizer(raw_model, cfg, device.type)
 
     # --- resume or start fresh ------------------------------------------------------------------------------
-    start_step, tokens, history = 0, 0, []
+    start_step, tokens, history, state = 0, 0, [], {}
     if resume:
         state = load_checkpoint(out, raw_model, optimizer, dist_info, fsdp)
         start_step, tokens = int(state["step"]), int(state["tokens"])
@@ -702,6 +746,8 @@ def train(
             fwd_model = torch.compile(fwd_model)
     autocast = _autocast(device, cfg.dtype)
     params = [p for _, p in unique_trainable(raw_model)]
+    cores = _core_parallel(cfg, raw_model, device, dist_info, log, state)
+    eval_loss = loss_fn if cores is None else (lambda m, b: cores.loss(loss_fn, m, b))
 
     def record(rec: dict[str, Any]) -> None:
         history.append(rec)
@@ -714,7 +760,7 @@ def train(
         # DDP: evaluate the plain module (its forward has no collectives), each rank a share of the batches.
         # FSDP: the sharded module must run the same forwards on every rank, so every rank evaluates every batch.
         eval_model = raw_model
-        val = evaluate(eval_model, val_data, loss_fn, cfg.eval_batches, device, autocast,
+        val = evaluate(eval_model, val_data, eval_loss, cfg.eval_batches, device, autocast,
                        DistInfo() if fsdp else dist_info)
         rec = {"step": step, "tokens": tokens, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         record(rec)
@@ -726,6 +772,7 @@ def train(
             return
         state = {"step": step, "tokens": tokens, "data_position": step * cfg.grad_accum_steps * dist_info.world_size,
                  "grad_accum_steps": cfg.grad_accum_steps, "lr": lr_at(max(step - 1, 0), cfg),
+                 "cores": cores.n if cores else 1, "cpu_matmul": cores.matmul if cores else None,
                  "config": dataclasses.asdict(cfg)}
         save_checkpoint(out, raw_model, optimizer, state, save_model if dist_info.is_main else None,
                         dist_info, fsdp)
@@ -733,14 +780,17 @@ def train(
             plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
 
     # --- the loop -------------------------------------------------------------------------------------------
-    val_loss = run_eval(start_step) if (cfg.eval_at_start and start_step == 0) else None
-    train_loss = None
+    if cores is not None:
+        cores.__enter__()  # numpy's BLAS held at one thread, Linears routed to the faster product; closed below
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and dist_info.is_main))
-    t_last, tok_last = time.perf_counter(), tokens
-    t_start = t_last
+    train_loss = val_loss = None
     end_step = cfg.max_steps
     try:
+        if cfg.eval_at_start and start_step == 0:
+            val_loss = run_eval(start_step)
+        t_last, tok_last = time.perf_counter(), tokens
+        t_start = t_last
         for step in range(start_step, cfg.max_steps):
             sched_step = step
             if cfg.time_schedule:  # the schedule's clock is the time budget: ahead of the step count on slow machines
@@ -755,10 +805,13 @@ def train(
                 batch = to_device(source(index), device)
                 last = micro == cfg.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if (last or fwd_model is raw_model or fsdp) else fwd_model.no_sync()
-                with sync:
-                    with autocast:
-                        loss = step_loss(fwd_model, batch)
-                    (loss / cfg.grad_accum_steps).backward()
+                if cores is not None:  # one shard of the batch per core (fp32 CPU, one process)
+                    loss = cores.backward(step_loss, fwd_model, batch, 1.0 / cfg.grad_accum_steps)
+                else:
+                    with sync:
+                        with autocast:
+                            loss = step_loss(fwd_model, batch)
+                        (loss / cfg.grad_accum_steps).backward()
                 loss_sum += loss.detach().float()
                 tokens += count_tokens(batch) * dist_info.world_size
             grad_norm = None
@@ -803,6 +856,8 @@ def train(
         checkpoint(final_step)
     finally:
         bar.close()
+        if cores is not None:
+            cores.close()
         if dist_info.owns_group:
             import torch.distributed as dist
 

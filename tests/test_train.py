@@ -199,6 +199,7 @@ CHILD = textwrap.dedent('''
     out, resume, accum, batch, steps, delay, dropout = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), \\
         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
     modes = sys.argv[8].split(",") if len(sys.argv) > 8 else ["ddp"]
+    cores = int(sys.argv[9]) if len(sys.argv) > 9 else 0  # 2: one shard per core (lmforge.cores), numpy's BLAS
     import os
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one group for both modes; train() uses a group it finds
@@ -213,7 +214,8 @@ CHILD = textwrap.dedent('''
         val = [PackedBatches(toks, 2, 32, seed=99)(i) for i in range(3)]  # 3 batches: uneven over 2 ranks
         res = train(model, PackedBatches(toks, batch, 32, seed=5), val_data=val,
                     config=TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=2, batch_size=batch, grad_accum_steps=accum,
-                                save_every=3, eval_every=0, progress=False, parallel=mode),
+                                save_every=3, eval_every=0, progress=False, parallel=mode, cores=cores,
+                                cpu_matmul="numpy" if cores > 1 else "auto"),
                     out_dir=run_out, resume=resume, on_step=lambda rec: time.sleep(delay))
         json.dump([r["loss"] for r in res.history if "loss" in r] + [res.val_loss], open(run_out + ".losses.json", "w"))
     if dist.is_initialized():
@@ -231,13 +233,15 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("dropout,cores", [("0.1", "0"), ("0", "2")], ids=["dropout", "two-cores"])
+def test_sigkill_then_resume_is_bit_exact(tmp_path, dropout, cores):
     script = _child(tmp_path)
     steps = 12
     ref_out, run_out = str(tmp_path / "ref"), str(tmp_path / "run")
-    # dropout > 0, so the restored RNG state matters too
-    ref = subprocess.Popen([sys.executable, str(script), ref_out, "0", "1", "2", str(steps), "0", "0.1"], env=_env())
-    run = subprocess.Popen([sys.executable, str(script), run_out, "0", "1", "2", str(steps), "0.25", "0.1"],
+    # dropout > 0, so the restored RNG state matters too; or no dropout and core-parallel steps (lmforge.cores)
+    extra = [dropout, "ddp", cores]
+    ref = subprocess.Popen([sys.executable, str(script), ref_out, "0", "1", "2", str(steps), "0", *extra], env=_env())
+    run = subprocess.Popen([sys.executable, str(script), run_out, "0", "1", "2", str(steps), "0.25", *extra],
                            env=_env())
     metrics, state = Path(run_out) / "metrics.jsonl", Path(run_out) / "train_state" / "state.json"
     deadline = time.time() + 240
@@ -253,8 +257,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     killed_at = read_metrics(metrics)[-1]["step"]
     ckpt = read_train_state(run_out)["step"]
     assert 3 <= ckpt < steps and killed_at < steps
-    resumed = subprocess.run([sys.executable, str(script), run_out, "1", "1", "2", str(steps), "0", "0.1"],
+    resumed = subprocess.run([sys.executable, str(script), run_out, "1", "1", "2", str(steps), "0", *extra],
                              env=_env(), timeout=240)
+    assert read_train_state(run_out)["cores"] == (int(cores) or 1)
     assert resumed.returncode == 0
     ref_losses = json.loads(Path(ref_out + ".losses.json").read_text())[:-1]  # the last entry is the val loss
     run_losses = [r["loss"] for r in read_metrics(metrics) if "loss" in r]

@@ -1,0 +1,336 @@
+"""Training on every CPU core at once: one shard of each batch per core, each shard single-threaded.
+
+PyTorch's usual way to use several CPU cores is *intra-op* parallelism: every op (a matrix product, a softmax, an
+add) is cut across the cores and joined again before the next op starts. A training step of a small transformer
+is a few thousand ops, and each join makes the fast cores wait for the slow one. The other way is the one
+data-parallel training uses across machines, brought inside one process: cut the batch into one shard per core,
+let each core run the whole forward and backward of its shard with single-threaded ops, and add the shards'
+gradients. Nothing waits until the end of the step.
+
+    batch (B rows) -> shard 0 (rows 0..B/2)  -> core 0: loss_0, grads_0 ┐
+                   -> shard 1 (rows B/2..B)  -> core 1: loss_1, grads_1 ┴> grad = w_0 grads_0 + w_1 grads_1
+
+Each shard's loss is weighted by its share of the rows (w_i = rows_i / B), so for a batch whose rows all score
+the same number of tokens the summed gradient is the full batch's gradient (to float rounding), exactly as
+gradient accumulation adds micro-batches. The sum is taken in a fixed order, so a run is as repeatable as a
+single-threaded one: resuming after a crash gives bit-identical losses.
+
+Two more things make a shard fast:
+
+- **The matrix products.** With one thread per shard, each product is single-threaded, and the BLAS that does it
+  matters. PyTorch's CPU wheels use Intel's MKL; numpy's wheels ship OpenBLAS, which on some CPUs (AMD's among
+  them) runs a single-threaded fp32 product markedly faster. `cpu_matmul="auto"` times both once on a
+  representative product and takes the faster. The numpy route is a `torch.library` custom op with its own
+  backward (dX = dY W, dW = dYᵀ X), so `torch.compile` keeps it as one opaque call inside its graph.
+- **No thread pool fighting another.** OpenBLAS's worker threads and PyTorch's OpenMP threads each spin while
+  they wait for work; two pools on the same cores slow each other down. Here every pool is held at one thread
+  for the step (`torch.set_num_threads(1)`, and numpy's BLAS through threadpoolctl), and the only threads that
+  run are the shards' own.
+
+The cost: the shards run in Python threads, so a model's Python code takes turns holding the interpreter lock
+(the ops themselves release it), and dropout draws from PyTorch's one global random generator, whose order two
+threads would make unrepeatable, so models with dropout train the usual way. `TrainConfig(cores=...)` picks the
+mode; `auto` uses it for fp32 training on a CPU in one process when torch has more than one thread.
+
+    from lmforge.cores import CoreParallel
+    cores = CoreParallel(model, n=2)          # what train() builds for cores=auto on a 2-core machine
+    loss = cores.backward(loss_fn, model, batch, scale=1.0)   # fills p.grad like loss.backward()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Matrix products through numpy's BLAS, as custom ops that autograd and torch.compile understand
+# ----------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("lmforge::np_mm", mutates_args=())
+def np_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D fp32 CPU tensors, computed by numpy's BLAS. Transposed views are passed as BLAS flags."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    np.matmul(_blas_view(a), _blas_view(b), out=out.numpy())
+    return out
+
+
+@np_mm.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def _blas_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view BLAS can read without a copy: row-major, or a transposed (column-major) matrix."""
+    if not (t.is_contiguous() or t.t().is_contiguous()):
+        t = t.contiguous()
+    return t.numpy()
+
+
+@torch.library.custom_op("lmforge::np_linear", mutates_args=())
+def np_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear (x W^T + b) with the product done by numpy's BLAS. x: (..., in), weight: (out, in)."""
+    y = np_mm(x.reshape(-1, x.shape[-1]), weight.t())
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@np_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _np_linear_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _np_linear_backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = np_mm(g, weight).view(x.shape)  # dX = dY W: (N, out) @ (out, in)
+    if ctx.needs_input_grad[1]:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if weight.t().is_contiguous() and not weight.is_contiguous():
+            gw = np_mm(x2.t(), g).t()  # a column-major weight gets a column-major gradient: (X^T dY)^T
+        else:
+            gw = np_mm(g.t(), x2)  # dW = dY^T X: (out, N) @ (N, in)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = g.sum(0)
+    return gx, gw, gb
+
+
+np_linear.register_autograd(_np_linear_backward, setup_context=_np_linear_setup)
+
+
+def _np_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return np_linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def numpy_linears(model: nn.Module) -> Iterator[int]:
+    """Route every plain fp32 CPU `nn.Linear` of `model` through numpy's BLAS while the block runs.
+
+    Yields how many modules were routed. Each module's own forward is restored on exit (the patch is an
+    instance attribute, so other models of the same class are never touched)."""
+    routed = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
+              and m.weight.device.type == "cpu" and "forward" not in vars(m)]
+    for m in routed:
+        m.forward = types.MethodType(_np_linear_forward, m)
+    try:
+        yield len(routed)
+    finally:
+        for m in routed:
+            vars(m).pop("forward", None)
+
+
+_MATMUL_CHOICE: dict[tuple, str] = {}
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every distinct plain fp32 CPU nn.Linear in the model: what `numpy_linears` would route."""
+    return sorted({(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear
+                   and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"})
+
+
+def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
+    """"numpy" if numpy's BLAS runs these linear layers' products at least 5% faster than torch's, else "torch".
+
+    Measured as the shards use them: n threads at once, each single-threaded, each running the forward and
+    backward (three products) of a `rows`-row batch through a linear layer of every (in, out) shape. The two
+    libraries take turns, 3 timed rounds each after a warm-up; medians compared. Once per process and shape set
+    (about a second for a 20M-parameter model; the first use of the custom op also imports torch._dynamo)."""
+    key = (n, tuple(shapes), rows)
+    if key in _MATMUL_CHOICE:
+        return _MATMUL_CHOICE[key]
+    if not shapes:
+        return "torch"
+    from threadpoolctl import threadpool_limits
+
+    tensors = [(torch.randn(rows, i, requires_grad=True), torch.randn(o, i, requires_grad=True),
+                torch.randn(rows, o)) for i, o in shapes]
+
+    def run(linear):
+        for x, w, g in tensors:
+            torch.autograd.grad(linear(x, w, None), (x, w), g)
+
+    times: dict[str, list[float]] = {"torch": [], "numpy": []}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n) as pool:
+            for i in range(4):
+                for name, linear in (("torch", F.linear), ("numpy", np_linear)):
+                    t0 = time.perf_counter()
+                    for f in [pool.submit(run, linear) for _ in range(n)]:
+                        f.result()
+                    if i:  # the first round warms both up
+                        times[name].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    choice = "numpy" if statistics.median(times["numpy"]) < 0.95 * statistics.median(times["torch"]) else "torch"
+    _MATMUL_CHOICE[key] = choice
+    return choice
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards of a batch
+# ----------------------------------------------------------------------------------------------------------------
+def _rows(batch: Any) -> int | None:
+    """The number of rows every tensor of the batch shares (dim 0), or None if the batch cannot be cut by rows."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else None
+    leaves = list(batch.values()) if isinstance(batch, dict) else list(batch) if isinstance(batch, (tuple, list)) \
+        else None
+    if not leaves:
+        return None
+    sizes = {_rows(x) for x in leaves}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def _take(batch: Any, lo: int, hi: int) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi]
+    if isinstance(batch, dict):
+        return {k: _take(v, lo, hi) for k, v in batch.items()}
+    return type(batch)(_take(v, lo, hi) for v in batch)
+
+
+def shard_batch(batch: Any, n: int) -> list[tuple[Any, float]]:
+    """Cut a batch (tensor, dict or tuple of tensors sharing dim 0) into at most n shards of consecutive rows.
+
+    Returns (shard, weight) pairs, the weight being the shard's share of the rows; [] if the batch has no common
+    row dimension (then it runs whole)."""
+    rows = _rows(batch)
+    if not rows:
+        return []
+    n = min(n, rows)
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [(_take(batch, lo, hi), (hi - lo) / rows) for lo, hi in zip(bounds, bounds[1:])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------------------------
+def dropout_active(model: nn.Module) -> bool:
+    """Whether a training forward of `model` would draw random numbers for dropout."""
+    cfg = getattr(model, "config", None)
+    if float(getattr(cfg, "dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+class CoreParallel:
+    """Runs each batch as `n` shards on `n` threads, each single-threaded, and sums the gradients in order.
+
+    Use `backward` in place of ``loss_fn(model, batch).backward()`` and `loss` in place of a no-grad
+    ``loss_fn(model, batch)``; enter the object (``with cores:``) around the whole run so numpy's BLAS is held at
+    one thread and the model's Linears take the faster product (`matmul`: "numpy" or "torch"). Close it when done.
+    """
+
+    def __init__(self, model: nn.Module, n: int, matmul: str = "torch"):
+        if n < 2:
+            raise ConfigError(f"cores={n}: core-parallel training needs at least 2 cores")
+        if matmul not in ("torch", "numpy"):
+            raise ConfigError(f"cpu_matmul={matmul!r} is not one of: auto, torch, numpy")
+        self.model, self.n, self.matmul = model, n, matmul
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = list({id(p): p for p in self.params}.values())  # a tied weight once
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="lmforge-core")
+        self._stack = contextlib.ExitStack()
+        self._warm: set[tuple] = set()  # step functions already run once (a first compile runs alone)
+
+    def __enter__(self) -> CoreParallel:
+        from threadpoolctl import threadpool_limits
+
+        self._stack.enter_context(threadpool_limits(1, user_api="blas"))
+        if self.matmul == "numpy":
+            self._stack.enter_context(numpy_linears(self.model))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self, fn: Callable, shards: list, key: tuple) -> list:
+        """fn(shard) on the pool, one thread per shard, torch held at one thread; results in shard order."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if key not in self._warm:  # the first call of a step function runs its shards one at a time, so
+                self._warm.add(key)     # that a torch.compile happens once, without a second thread waiting
+                return [self._pool.submit(fn, s).result() for s in shards]
+            futures = [self._pool.submit(fn, s) for s in shards]
+            return [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+
+    def backward(self, loss_fn: Callable, model: nn.Module, batch: Any, scale: float = 1.0) -> torch.Tensor:
+        """Like ``(loss_fn(model, batch) * scale).backward()``; returns the batch's loss (detached).
+
+        Gradients add onto any already in ``p.grad`` (gradient accumulation), shard 0 first."""
+        shards = shard_batch(batch, self.n)
+        if len(shards) < 2:  # nothing to cut: the usual way, with torch's own threads
+            loss = loss_fn(model, batch)
+            (loss * scale).backward()
+            return loss.detach()
+        params = self.params
+
+        def one(item):
+            shard, weight = item
+            loss = loss_fn(model, shard)
+            grads = torch.autograd.grad(loss * (weight * scale), params, allow_unused=True)
+            return loss.detach() * weight, grads
+
+        results = self._run(one, shards, ("backward", id(loss_fn)))
+        total = results[0][0]
+        for r in results[1:]:
+            total = total + r[0]
+        for i, p in enumerate(params):
+            grads = [r[1][i] for r in results if r[1][i] is not None]
+            if not grads:
+                continue
+            g = grads[0]
+            for other in grads[1:]:
+                g = g + other
+            if p.grad is None:
+                p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
+            else:
+                p.grad += g
+        return total
+
+    @torch.no_grad()
+    def loss(self, loss_fn: Callable, model: nn.Module, batch: Any) -> torch.Tensor:
+        """loss_fn(model, batch) computed shard by shard on the cores (no gradients): the row-weighted mean."""
+        shards = shard_batch(batch, self.n)
+        if len(shards) < 2:
+            return loss_fn(model, batch)
+
+        def one(item):
+            shard, weight = item
+            with torch.no_grad():  # grad mode is per thread
+                return loss_fn(model, shard).detach() * weight
+
+        parts = self._run(one, shards, ("loss", id(loss_fn)))
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        return total
