@@ -27,6 +27,12 @@ Two more things make a shard fast:
   for the step (`torch.set_num_threads(1)`, and numpy's BLAS through threadpoolctl), and the only threads that
   run are the shards' own.
 
+Only a loss whose rows are scored independently can be cut this way, so `train()` shards a batch only when its
+loss function says what it averages over: rows (`lmforge.train.row_mean`, classification) or scored target tokens
+(`token_mean`, the next-token cross-entropy; a shard then weighs its share of the scored tokens, so SFT batches
+whose prompts are masked add up to the whole batch's mean). DPO, whose rows pair a chosen answer with a rejected
+one, sees its batches whole.
+
 The cost: the shards run in Python threads, so a model's Python code takes turns holding the interpreter lock
 (the ops themselves release it), and dropout draws from PyTorch's one global random generator, whose order two
 threads would make unrepeatable, so models with dropout train the usual way. `TrainConfig(cores=...)` picks the
@@ -40,7 +46,6 @@ mode; `auto` uses it for fp32 training on a CPU in one process when torch has mo
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -149,12 +154,15 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
 
 
 def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
-    """"numpy" if numpy's BLAS runs these linear layers' products at least 5% faster than torch's, else "torch".
+    """"numpy" if numpy's BLAS runs these linear layers' products faster than torch's, else "torch".
 
     Measured as the shards use them: n threads at once, each single-threaded, each running the forward and
     backward (three products) of a `rows`-row batch through a linear layer of every (in, out) shape. The two
-    libraries take turns, 3 timed rounds each after a warm-up; medians compared. Once per process and shape set
-    (about a second for a 20M-parameter model; the first use of the custom op also imports torch._dynamo)."""
+    libraries take turns, 7 timed rounds each after a warm-up, and the median of the 7 ratios of neighbouring
+    rounds decides (neighbours see the same load from anything else on the machine). When the two are within
+    noise of each other the pick may differ between runs, which costs nothing; a resumed run reuses the pick its
+    checkpoint recorded. Once per process and shape set: about 4 s for a 20M-parameter model, a fraction of a
+    second for a small one (the custom op's first use also imports torch._dynamo, ~2 s)."""
     key = (n, tuple(shapes), rows)
     if key in _MATMUL_CHOICE:
         return _MATMUL_CHOICE[key]
@@ -174,7 +182,7 @@ def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
     torch.set_num_threads(1)
     try:
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-            for i in range(4):
+            for i in range(8):
                 for name, linear in (("torch", F.linear), ("numpy", np_linear)):
                     t0 = time.perf_counter()
                     for f in [pool.submit(run, linear) for _ in range(n)]:
@@ -183,7 +191,8 @@ def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
                         times[name].append(time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old)
-    choice = "numpy" if statistics.median(times["numpy"]) < 0.95 * statistics.median(times["torch"]) else "torch"
+    ratios = sorted(t / n for t, n in zip(times["torch"], times["numpy"]))  # neighbours in time: same load
+    choice = "numpy" if ratios[len(ratios) // 2] > 1.0 else "torch"
     _MATMUL_CHOICE[key] = choice
     return choice
 
@@ -211,17 +220,31 @@ def _take(batch: Any, lo: int, hi: int) -> Any:
     return type(batch)(_take(v, lo, hi) for v in batch)
 
 
-def shard_batch(batch: Any, n: int) -> list[tuple[Any, float]]:
+def _scored_targets(batch: Any) -> int:
+    """Targets a token-mean loss scores in this batch: labels (or the second element of a pair) other than -100."""
+    targets = batch.get("labels", batch.get("targets")) if isinstance(batch, dict) else batch[1]
+    return int((targets != -100).sum())
+
+
+def shard_batch(batch: Any, n: int, mean: str = "rows") -> list[tuple[Any, float]]:
     """Cut a batch (tensor, dict or tuple of tensors sharing dim 0) into at most n shards of consecutive rows.
 
-    Returns (shard, weight) pairs, the weight being the shard's share of the rows; [] if the batch has no common
-    row dimension (then it runs whole)."""
+    Returns (shard, weight) pairs; the weights add up to 1 and make the weighted sum of the shards' mean losses
+    the whole batch's mean loss. `mean="rows"`: the loss averages over rows, and a shard weighs its share of the
+    rows. `mean="tokens"`: the loss averages over the targets that are not -100 (`next_token_loss`), and a shard
+    weighs its share of the scored targets; a shard with none is left out (its mean would be 0/0).
+    [] if the batch has no common row dimension or nothing to score (then it runs whole)."""
     rows = _rows(batch)
     if not rows:
         return []
     n = min(n, rows)
     bounds = [rows * i // n for i in range(n + 1)]
-    return [(_take(batch, lo, hi), (hi - lo) / rows) for lo, hi in zip(bounds, bounds[1:])]
+    shards = [_take(batch, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    if mean == "rows":
+        return [(s, (hi - lo) / rows) for s, lo, hi in zip(shards, bounds, bounds[1:])]
+    counts = [_scored_targets(s) for s in shards]
+    total = sum(counts)
+    return [(s, c / total) for s, c in zip(shards, counts) if c] if total else []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,16 +262,19 @@ class CoreParallel:
     """Runs each batch as `n` shards on `n` threads, each single-threaded, and sums the gradients in order.
 
     Use `backward` in place of ``loss_fn(model, batch).backward()`` and `loss` in place of a no-grad
-    ``loss_fn(model, batch)``; enter the object (``with cores:``) around the whole run so numpy's BLAS is held at
+    ``loss_fn(model, batch)``, for a loss whose rows are scored independently and averaged over rows or over
+    tokens (`mean`, see `shard_batch`); enter the object (``with cores:``) around the whole run so numpy's BLAS is held at
     one thread and the model's Linears take the faster product (`matmul`: "numpy" or "torch"). Close it when done.
     """
 
-    def __init__(self, model: nn.Module, n: int, matmul: str = "torch"):
+    def __init__(self, model: nn.Module, n: int, matmul: str = "torch", mean: str = "rows"):
         if n < 2:
             raise ConfigError(f"cores={n}: core-parallel training needs at least 2 cores")
         if matmul not in ("torch", "numpy"):
             raise ConfigError(f"cpu_matmul={matmul!r} is not one of: auto, torch, numpy")
-        self.model, self.n, self.matmul = model, n, matmul
+        if mean not in ("rows", "tokens"):
+            raise ConfigError(f"mean={mean!r}: a loss averages over 'rows' or 'tokens'")
+        self.model, self.n, self.matmul, self.mean = model, n, matmul, mean
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.params = list({id(p): p for p in self.params}.values())  # a tied weight once
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="lmforge-core")
@@ -283,11 +309,13 @@ class CoreParallel:
         finally:
             torch.set_num_threads(threads)
 
-    def backward(self, loss_fn: Callable, model: nn.Module, batch: Any, scale: float = 1.0) -> torch.Tensor:
+    def backward(self, loss_fn: Callable, model: nn.Module, batch: Any, scale: float = 1.0,
+                 mean: str | None = None) -> torch.Tensor:
         """Like ``(loss_fn(model, batch) * scale).backward()``; returns the batch's loss (detached).
 
-        Gradients add onto any already in ``p.grad`` (gradient accumulation), shard 0 first."""
-        shards = shard_batch(batch, self.n)
+        Gradients add onto any already in ``p.grad`` (gradient accumulation), shard 0 first. `mean`: what the
+        loss averages over, "rows" or "tokens" (see `shard_batch`); default: the one given at construction."""
+        shards = shard_batch(batch, self.n, mean or self.mean)
         if len(shards) < 2:  # nothing to cut: the usual way, with torch's own threads
             loss = loss_fn(model, batch)
             (loss * scale).backward()
@@ -318,9 +346,10 @@ class CoreParallel:
         return total
 
     @torch.no_grad()
-    def loss(self, loss_fn: Callable, model: nn.Module, batch: Any) -> torch.Tensor:
-        """loss_fn(model, batch) computed shard by shard on the cores (no gradients): the row-weighted mean."""
-        shards = shard_batch(batch, self.n)
+    def loss(self, loss_fn: Callable, model: nn.Module, batch: Any, mean: str | None = None) -> torch.Tensor:
+        """loss_fn(model, batch) computed shard by shard on the cores (no gradients), shards weighted as in
+        `backward`."""
+        shards = shard_batch(batch, self.n, mean or self.mean)
         if len(shards) < 2:
             return loss_fn(model, batch)
 

@@ -21,6 +21,9 @@ Why each piece is there:
   continue a run without restarting the schedule. ``constant`` is for short fine-tunes.
 - **Mixed precision.** On CUDA the forward pass runs under bf16 autocast (same exponent range as fp32, so no loss
   scaling); weights and optimizer state stay fp32. On CPU we train in fp32.
+- **Every CPU core.** On a CPU each micro-batch is cut into one shard per core, and each core runs its shard's
+  forward and backward single-threaded; the gradients are added in a fixed order (`lmforge.cores`, ``cores``).
+  No op waits for the other cores, and the products can use whichever BLAS is faster here.
 - **Exact resume.** A checkpoint is the run directory plus ``train_state/``: trainable weights (fp32, safetensors),
   optimizer moments, RNG states, the step and the *data position*. Batches are addressed by a global index
   (``train_data(index)``), so the resumed run draws exactly the batches the killed run would have drawn, and on
@@ -218,6 +221,25 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+def row_mean(loss_fn: Callable) -> Callable:
+    """Declare that a loss is the mean over the batch's rows, each row scored on its own (classification).
+
+    `lmforge.cores` cuts a batch into shards only for a loss declared this way or with `token_mean`: a loss whose
+    rows depend on each other (DPO pairs a chosen row with a rejected one) must see its batch whole."""
+    loss_fn.batch_mean = "rows"
+    return loss_fn
+
+
+def token_mean(loss_fn: Callable) -> Callable:
+    """Declare that a loss is the mean over the batch's targets other than -100, each row scored on its own.
+
+    `lmforge.cores` then weighs each shard of a batch by its share of scored targets, so the shards add up to the
+    whole batch's token mean even when the rows score different numbers of tokens (prompts masked in SFT)."""
+    loss_fn.batch_mean = "tokens"
+    return loss_fn
+
+
+@token_mean
 def next_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Mean cross-entropy of predicting each target token; targets of -100 are ignored (padding, prompts).
 
@@ -605,8 +627,8 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: s
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
-def _core_parallel(cfg: TrainConfig, model: nn.Module, device: torch.device, dist_info: DistInfo,
-                   log: Callable[[str], None], resumed: dict[str, Any]):
+def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device: torch.device,
+                   dist_info: DistInfo, log: Callable[[str], None], resumed: dict[str, Any]):
     """The `lmforge.cores.CoreParallel` runner this run uses, or None (see TrainConfig.cores).
 
     A resumed run keeps the shard count and matrix-product library its checkpoint recorded (when the config
@@ -624,6 +646,9 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, device: torch.device, dis
         why_not = "the run has several processes"
     elif cfg.dtype not in ("auto", "float32", "fp32"):
         why_not = f"it needs float32 training, not {cfg.dtype}"
+    elif getattr(loss_fn, "batch_mean", None) not in ("rows", "tokens"):
+        why_not = ("the loss function does not declare how its batch may be cut into shards (mark it with "
+                   "lmforge.train.row_mean or token_mean)")
     elif dropout_active(model):
         why_not = "the model uses dropout (random numbers drawn from two threads would make runs unrepeatable)"
     if why_not is not None:
@@ -635,7 +660,7 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, device: torch.device, dis
         matmul = resumed.get("cpu_matmul") or pick_matmul(n, linear_shapes(model))
     log(f"training on {n} cores: one shard of each batch per core, matrix products by "
         f"{'numpy' if matmul == 'numpy' else 'torch'}")
-    return CoreParallel(model, n, matmul)
+    return CoreParallel(model, n, matmul, loss_fn.batch_mean)
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -746,7 +771,7 @@ def train(
             fwd_model = torch.compile(fwd_model)
     autocast = _autocast(device, cfg.dtype)
     params = [p for _, p in unique_trainable(raw_model)]
-    cores = _core_parallel(cfg, raw_model, device, dist_info, log, state)
+    cores = _core_parallel(cfg, raw_model, loss_fn, device, dist_info, log, state)
     eval_loss = loss_fn if cores is None else (lambda m, b: cores.loss(loss_fn, m, b))
 
     def record(rec: dict[str, Any]) -> None:

@@ -140,6 +140,29 @@ def test_core_parallel_gradients_equal_the_whole_batch(matmul):
     assert not any("forward" in vars(m) for m in model.modules())  # leaving the block restored the layers
 
 
+def test_token_mean_losses_weigh_shards_by_scored_targets():
+    """SFT batches mask prompts with -100: rows score different numbers of tokens, a shard may score none."""
+    model = tiny_model()
+    batch = PackedBatches(tokens(), 4, 32, seed=2)(0)
+    labels = batch["labels"].clone()
+    labels[:2] = -100  # shard 0 (rows 0-1) scores nothing
+    labels[2, :20] = -100  # row 2 scores 12 targets, row 3 all 32
+    batch = {"input_ids": batch["input_ids"], "labels": labels}
+    assert [w for _, w in shard_batch(batch, 2, mean="tokens")] == [1.0]  # the empty shard is left out
+    assert [w for _, w in shard_batch(batch, 4, mean="tokens")] == [12 / 44, 32 / 44]
+    ref_loss = next_token_loss(model, batch)
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with CoreParallel(model, 4, "torch", mean="tokens") as cores:
+        loss = cores.backward(next_token_loss, model, batch)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert next_token_loss.batch_mean == "tokens"
+
+
 def test_core_parallel_needs_two_cores_and_a_known_matmul():
     with pytest.raises(ConfigError, match="at least 2"):
         CoreParallel(tiny_model(), 1)
@@ -212,4 +235,12 @@ def test_auto_keeps_the_usual_path_for_one_thread_and_for_dropout(monkeypatch):
     train(tiny_model(dropout=0.1), data, TrainConfig(max_steps=1, eval_every=0, progress=False, cores=2),
           log=notes.append)
     assert any("cores=2 is ignored" in n and "dropout" in n for n in notes)
+
+    def pair_loss(model, batch):  # rows that depend on each other (as DPO's chosen/rejected halves): not declared
+        return next_token_loss(model, batch)
+
+    notes.clear()
+    train(tiny_model(), data, TrainConfig(max_steps=1, eval_every=0, progress=False, cores=2), loss_fn=pair_loss,
+          log=notes.append)
+    assert any("cores=2 is ignored" in n and "does not declare" in n for n in notes)
     assert dropout_active(tiny_model(dropout=0.1)) and not dropout_active(tiny_model())

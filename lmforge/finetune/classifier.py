@@ -28,6 +28,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, ConfigError
 from ..utils import atomic_dir, atomic_write_json, read_json
 from .data import classification_collate, encode_texts
+from ..train import row_mean
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_HEAD = "classifier_head.safetensors"
@@ -77,6 +78,7 @@ def set_trainable(clf: SequenceClassifier, train_layers: int = 1) -> None:
         p.requires_grad = True
 
 
+@row_mean
 def classification_loss(clf: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = clf(batch["input_ids"], batch["attention_mask"])  # (B, K)
     return nn.functional.cross_entropy(logits.float(), batch["labels"])

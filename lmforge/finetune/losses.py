@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+from ..train import token_mean
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,6 +51,7 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
     return token_logprobs(logits, batch["labels"]).sum(-1)
 
 
+@token_mean
 def response_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the response tokens of the batch (prompt and padding are -100)."""
     logits = model(batch["input_ids"])  # (B, T, V)
