@@ -10,18 +10,18 @@ gradients. Nothing waits until the end of the step.
     batch (B rows) -> shard 0 (rows 0..B/2)  -> core 0: loss_0, grads_0 ┐
                    -> shard 1 (rows B/2..B)  -> core 1: loss_1, grads_1 ┴> grad = w_0 grads_0 + w_1 grads_1
 
-Each shard's loss is weighted by its share of the rows (w_i = rows_i / B), so for a batch whose rows all score
-the same number of tokens the summed gradient is the full batch's gradient (to float rounding), exactly as
-gradient accumulation adds micro-batches. The sum is taken in a fixed order, so a run is as repeatable as a
-single-threaded one: resuming after a crash gives bit-identical losses.
+Each shard's loss is weighted by its share of what the loss averages over (w_i = rows_i / B for a mean over
+rows; its share of the scored tokens for a token mean), so the summed gradient is the whole batch's gradient to
+float rounding, as when gradient accumulation adds micro-batches. The sum is taken in a fixed order, so a run is
+as repeatable as a single-threaded one: resuming after a crash gives bit-identical losses.
 
 Two more things make a shard fast:
 
 - **The matrix products.** With one thread per shard, each product is single-threaded, and the BLAS that does it
   matters. PyTorch's CPU wheels use Intel's MKL; numpy's wheels ship OpenBLAS, which on some CPUs (AMD's among
-  them) runs a single-threaded fp32 product markedly faster. `cpu_matmul="auto"` times both once on a
-  representative product and takes the faster. The numpy route is a `torch.library` custom op with its own
-  backward (dX = dY W, dW = dYᵀ X), so `torch.compile` keeps it as one opaque call inside its graph.
+  them) can run these products faster. `cpu_matmul="auto"` times both once on the model's own layer shapes, n
+  threads at once as the shards run them, and takes the faster. The numpy route is a `torch.library` custom op
+  with its own backward (dX = dY W, dW = dYᵀ X), so `torch.compile` keeps it as one opaque call in its graph.
 - **No thread pool fighting another.** OpenBLAS's worker threads and PyTorch's OpenMP threads each spin while
   they wait for work; two pools on the same cores slow each other down. Here every pool is held at one thread
   for the step (`torch.set_num_threads(1)`, and numpy's BLAS through threadpoolctl), and the only threads that
@@ -39,8 +39,8 @@ threads would make unrepeatable, so models with dropout train the usual way. `Tr
 mode; `auto` uses it for fp32 training on a CPU in one process when torch has more than one thread.
 
     from lmforge.cores import CoreParallel
-    cores = CoreParallel(model, n=2)          # what train() builds for cores=auto on a 2-core machine
-    loss = cores.backward(loss_fn, model, batch, scale=1.0)   # fills p.grad like loss.backward()
+    with CoreParallel(model, n=2, matmul="numpy", mean="tokens") as cores:  # what train() builds on 2 cores
+        loss = cores.backward(next_token_loss, model, batch)  # fills p.grad as loss.backward() would
 """
 
 from __future__ import annotations
@@ -263,8 +263,9 @@ class CoreParallel:
 
     Use `backward` in place of ``loss_fn(model, batch).backward()`` and `loss` in place of a no-grad
     ``loss_fn(model, batch)``, for a loss whose rows are scored independently and averaged over rows or over
-    tokens (`mean`, see `shard_batch`); enter the object (``with cores:``) around the whole run so numpy's BLAS is held at
-    one thread and the model's Linears take the faster product (`matmul`: "numpy" or "torch"). Close it when done.
+    tokens (`mean`, see `shard_batch`). Enter the object (``with cores:``) around the whole run: numpy's BLAS is
+    then held at one thread, and with `matmul="numpy"` the model's Linears take numpy's product. Leaving the block
+    (or `close`) restores both and stops the threads.
     """
 
     def __init__(self, model: nn.Module, n: int, matmul: str = "torch", mean: str = "rows"):
