@@ -636,7 +636,8 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
     resumed losses would no longer match an uninterrupted run bit for bit."""
     from .cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
 
-    n = cfg.cores or int(resumed.get("cores") or 0) or torch.get_num_threads()
+    recorded = resumed.get("cores", 1) if resumed else 0  # checkpoints from before lmforge.cores: one thread pool
+    n = cfg.cores or int(recorded or 0) or torch.get_num_threads()
     if n == 1:
         return None
     why_not = None

@@ -222,6 +222,25 @@ def test_resume_keeps_the_recorded_cores_and_matmul_and_is_exact(tmp_path, monke
     assert [r["loss"] for r in recs if "loss" in r] == _losses(ref)
 
 
+def test_resuming_a_checkpoint_from_before_cores_keeps_one_thread_pool(tmp_path):
+    data = PackedBatches(tokens(), 4, 32, seed=3)
+    cfg = dict(lr=1e-2, batch_size=4, eval_every=0, progress=False)
+    train(tiny_model(), data, TrainConfig(max_steps=2, cores=1, **cfg), out_dir=tmp_path)
+    state_file = tmp_path / "train_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["cores"], state["cpu_matmul"]  # what an older lmforge wrote
+    state_file.write_text(json.dumps(state))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # auto would otherwise cut batches in two
+    try:
+        notes: list[str] = []
+        train(tiny_model(), data, TrainConfig(max_steps=3, **cfg), out_dir=tmp_path, resume=True, log=notes.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert not any("training on" in n for n in notes)
+    assert read_train_state(tmp_path)["cores"] == 1
+
+
 def test_auto_keeps_the_usual_path_for_one_thread_and_for_dropout(monkeypatch):
     import lmforge.cores
 
