@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .train import split_batch, unique_trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +145,25 @@ def numpy_linears(model: nn.Module) -> Iterator[int]:
             vars(m).pop("forward", None)
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op pool held at one thread inside the block (the setting is process-wide)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_order_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """t0 + t1 + ... added left to right, always in this order (a run stays repeatable bit for bit)."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
 _MATMUL_CHOICE: dict[tuple, str] = {}
 
 
@@ -178,19 +198,14 @@ def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
             torch.autograd.grad(linear(x, w, None), (x, w), g)
 
     times: dict[str, list[float]] = {"torch": [], "numpy": []}
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n) as pool:
-            for i in range(8):
-                for name, linear in (("torch", F.linear), ("numpy", np_linear)):
-                    t0 = time.perf_counter()
-                    for f in [pool.submit(run, linear) for _ in range(n)]:
-                        f.result()
-                    if i:  # the first round warms both up
-                        times[name].append(time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(old)
+    with _one_torch_thread(), threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(n) as pool:
+        for i in range(8):
+            for name, linear in (("torch", F.linear), ("numpy", np_linear)):
+                t0 = time.perf_counter()
+                for f in [pool.submit(run, linear) for _ in range(n)]:
+                    f.result()
+                if i:  # the first round warms both up
+                    times[name].append(time.perf_counter() - t0)
     ratios = sorted(t / n for t, n in zip(times["torch"], times["numpy"]))  # neighbours in time: same load
     choice = "numpy" if ratios[len(ratios) // 2] > 1.0 else "torch"
     _MATMUL_CHOICE[key] = choice
@@ -220,12 +235,6 @@ def _take(batch: Any, lo: int, hi: int) -> Any:
     return type(batch)(_take(v, lo, hi) for v in batch)
 
 
-def _scored_targets(batch: Any) -> int:
-    """Targets a token-mean loss scores in this batch: labels (or the second element of a pair) other than -100."""
-    targets = batch.get("labels", batch.get("targets")) if isinstance(batch, dict) else batch[1]
-    return int((targets != -100).sum())
-
-
 def shard_batch(batch: Any, n: int, mean: str = "rows") -> list[tuple[Any, float]]:
     """Cut a batch (tensor, dict or tuple of tensors sharing dim 0) into at most n shards of consecutive rows.
 
@@ -242,7 +251,7 @@ def shard_batch(batch: Any, n: int, mean: str = "rows") -> list[tuple[Any, float
     shards = [_take(batch, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
     if mean == "rows":
         return [(s, (hi - lo) / rows) for s, lo, hi in zip(shards, bounds, bounds[1:])]
-    counts = [_scored_targets(s) for s in shards]
+    counts = [int((split_batch(s)[1] != -100).sum()) for s in shards]  # the targets a token mean scores
     total = sum(counts)
     return [(s, c / total) for s, c in zip(shards, counts) if c] if total else []
 
@@ -276,8 +285,7 @@ class CoreParallel:
         if mean not in ("rows", "tokens"):
             raise ConfigError(f"mean={mean!r}: a loss averages over 'rows' or 'tokens'")
         self.model, self.n, self.matmul, self.mean = model, n, matmul, mean
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.params = list({id(p): p for p in self.params}.values())  # a tied weight once
+        self.params = [p for _, p in unique_trainable(model)]  # a tied weight once
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="lmforge-core")
         self._stack = contextlib.ExitStack()
         self._warm: set[tuple] = set()  # step functions already run once (a first compile runs alone)
@@ -299,24 +307,19 @@ class CoreParallel:
 
     def _run(self, fn: Callable, shards: list, key: tuple) -> list:
         """fn(shard) on the pool, one thread per shard, torch held at one thread; results in shard order."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with _one_torch_thread():
             if key not in self._warm:  # the first call of a step function runs its shards one at a time, so
                 self._warm.add(key)     # that a torch.compile happens once, without a second thread waiting
                 return [self._pool.submit(fn, s).result() for s in shards]
             futures = [self._pool.submit(fn, s) for s in shards]
             return [f.result() for f in futures]
-        finally:
-            torch.set_num_threads(threads)
 
-    def backward(self, loss_fn: Callable, model: nn.Module, batch: Any, scale: float = 1.0,
-                 mean: str | None = None) -> torch.Tensor:
+    def backward(self, loss_fn: Callable, model: nn.Module, batch: Any, scale: float = 1.0) -> torch.Tensor:
         """Like ``(loss_fn(model, batch) * scale).backward()``; returns the batch's loss (detached).
 
-        Gradients add onto any already in ``p.grad`` (gradient accumulation), shard 0 first. `mean`: what the
-        loss averages over, "rows" or "tokens" (see `shard_batch`); default: the one given at construction."""
-        shards = shard_batch(batch, self.n, mean or self.mean)
+        Gradients add onto any already in ``p.grad`` (gradient accumulation), shard 0 first; shards are weighted
+        by what the loss averages over (`mean`, given at construction; see `shard_batch`)."""
+        shards = shard_batch(batch, self.n, self.mean)
         if len(shards) < 2:  # nothing to cut: the usual way, with torch's own threads
             loss = loss_fn(model, batch)
             (loss * scale).backward()
@@ -330,27 +333,22 @@ class CoreParallel:
             return loss.detach() * weight, grads
 
         results = self._run(one, shards, ("backward", id(loss_fn)))
-        total = results[0][0]
-        for r in results[1:]:
-            total = total + r[0]
         for i, p in enumerate(params):
             grads = [r[1][i] for r in results if r[1][i] is not None]
             if not grads:
                 continue
-            g = grads[0]
-            for other in grads[1:]:
-                g = g + other
+            g = _in_order_sum(grads)
             if p.grad is None:
                 p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
             else:
                 p.grad += g
-        return total
+        return _in_order_sum([r[0] for r in results])
 
     @torch.no_grad()
-    def loss(self, loss_fn: Callable, model: nn.Module, batch: Any, mean: str | None = None) -> torch.Tensor:
+    def loss(self, loss_fn: Callable, model: nn.Module, batch: Any) -> torch.Tensor:
         """loss_fn(model, batch) computed shard by shard on the cores (no gradients), shards weighted as in
         `backward`."""
-        shards = shard_batch(batch, self.n, mean or self.mean)
+        shards = shard_batch(batch, self.n, self.mean)
         if len(shards) < 2:
             return loss_fn(model, batch)
 
@@ -359,8 +357,4 @@ class CoreParallel:
             with torch.no_grad():  # grad mode is per thread
                 return loss_fn(model, shard).detach() * weight
 
-        parts = self._run(one, shards, ("loss", id(loss_fn)))
-        total = parts[0]
-        for p in parts[1:]:
-            total = total + p
-        return total
+        return _in_order_sum(self._run(one, shards, ("loss", id(loss_fn))))

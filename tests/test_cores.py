@@ -11,20 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
 from lmforge.cores import (CoreParallel, dropout_active, linear_shapes, np_linear, np_mm, numpy_linears,
                            pick_matmul, shard_batch)
 from lmforge.data import PackedBatches
 from lmforge.errors import ConfigError
-from lmforge.model import Transformer
 from lmforge.train import TrainConfig, next_token_loss, read_train_state, train
-
-
-def tiny_model(seed: int = 0, **over) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig.from_name("llama-tiny", **{**dict(vocab_size=64, block_size=32, n_layer=2, n_embd=32,
-                                                      n_head=2, n_kv_head=1, intermediate_size=64), **over})
-    return Transformer(cfg)
+from test_train import tiny_model  # the same 2-layer Llama the loop's own tests train
 
 
 def tokens(n: int = 4000) -> np.ndarray:
