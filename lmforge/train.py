@@ -65,6 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CheckpointError, ConfigError, DataError
+from .heap import retain_freed_memory
 from .utils import atomic_dir, atomic_write, atomic_write_json, parse_device
 
 TRAIN_STATE_DIR = "train_state"
@@ -806,6 +807,9 @@ def train(
             plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
 
     # --- the loop -------------------------------------------------------------------------------------------
+    held = contextlib.ExitStack()
+    if device.type == "cpu":  # each step's freed tensors stay with the process for the next one (lmforge.heap)
+        held.enter_context(retain_freed_memory())
     if cores is not None:
         cores.__enter__()  # numpy's BLAS held at one thread, Linears routed to the faster product; closed below
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -884,6 +888,7 @@ def train(
         bar.close()
         if cores is not None:
             cores.close()
+        held.close()
         if dist_info.owns_group:
             import torch.distributed as dist
 
