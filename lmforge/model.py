@@ -568,7 +568,7 @@ class Transformer(nn.Module):
             raise GenerationError(f"attention_mask shape {tuple(new_mask.shape)} does not match input {(B, T)}")
 
         # --- positions, and the mask over keys -------------------------------------------------------------
-        mask, is_causal, write_idx, kv_len = None, False, None, None
+        mask, is_causal, write_idx, kv_len, plain = None, False, None, None, False
         dense = (kv_cache is not None and kv_cache.dense_len is not None and new_mask is None
                  and position_ids is None)
         if kv_cache is not None and kv_cache.batch_size != B:
@@ -617,6 +617,7 @@ class Transformer(nn.Module):
             elif kv_len == T and new_mask is None and not self.config.sliding_window:
                 mask, is_causal = None, True  # prefill of an empty cache, no padding: the fast causal kernel
         else:
+            plain = position_ids is None and new_mask is None  # positions 0..T-1 in every row (training)
             if position_ids is None:
                 if new_mask is not None:
                     position_ids = (new_mask.long().cumsum(1) - 1).clamp(min=0)
@@ -647,6 +648,9 @@ class Transformer(nn.Module):
                     f"position {int(position_ids.max())} is beyond the context window of {self.config.block_size}")
             x = x + self.wpe(position_ids)  # (B, T, C)
             cos = sin = None
+        elif plain:  # the cached table's first T rows: the same numbers, computed once rather than every forward
+            cos, sin = self.rope_table(T, x.dtype)
+            cos, sin = cos[:T], sin[:T]  # (T, hd), broadcasts to (B, nh, T, hd)
         else:
             cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, hd)
         if self.drop.p:
