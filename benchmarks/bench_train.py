@@ -103,8 +103,9 @@ def main() -> None:
     ours = bench_model(args.block_size)
     n_params = ours.num_params()
     batches = bench_batches(args)
-    conn, child_conn = mp.get_context("spawn").Pipe()
-    child = mp.get_context("spawn").Process(target=peer, args=(args, child_conn), daemon=True)
+    spawn = mp.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    child = spawn.Process(target=peer, args=(args, child_conn), daemon=True)
     child.start()
     conn.recv()  # the peer has built its model
     hf_step_index = [0]

@@ -14,13 +14,17 @@ Memory fresh from the operating system is not free to use: the first touch of ea
 it had a moment ago.
 
 `retain_freed_memory()` asks malloc to keep what it frees for the process: no `mmap` for big blocks (they come from
-the heap, `M_MMAP_MAX = 0`) and no trimming of the heap (`M_TRIM_THRESHOLD` very large). The process then holds its
-peak memory between steps, as PyTorch's caching allocator does on a GPU, and the next step reuses it. When the
-block ends, malloc gets glibc's steady-state defaults back (mmap from 32 MB, trim beyond 64 MB) and `malloc_trim`
-returns what is held to the system. `lmforge.train.train` uses it for every CPU run.
+the heap, `M_MMAP_MAX = 0`), no trimming of the heap (`M_TRIM_THRESHOLD` very large), and one arena for every
+thread (`M_ARENA_MAX = 1`; a thread's own arena is a 64 MB heap that glibc shrinks as it frees). The process then
+holds its peak memory between steps, as PyTorch's caching allocator does on a GPU, and the next step reuses it.
+(Reuse takes a few steps to settle: PyTorch asks for 64-byte-aligned blocks, glibc pads such a request, and a freed
+block of exactly one tensor's size fits the next request of that size only once its free neighbours have merged
+with it.) When the block ends, malloc gets glibc's steady-state defaults back (mmap from 32 MB, trim beyond 64 MB)
+and `malloc_trim` returns what is held to the system. `lmforge.train.train` uses it for every CPU run.
 
-It is glibc-only (Linux); elsewhere it does nothing. If the environment sets `MALLOC_MMAP_MAX_` or
-`MALLOC_TRIM_THRESHOLD_` (glibc's own tunables), the user has chosen, and malloc is left alone.
+It is glibc-only (Linux); elsewhere it does nothing. If the environment sets any of glibc's own malloc tunables
+(`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_ARENA_MAX`, `GLIBC_TUNABLES`), the
+user has chosen, and malloc is left alone.
 
     python -c "from lmforge.heap import show_page_faults; show_page_faults()"   # the cost, measured here
 """
@@ -102,24 +106,6 @@ def retain_freed_memory() -> Iterator[bool]:
                 if _depth == 0:
                     _set(GLIBC_STEADY)
                     glibc().malloc_trim(ctypes.c_size_t(0))
-
-
-@contextlib.contextmanager
-def glibc_defaults() -> Iterator[None]:
-    """Inside the block, malloc behaves as glibc's defaults do (big blocks from and back to the system), even
-    within `retain_freed_memory()`. For measuring code as it runs without lmforge (the peer in a benchmark)."""
-    with _lock:
-        inside = _depth > 0
-        if inside:
-            _set(GLIBC_STEADY)
-            glibc().malloc_trim(ctypes.c_size_t(0))
-    try:
-        yield
-    finally:
-        if inside:
-            with _lock:
-                if _depth > 0:
-                    _set(RETAIN)
 
 
 def page_faults() -> int:

@@ -807,16 +807,16 @@ def train(
             plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
 
     # --- the loop -------------------------------------------------------------------------------------------
-    held = contextlib.ExitStack()
-    if device.type == "cpu":  # each step's freed tensors stay with the process for the next one (lmforge.heap)
-        held.enter_context(retain_freed_memory())
-    if cores is not None:
-        cores.__enter__()  # numpy's BLAS held at one thread, Linears routed to the faster product; closed below
+    held = contextlib.ExitStack()  # what the run holds until it ends, released in the `finally` below
     bar = tqdm(total=cfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (cfg.progress and dist_info.is_main))
     train_loss = val_loss = None
     end_step = cfg.max_steps
     try:
+        if device.type == "cpu":  # each step's freed tensors stay with the process for the next (lmforge.heap)
+            held.enter_context(retain_freed_memory())
+        if cores is not None:  # numpy's BLAS held at one thread, Linears routed to the faster product
+            held.enter_context(cores)
         if cfg.eval_at_start and start_step == 0:
             val_loss = run_eval(start_step)
         t_last, tok_last = time.perf_counter(), tokens
@@ -886,9 +886,7 @@ def train(
         checkpoint(final_step)
     finally:
         bar.close()
-        if cores is not None:
-            cores.close()
-        held.close()
+        held.close()  # the cores' threads first, then malloc's defaults
         if dist_info.owns_group:
             import torch.distributed as dist
 
