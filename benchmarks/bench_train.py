@@ -59,8 +59,8 @@ HP = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 
 
 def peer(args: argparse.Namespace, conn) -> None:
-    """The transformers side, in its own process: one training step per batch index received, its tokens/s sent
-    back; None ends it."""
+    """The transformers side, in its own process: one training step per batch index received, its tokens/s
+    and page faults sent back; None ends it."""
     torch.set_num_threads(args.threads)
     theirs = to_hf_model(bench_model(args.block_size)).train()  # the same initial weights as lmforge's side
     batches = bench_batches(args)

@@ -568,7 +568,8 @@ class Transformer(nn.Module):
             raise GenerationError(f"attention_mask shape {tuple(new_mask.shape)} does not match input {(B, T)}")
 
         # --- positions, and the mask over keys -------------------------------------------------------------
-        mask, is_causal, write_idx, kv_len, plain = None, False, None, None, False
+        mask, is_causal, write_idx, kv_len = None, False, None, None
+        span = None  # (lo, hi) when every row's positions are lo..hi-1: one slice of the cached position tables
         dense = (kv_cache is not None and kv_cache.dense_len is not None and new_mask is None
                  and position_ids is None)
         if kv_cache is not None and kv_cache.batch_size != B:
@@ -580,11 +581,9 @@ class Transformer(nn.Module):
         if dense:  # every row: L real tokens cached, T new ones at slots and positions L..L+T-1
             L = write_idx = kv_cache.dense_len
             kv_len = L + T
+            span = (L, kv_len)
             if kv_len > kv_cache.max_len:
                 raise GenerationError(f"sequence of {kv_len} tokens exceeds the KV cache size {kv_cache.max_len}")
-            if self.wpe is not None and kv_len > self.config.block_size:
-                raise GenerationError(f"position {kv_len - 1} is beyond the context window of "
-                                      f"{self.config.block_size}")
             if L == 0 and not self.config.sliding_window:
                 is_causal = True  # prefill of an empty cache: the fast causal kernel
             elif T > 1 or (self.config.sliding_window and kv_len > self.config.sliding_window):
@@ -617,12 +616,10 @@ class Transformer(nn.Module):
             elif kv_len == T and new_mask is None and not self.config.sliding_window:
                 mask, is_causal = None, True  # prefill of an empty cache, no padding: the fast causal kernel
         else:
-            plain = position_ids is None and new_mask is None  # positions 0..T-1 in every row (training)
-            if position_ids is None:
-                if new_mask is not None:
-                    position_ids = (new_mask.long().cumsum(1) - 1).clamp(min=0)
-                else:
-                    position_ids = torch.arange(T, device=device)[None].expand(B, T)
+            if position_ids is None and new_mask is None:
+                span = (0, T)  # positions 0..T-1 in every row (training, a plain forward)
+            elif position_ids is None:
+                position_ids = (new_mask.long().cumsum(1) - 1).clamp(min=0)
             if new_mask is None and not self.config.sliding_window:
                 is_causal = True
             else:
@@ -635,22 +632,23 @@ class Transformer(nn.Module):
                     # a fully padded query row would softmax over nothing (NaN): let it see itself
                     mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
 
-        if dense:  # positions L..L+T-1 for every row: a slice of the cached tables, broadcast over rows
+        if span is not None:  # positions lo..hi-1 for every row: a slice of the cached tables, broadcast over rows
+            lo, hi = span
             if self.wpe is not None:
-                x = x + self.wpe(torch.arange(L, kv_len, device=device))  # (B, T, C)
+                if hi > self.config.block_size:
+                    raise GenerationError(f"position {hi - 1} is beyond the context window of "
+                                          f"{self.config.block_size}")
+                x = x + self.wpe(torch.arange(lo, hi, device=device))  # (B, T, C)
                 cos = sin = None
-            else:
-                cos, sin = self.rope_table(kv_len, x.dtype)
-                cos, sin = cos[L:kv_len], sin[L:kv_len]  # (T, hd), broadcasts to (B, nh, T, hd)
+            else:  # the same numbers `_rope` computes, made once rather than every forward
+                cos, sin = self.rope_table(hi, x.dtype)
+                cos, sin = cos[lo:hi], sin[lo:hi]  # (T, hd), broadcasts to (B, nh, T, hd)
         elif self.wpe is not None:
             if int(position_ids.max()) >= self.config.block_size:
                 raise GenerationError(
                     f"position {int(position_ids.max())} is beyond the context window of {self.config.block_size}")
             x = x + self.wpe(position_ids)  # (B, T, C)
             cos = sin = None
-        elif plain:  # the cached table's first T rows: the same numbers, computed once rather than every forward
-            cos, sin = self.rope_table(T, x.dtype)
-            cos, sin = cos[:T], sin[:T]  # (T, hd), broadcasts to (B, nh, T, hd)
         else:
             cos, sin = self._rope(position_ids, x.dtype)  # (B, 1, T, hd)
         if self.drop.p:

@@ -660,8 +660,7 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
     matmul = cfg.cpu_matmul
     if matmul == "auto":
         matmul = resumed.get("cpu_matmul") or pick_matmul(n, linear_shapes(model))
-    log(f"training on {n} cores: one shard of each batch per core, matrix products by "
-        f"{'numpy' if matmul == 'numpy' else 'torch'}")
+    log(f"training on {n} cores: one shard of each batch per core, matrix products by {matmul}")
     return CoreParallel(model, n, matmul, loss_fn.batch_mean)
 
 
