@@ -1,0 +1,1 @@
+"""lmforge.agents (being filled by the structure step)."""

@@ -1,0 +1,1 @@
+"""lmforge.compress (being filled by the structure step)."""

@@ -1,0 +1,1 @@
+"""lmforge.formats (being filled by the structure step)."""

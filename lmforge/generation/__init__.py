@@ -1,0 +1,1 @@
+"""lmforge.generation (being filled by the structure step)."""

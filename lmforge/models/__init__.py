@@ -1,0 +1,1 @@
+"""lmforge.models (being filled by the structure step)."""

@@ -1,0 +1,1 @@
+"""lmforge.rag (being filled by the structure step)."""

@@ -1,0 +1,1 @@
+"""lmforge.tasks (being filled by the structure step)."""

@@ -1,0 +1,1 @@
+"""lmforge.tokenizers (being filled by the structure step)."""

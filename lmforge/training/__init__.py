@@ -1,0 +1,1 @@
+"""lmforge.training (being filled by the structure step)."""
