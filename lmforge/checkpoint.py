@@ -148,7 +148,7 @@ def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple],
 
 def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                qconfig: dict[str, Any] | None = None) -> Transformer:
+                qconfig: dict[str, Any] | None = None, source: str = "") -> Transformer:
     """A `Transformer` for `config` holding the tensors `state_fn(expected_shapes)` returns.
 
     The model is created on the meta device (no memory, no random init); `state_fn` receives the name -> shape
@@ -176,6 +176,11 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
         if t.is_floating_point() and dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         sd[name] = t.to(device)
+    integer = {n: t.dtype for n, t in model.state_dict().items() if not t.is_floating_point()}
+    for name, want in integer.items():  # quantized codes and scales: a float tensor here is not what the scheme wrote
+        if name in sd and sd[name].dtype != want:
+            raise CheckpointError(f"{source or 'weights'}: tensor {name!r} is {str(sd[name].dtype)[6:]} but "
+                                  f"quantization.json's scheme stores it as {str(want)[6:]}")
     unexpected = [n for n in sd if n not in expected]
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
@@ -284,7 +289,12 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
                                   f"n_layer={config.n_layer})")
         return sd
 
-    model = build_model(config, state_fn, dtype=torch_dtype, device=_resolve_device(device), qconfig=qconfig)
+    if qconfig and "checksums" in qconfig:
+        from .quantize import verify_checksums
+
+        verify_checksums(sd, qconfig["checksums"], d)
+    model = build_model(config, state_fn, dtype=torch_dtype, device=_resolve_device(device), qconfig=qconfig,
+                        source=source)
     tok = _load_tokenizer(d)
     return LM(model, tok, config, _generation_config(d), _chat_template(d), path=str(d))
 
@@ -480,7 +490,9 @@ def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
         elif (tmp / "chat_template.jinja").exists():
             (tmp / "chat_template.jinja").unlink()
         if qconfig:
-            atomic_write_json(tmp / "quantization.json", dict(qconfig))
+            from .quantize import tensor_checksums  # a bit flip in packed codes would load silently otherwise
+
+            atomic_write_json(tmp / "quantization.json", {**qconfig, "checksums": tensor_checksums(sd)})
         elif (tmp / "quantization.json").exists():
             (tmp / "quantization.json").unlink()
     lm.path = str(path)

@@ -57,6 +57,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import ConfigError
 from .train import split_batch, unique_trainable
 
@@ -137,6 +138,7 @@ def numpy_linears(model: nn.Module) -> Iterator[int]:
     routed = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32
               and m.weight.device.type == "cpu" and "forward" not in vars(m)]
     for m in routed:
+        kernels.own_(m, "weight")  # BLAS reads the weight's memory directly: owned and aligned, never a file view
         m.forward = types.MethodType(_np_linear_forward, m)
     try:
         yield len(routed)

@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .errors import ConfigError, GenerationError
 
@@ -210,7 +211,7 @@ def _column_major_(p: nn.Parameter) -> None:
     (in, out) layout that a one-row product streams fastest."""
     if p.stride() != (1, p.shape[0]):
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor, still trainable afterwards
-            p.data = p.data.t().contiguous().t()
+            p.data = kernels.owned(p.data.t()).t()  # a fresh, aligned allocation, never a mapped file
 
 
 class DecodeWeights:
@@ -245,7 +246,7 @@ class DecodeWeights:
             self.head = (model.lm_head.weight.t(), model.lm_head.bias)
         else:
             def fused(linears):  # [(w (in, sum of outs) contiguous, biases concatenated alike or None)]
-                w = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()
+                w = kernels.owned(torch.cat([lin.weight.detach() for lin in linears]).t())
                 b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
                 return [(w, b)]
 

@@ -43,13 +43,16 @@ the same empty modules so the packed state dict loads back.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import ConfigError
+from .utils import read_json
 
 SCHEMES = ("int8", "int4", "nf4")
 METHODS = ("rtn", "gptq")
@@ -245,39 +248,60 @@ class QuantLinear(nn.Module):
         return self.dequantize(torch.float32)
 
     def _int4_kernel_args(self, x: torch.Tensor):
-        key = (x.device, x.dtype)
+        key = ("int4", x.device, x.dtype)
         if key not in self._kernel_cache:
-            N, K = self.out_features, self.in_features
-            q = unpack_int4(self.qweight).to(torch.int32)  # (N, K)
+            q = unpack_int4(self.qweight).to(torch.int32)  # (N, K), a fresh tensor
             scale = self.scale.to(x.dtype)
             # the kernel computes w = (q - 8) * scale + zero_f: our (q - zero) * scale has zero_f = (8 - zero) * scale
             zero_f = (8 - self.zeros.to(x.dtype)) * scale
-            sz = torch.stack([scale, zero_f], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = kernels.owned(torch.stack([scale, zero_f], -1).transpose(0, 1))  # (K/G, N, 2)
+            packed = kernels.int4_pack(q)
             self._kernel_cache.clear()
             self._kernel_cache[key] = (packed, sz)
         return self._kernel_cache[key]
+
+    def _int8_kernel_args(self, x: torch.Tensor):
+        key = ("int8", x.device, x.dtype)
+        if key not in self._kernel_cache:
+            kernels.own_(self, "qweight")  # a loaded buffer may be an unaligned view into the mapped file
+            self._kernel_cache.clear()
+            self._kernel_cache[key] = (self.qweight, kernels.owned(self.scale.to(x.dtype)))
+        return self._kernel_cache[key]
+
+    def _kernel(self) -> str | None:
+        """"int8_mm" / "int4_mm" when PyTorch's CPU kernel serves this layer on this machine, else None."""
+        N, K, dt = self.out_features, self.in_features, self.kernel_dtype
+        if self.scheme == "int8" and K % 8 == 0:  # other widths crash the CPU kernel (2.13)
+            return "int8_mm" if kernels.check("int8_mm", dt, K, N) else None
+        if self.scheme == "int4" and self.group_size in (32, 64, 128, 256) and N % 16 == 0:
+            return "int4_mm" if kernels.check("int4_mm", dt, K, N, self.group_size) else None
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.use_kernels and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             # PyTorch's CPU weight-only kernels are fast in bf16 (on an AVX2 CPU, int8 x bf16 reads 4x fewer
             # bytes than fp32 and runs ~2x faster); their fp32 variants are slower than a plain fp32 matmul. So
-            # activations go through the kernel in `kernel_dtype` and come back in their own dtype.
-            x2 = x.reshape(-1, self.in_features).to(self.kernel_dtype).contiguous()  # (B*T, K)
-            y = None
-            if self.scheme == "int8" and self.in_features % 8 == 0:  # other widths crash the CPU kernel (2.13)
-                y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
-            elif self.scheme == "int4" and self.group_size in (32, 64, 128, 256) and self.out_features % 16 == 0:
-                packed, sz = self._int4_kernel_args(x2)
-                y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-            if y is not None:
+            # activations go through the kernel in `kernel_dtype` and come back in their own dtype. Every input
+            # is owned and 64-byte aligned, and the kernel passed its check on this CPU (lmforge.kernels).
+            kernel = self._kernel()
+            if kernel is not None:
+                x2 = kernels.aligned(x.reshape(-1, self.in_features).to(self.kernel_dtype))  # (B*T, K)
+                if kernel == "int8_mm":
+                    y = kernels.int8_mm(x2, *self._int8_kernel_args(x2))
+                else:
+                    packed, sz = self._int4_kernel_args(x2)
+                    y = kernels.int4_mm(x2, packed, self.group_size, sz)
                 y = y.to(x.dtype)
                 if self.bias is not None:
                     y = y + self.bias.to(y.dtype)
                 return y.view(*shape[:-1], self.out_features)
         w = self.dequantize(x.dtype)  # (N, K)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_cache.clear()  # loaded codes replace the ones the kernel arguments were made from
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         self._kernel_cache.clear()
@@ -607,6 +631,33 @@ def prepare_for_load(model: nn.Module, qconfig_dict: dict[str, Any]) -> nn.Modul
             _set_module(model, name, TiedQuantHead(model.get_submodule("wte")))
     model.quantization_config = dict(qconfig_dict)
     return model
+
+
+def tensor_checksums(sd: dict[str, torch.Tensor]) -> dict[str, str]:
+    """CRC-32 of each tensor's bytes, recorded in quantization.json. safetensors has no checksum, and a flipped bit
+    in packed int4 codes or fp16 scales still loads: these catch it (about 1 GB/s, once per load)."""
+    return {name: f"{zlib.crc32(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())) :08x}"
+            for name, t in sd.items()}
+
+
+def verify_checksums(sd: dict[str, torch.Tensor], checksums: Any, directory) -> None:
+    """One-line CheckpointError naming the file and tensor whose bytes differ from quantization.json's record."""
+    from pathlib import Path
+
+    from .errors import CheckpointError
+
+    d = Path(directory)
+    if not isinstance(checksums, dict):
+        raise CheckpointError(f"{d / 'quantization.json'}: 'checksums' is not a name -> checksum object")
+    for name, want in checksums.items():
+        if name not in sd:
+            raise CheckpointError(f"{d / 'quantization.json'}: lists tensor {name!r}, which the weights do not have")
+        got = tensor_checksums({name: sd[name]})[name]
+        if got != want:
+            index = d / "model.safetensors.index.json"
+            shard = (read_json(index).get("weight_map", {}).get(name) if index.exists() else None)
+            raise CheckpointError(f"{d / (shard or 'model.safetensors')}: tensor {name!r} is corrupt (checksum {got}, "
+                                  f"quantization.json recorded {want})")
 
 
 def model_nbytes(model: nn.Module) -> int:
