@@ -56,7 +56,7 @@ def stage_pretrain(work: Path, args) -> None:
 
 
 def stage_sms(work: Path, args) -> None:
-    from lmforge.finetune.classify import ClassifyConfig, run_classify
+    from lmforge.recipes.classify import ClassifyConfig, run_classify
 
     data = shared_data_dir() / "sms_spam_collection" / "SMSSpamCollection"
     for name, undersample in (("full", False), ("balanced", True)):
@@ -82,7 +82,7 @@ def stage_sms(work: Path, args) -> None:
 
 
 def stage_sft(work: Path, args) -> None:
-    from lmforge.finetune.sft import SFTConfig, run_sft
+    from lmforge.recipes.sft import SFTConfig, run_sft
 
     cfg = SFTConfig(model=str(work / "base"), data=str(shared_data_dir() / "instruction-data.json"),
                     out=str(work / "sft"), epochs=args.sft_epochs, lr=1e-3, schedule="cosine", warmup_steps=20,
@@ -95,7 +95,7 @@ def stage_sft(work: Path, args) -> None:
 
 
 def stage_dpo(work: Path, args) -> None:
-    from lmforge.finetune.dpo import DPOConfig, run_dpo
+    from lmforge.recipes.dpo import DPOConfig, run_dpo
 
     cfg = DPOConfig(model=str(work / "sft"), data=str(shared_data_dir() / "instruction-data-with-preference.json"),
                     out=str(work / "dpo"), epochs=args.dpo_epochs, lr=args.dpo_lr, beta=0.1, lora_r=16,
@@ -113,11 +113,11 @@ def stage_lora_speed(work: Path, args) -> None:
     import transformers
 
     import lmforge
-    from lmforge import lora
-    from lmforge.checkpoint import export_hf
-    from lmforge.config import ModelConfig
+    from lmforge.finetune import lora
+    from lmforge.formats.native import export_hf
+    from lmforge.models.config import ModelConfig
     from lmforge.lm import LM
-    from lmforge.model import Transformer
+    from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("gpt2", n_layer=6, n_embd=384, n_head=6, vocab_size=8192, block_size=256)

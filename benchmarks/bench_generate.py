@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers  # noqa: E402
 
-from lmforge.checkpoint import load  # noqa: E402
-from lmforge.generate import generate  # noqa: E402
-from lmforge.hf import from_hf_model, to_hf_model  # noqa: E402
+from lmforge.formats.native import load  # noqa: E402
+from lmforge.generation.api import generate  # noqa: E402
+from lmforge.formats.hf import from_hf_model, to_hf_model  # noqa: E402
 from lmforge.lm import LM  # noqa: E402
-from lmforge.model import decode_product  # noqa: E402
+from lmforge.models.decoder import decode_product  # noqa: E402
 from lmforge.utils import shared_data_dir  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def weight_streaming_floor(model, repeats: int = 10) -> float:
     none of its other work. Decoding is bound by it once the weights no longer fit in the CPU caches.
 
     Each matrix is timed three ways: (out, in) as nn.Linear stores it, (in, out) as GPT-2's Conv1D does, and
-    (in, out) split across torch's threads (`lmforge.model.decode_product`; the same as the second on one thread),
+    (in, out) split across torch's threads (`lmforge.models.decoder.decode_product`; the same as the second on one thread),
     and for each matrix the fastest way's best time counts: a lower bound for any implementation that reads every
     weight once per token with these kernels."""
     mats = _matrices(model)

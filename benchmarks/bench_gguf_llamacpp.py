@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lmforge  # noqa: E402
-from lmforge.generate import SamplingParams, generate_ids  # noqa: E402
-from lmforge.gguf import export_gguf  # noqa: E402
+from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
+from lmforge.formats.gguf import export_gguf  # noqa: E402
 from lmforge.utils import shared_data_dir  # noqa: E402
 
 N_GREEDY = 200
@@ -92,7 +92,7 @@ def main() -> int:
     sample = generate_ids(s.model, [[1]], SamplingParams(temperature=1.0, max_new_tokens=400, seed=7))[0].token_ids
     report("stories260K", s, [1] + s.tokenizer.encode("Once upon a time"), [1] + sample, tmp)
     if args.model:
-        from lmforge.data import builtin_corpus
+        from lmforge.training.data import builtin_corpus
 
         lm = lmforge.load(args.model, dtype="float32")
         ids = lm.tokenizer.encode(builtin_corpus(), allowed_special="all")

@@ -33,7 +33,7 @@ def _median_pair(fn_a, fn_b, rounds: int) -> tuple[float, float]:
 
 
 def bench_forward(name: str, hf_model, batch: int, seq: int, rounds: int) -> dict:
-    from lmforge.hf import from_hf_model
+    from lmforge.formats.hf import from_hf_model
 
     hf_model.eval()
     ours = from_hf_model(hf_model).eval()

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from lmforge import argconf  # noqa: E402
 from lmforge.recipes.pretrain import PretrainConfig, run_pretrain  # noqa: E402
-from lmforge.train import read_metrics  # noqa: E402
+from lmforge.training.loop import read_metrics  # noqa: E402
 from lmforge.utils import shared_data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +82,9 @@ def verdict(args) -> None:
 
 def eval_mode_train_loss(out: Path) -> float:
     """The course reports the training loss of the model in eval mode over the training loader: do the same."""
-    from lmforge.checkpoint import load
-    from lmforge.data import Batches, SlidingWindowDataset, TokenShards, train_val_split
-    from lmforge.train import evaluate
+    from lmforge.formats.native import load
+    from lmforge.training.data import Batches, SlidingWindowDataset, TokenShards, train_val_split
+    from lmforge.training.loop import evaluate
 
     cfg = json.loads((out / "pretrain_config.json").read_text())
     lm = load(out, dtype="float32")
@@ -123,8 +123,8 @@ def calibrate(args, out: Path, cfg: PretrainConfig) -> int:
 
 
 def report_shakespeare(args, out: Path, cfg: PretrainConfig) -> None:
-    from lmforge.data import TokenShards, train_val_split
-    from lmforge.eval import ngram_baseline, per_char, perplexity
+    from lmforge.training.data import TokenShards, train_val_split
+    from lmforge.training.eval import ngram_baseline, per_char, perplexity
 
     t0 = time.time()
     cpu0 = time.process_time()

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lmforge  # noqa: E402
-from lmforge.eval import perplexity  # noqa: E402
-from lmforge.generate import SamplingParams, generate_ids  # noqa: E402
-from lmforge.quantize import QuantLinear, model_nbytes, quantize_model  # noqa: E402
+from lmforge.training.eval import perplexity  # noqa: E402
+from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
+from lmforge.compress.quantize import QuantLinear, model_nbytes, quantize_model  # noqa: E402
 from lmforge.utils import shared_data_dir  # noqa: E402
 
 DECODE_TOKENS = 64
@@ -103,7 +103,7 @@ def table(rows, fp32_disk):
 
 def rss_of(model_dir: str) -> float:
     """Resident memory (MiB) a fresh process gains by loading a model directory and running one forward pass."""
-    code = ("import gc, torch, lmforge, lmforge.checkpoint, lmforge.quantize\n"
+    code = ("import gc, torch, lmforge, lmforge.formats.native, lmforge.compress.quantize\n"
             "def rss():\n"
             "    for l in open('/proc/self/status'):\n"
             "        if l.startswith('VmRSS'): return int(l.split()[1]) / 1024\n"
@@ -115,9 +115,9 @@ def rss_of(model_dir: str) -> float:
 
 
 def memory_section(tmp: Path) -> str:
-    from lmforge.config import ModelConfig
+    from lmforge.models.config import ModelConfig
     from lmforge.lm import LM
-    from lmforge.model import Transformer
+    from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("gpt2")
@@ -144,7 +144,7 @@ def llamacpp_section(lm, eval_tokens, prompt, tmp: Path, rounds: int = 5) -> str
         return "llama-cpp-python is not installed: llama.cpp comparison skipped (`make test-llamacpp` installs it)."
     import numpy as np
 
-    from lmforge.gguf import export_gguf
+    from lmforge.formats.gguf import export_gguf
 
     ids = [int(t) for t in eval_tokens[:1024]]
     q8 = quantize_model(copy.deepcopy(lm.model), "int8", progress=False)
@@ -208,8 +208,8 @@ def main() -> int:
     if not Path(args.model, "config.json").exists():
         print(f"{args.model} not found: training it with `python -m lmforge.demo` (a few minutes)")
         subprocess.run([sys.executable, "-m", "lmforge.demo", "--out", args.model], cwd=ROOT, check=True)
-    from lmforge.data import builtin_corpus
-    from lmforge.quantize import calibration_batches
+    from lmforge.training.data import builtin_corpus
+    from lmforge.compress.quantize import calibration_batches
 
     lm = lmforge.load(args.model, dtype="float32")
     text = builtin_corpus()

@@ -38,16 +38,16 @@ from lmforge.utils import shared_data_dir  # noqa: E402
 
 
 def build_model(path: Path, n_layer: int, n_embd: int) -> str:
-    from lmforge.config import ModelConfig
+    from lmforge.models.config import ModelConfig
     from lmforge.lm import LM, GenerationConfig
-    from lmforge.model import Transformer
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     gpt2 = shared_data_dir() / "gpt2"
     if (gpt2 / "encoder.json").exists():
         tok, what = Tokenizer.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe"), "GPT-2 BPE (50257)"
     else:
-        from lmforge.data import builtin_corpus
+        from lmforge.training.data import builtin_corpus
 
         tok, what = Tokenizer.train([builtin_corpus()], vocab_size=4096, progress=False), "BPE 4096 (embedded corpus)"
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def main() -> None:
         import llama_cpp  # noqa: F401
         import sse_starlette  # noqa: F401  (llama-cpp-python's [server] extra)
 
-        from lmforge.gguf import export_gguf
+        from lmforge.formats.gguf import export_gguf
 
         gguf_path = work / "bench-model.gguf"
         export_gguf(lm, gguf_path, dtype="f32")

@@ -5,7 +5,7 @@
 
 Training: War and Peace (3.26 MB), vocab 8192 incl. `<|endoftext|>`, GPT-2 pre-tokenization. Every trainer sees the
 same pre-tokenization: lmforge trains on the whole text; HF `tokenizers` gets the text cut into ~64 KB pieces at
-places where GPT-2's regex cannot change (`lmforge.tokenizer._chunks`), so its Rust threads can work in parallel
+places where GPT-2's regex cannot change (`lmforge.tokenizers.bpe._chunks`), so its Rust threads can work in parallel
 on identical pre-tokens. Each trainer runs in a fresh child process so its peak RSS (ru_maxrss) is its own; the
 baseline row is a child that only reads the text.
 
@@ -45,7 +45,7 @@ def _peak_mb() -> float:
 
 def child(which: str, naive_merges: int) -> dict:
     """Run one trainer in this (fresh) process; return its wall time and peak RSS."""
-    from lmforge.tokenizer import GPT2_PATTERN, Tokenizer, _chunks, count_pretokens, train_bpe, train_bpe_naive
+    from lmforge.tokenizers.bpe import GPT2_PATTERN, Tokenizer, _chunks, count_pretokens, train_bpe, train_bpe_naive
 
     text = (shared_data_dir() / "war_and_peace" / "warpeace_input.txt").read_text(encoding="utf-8")
     out: dict = {"which": which}
@@ -124,7 +124,7 @@ def bench_encode(repeats: int) -> None:
     from tokenizers import Tokenizer as HF
     from tokenizers import decoders, models, pre_tokenizers
 
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     d = shared_data_dir()
     enc_json, vocab_bpe = d / "gpt2" / "encoder.json", d / "gpt2" / "vocab.bpe"

@@ -1,6 +1,6 @@
 """Training throughput on CPU: lmforge's loop vs a plain `transformers` LlamaForCausalLM, same run.
 
-Both train the same ~20M-parameter Llama-shaped model (same config, same initial weights via lmforge.hf.to_hf_model),
+Both train the same ~20M-parameter Llama-shaped model (same config, same initial weights via lmforge.formats.hf.to_hf_model),
 on the same batches (B x T random windows of a fixed token stream), with AdamW (same hyper-parameters), gradient
 clipping at 1.0, fp32. The Hugging Face side is the loop a user writes by hand: `model(input_ids, labels=...)`,
 `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW(...)` with its default implementation.
@@ -13,7 +13,7 @@ and the one-time compile with --compile) are dropped.
 
 The transformers side runs in its own process (started with `spawn`, waiting on a pipe while lmforge steps), so
 each side has the process a user would give it: lmforge's `train()` keeps freed memory for the next step
-(`lmforge.heap`), and that process-wide malloc setting must not reach the peer, whose loop has no such thing.
+(`lmforge.training.heap`), and that process-wide malloc setting must not reach the peer, whose loop has no such thing.
 `--peer-retain` gives the peer the same setting, to show how much of the ratio it accounts for.
 
     .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps 8] [--compile] [--peer-retain]
@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.data import PackedBatches  # noqa: E402
-from lmforge.heap import page_faults, retain_freed_memory  # noqa: E402
-from lmforge.hf import to_hf_model  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
-from lmforge.train import TrainConfig, train  # noqa: E402
+from lmforge.models.config import ModelConfig  # noqa: E402
+from lmforge.training.data import PackedBatches  # noqa: E402
+from lmforge.training.heap import page_faults, retain_freed_memory  # noqa: E402
+from lmforge.formats.hf import to_hf_model  # noqa: E402
+from lmforge.models.decoder import Transformer  # noqa: E402
+from lmforge.training.loop import TrainConfig, train  # noqa: E402
 
 
 def bench_model(block_size: int) -> Transformer:
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--cpu-matmul", default="auto", choices=["auto", "torch", "numpy"],
                     help="TrainConfig.cpu_matmul for lmforge")
     ap.add_argument("--peer-retain", action="store_true",
-                    help="run the transformers side inside lmforge.heap.retain_freed_memory() as well")
+                    help="run the transformers side inside lmforge.training.heap.retain_freed_memory() as well")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

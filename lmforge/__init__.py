@@ -7,22 +7,22 @@
 Importing lmforge has no side effects: no global torch settings, no downloads, no logging setup.
 """
 
-from .errors import LmforgeError
+from lmforge.errors import LmforgeError
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name):  # lazy: `import lmforge` stays cheap, `lmforge.load` pulls in torch-heavy modules
     if name == "load":
-        from .checkpoint import load
+        from lmforge.formats.native import load
 
         return load
     if name == "Tokenizer":
-        from .tokenizer import Tokenizer
+        from lmforge.tokenizers.bpe import Tokenizer
 
         return Tokenizer
     if name == "ModelConfig":
-        from .config import ModelConfig
+        from lmforge.models.config import ModelConfig
 
         return ModelConfig
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

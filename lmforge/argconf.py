@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from lmforge.errors import ConfigError
 
 T = TypeVar("T")
 

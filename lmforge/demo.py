@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import argconf
+from lmforge import argconf
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "else all cores)")
     args = ap.parse_args(argv)
 
-    from .errors import LmforgeError
-    from .recipes.pretrain import PretrainConfig, run_pretrain
+    from lmforge.errors import LmforgeError
+    from lmforge.recipes.pretrain import PretrainConfig, run_pretrain
 
     threads = args.threads
     if threads is None:  # oversubscribed cores make multi-threaded matmuls wait on each other: use one thread

@@ -8,7 +8,7 @@ PyTorch does not promise to be safe for every input:
 | `torch._weight_int8pack_mm`                   | `QuantLinear` (int8, CPU)      | x bf16 (M, K); w int8 (N, K); scales (N,)|
 | `torch._convert_weight_to_int4pack_for_cpu`   | `QuantLinear` (int4, CPU)      | codes int32 (N, K), 0..15                |
 | `torch._weight_int4pack_mm_for_cpu`           | `QuantLinear` (int4, CPU)      | x bf16 (M, K); packed; scales+zeros      |
-| numpy's BLAS (`np.matmul` on tensor memory)   | `lmforge.cores` (training)     | fp32 weights and activations             |
+| numpy's BLAS (`np.matmul` on tensor memory)   | `lmforge.training.cores` (training)     | fp32 weights and activations             |
 
 Two things can go wrong with them, and both have happened:
 

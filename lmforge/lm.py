@@ -7,8 +7,8 @@
     lm.score("The capital of France is", " Paris")
     lm.save("my-model")                       # an lmforge model directory
 
-This class only holds things together and delegates: generation lives in `lmforge.generate`, directory I/O in
-`lmforge.checkpoint`.
+This class only holds things together and delegates: generation lives in `lmforge.generation.api`, directory I/O in
+`lmforge.formats.native`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
-from .errors import ConfigError
+from lmforge.models.config import ModelConfig
+from lmforge.errors import ConfigError
 
 
 @dataclass
@@ -97,29 +97,29 @@ class LM:
         n = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
         return f"LM({self.config.name or 'model'}, {n / 1e6:.2f}M params, {self.dtype}, {self.device})"
 
-    # ---- generation (lmforge.generate) -------------------------------------------------------------------------
+    # ---- generation (lmforge.generation.api) -------------------------------------------------------------------------
     def generate(self, prompt, **controls):
-        from .generate import generate
+        from lmforge.generation.api import generate
 
         return generate(self, prompt, **controls)
 
     def stream(self, prompt, **controls):
-        from .generate import stream
+        from lmforge.generation.api import stream
 
         return stream(self, prompt, **controls)
 
     def chat(self, messages, **controls):
-        from .generate import chat
+        from lmforge.generation.api import chat
 
         return chat(self, messages, **controls)
 
     def score(self, prompt, continuation):
-        from .generate import score
+        from lmforge.generation.api import score
 
         return score(self, prompt, continuation)
 
-    # ---- files (lmforge.checkpoint) ------------------------------------------------------------------------------
+    # ---- files (lmforge.formats.native) ------------------------------------------------------------------------------
     def save(self, path) -> None:
-        from .checkpoint import save
+        from lmforge.formats.native import save
 
         save(self, path)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ConfigError
+from lmforge.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -81,7 +81,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from .errors import DataError
+    from lmforge.errors import DataError
 
     try:
         with open(path, encoding="utf-8") as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.chat_template import CHATML_TEMPLATE, apply_chat_template, end_of_turn_markers, validate_messages
+from lmforge.tokenizers.chat_template import CHATML_TEMPLATE, apply_chat_template, end_of_turn_markers, validate_messages
 from lmforge.errors import GenerationError
 
 # Written in the style of Qwen2.5's template: tools as JSON lines inside a system block, tool results wrapped.

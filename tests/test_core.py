@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from lmforge import argconf
-from lmforge.config import PRESETS, ModelConfig
-from lmforge.data import builtin_corpus, builtin_documents
+from lmforge.models.config import PRESETS, ModelConfig
+from lmforge.training.data import builtin_corpus, builtin_documents
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_dtype
 
@@ -63,7 +63,7 @@ def test_model_config_validation_and_presets():
 
 
 def test_num_params_matches_built_model():
-    from lmforge.model import Transformer
+    from lmforge.models.decoder import Transformer
 
     for cfg in (ModelConfig.from_name("gpt-tiny"), ModelConfig.from_name("llama-tiny"),
                 ModelConfig.from_name("llama-tiny", tie_word_embeddings=False, qkv_bias=True)):

@@ -1,4 +1,4 @@
-"""Core-parallel CPU training (lmforge.cores): numpy-BLAS linears against F.linear, batch shards, gradients equal to
+"""Core-parallel CPU training (lmforge.training.cores): numpy-BLAS linears against F.linear, batch shards, gradients equal to
 the whole batch's, repeatable runs and exact resume with TrainConfig(cores=2)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.cores import (CoreParallel, dropout_active, linear_shapes, np_linear, np_mm, numpy_linears,
+from lmforge.training.cores import (CoreParallel, dropout_active, linear_shapes, np_linear, np_mm, numpy_linears,
                            pick_matmul, shard_batch)
-from lmforge.data import PackedBatches
+from lmforge.training.data import PackedBatches
 from lmforge.errors import ConfigError
-from lmforge.train import TrainConfig, next_token_loss, read_train_state, train
+from lmforge.training.loop import TrainConfig, next_token_loss, read_train_state, train
 from test_train import tiny_model  # the same 2-layer Llama the loop's own tests train
 
 
@@ -184,7 +184,7 @@ def test_train_on_two_cores_matches_one_and_repeats_bit_for_bit():
 
 
 def test_resume_keeps_the_recorded_cores_and_matmul_and_is_exact(tmp_path, monkeypatch):
-    import lmforge.cores
+    import lmforge.training.cores
 
     data = PackedBatches(tokens(), 4, 32, seed=3)
     cfg = dict(lr=1e-2, batch_size=4, eval_every=0, save_every=3, progress=False, cores=2)
@@ -206,7 +206,7 @@ def test_resume_keeps_the_recorded_cores_and_matmul_and_is_exact(tmp_path, monke
     def no_timing(*a, **k):
         raise AssertionError("a resumed run reuses the recorded choice")
 
-    monkeypatch.setattr(lmforge.cores, "pick_matmul", no_timing)
+    monkeypatch.setattr(lmforge.training.cores, "pick_matmul", no_timing)
     cfg["cores"] = 0  # auto: the recorded 2 shards are used even though this test process runs one torch thread
     res = train(tiny_model(), data, TrainConfig(max_steps=6, cpu_matmul="auto", **cfg), out_dir=tmp_path, resume=True)
     assert _losses(res) == _losses(ref)[3:]
@@ -234,12 +234,12 @@ def test_resuming_a_checkpoint_from_before_cores_keeps_one_thread_pool(tmp_path)
 
 
 def test_auto_keeps_the_usual_path_for_one_thread_and_for_dropout(monkeypatch):
-    import lmforge.cores
+    import lmforge.training.cores
 
     def refuse(*a, **k):
         raise AssertionError("core-parallel training should be off here")
 
-    monkeypatch.setattr(lmforge.cores, "CoreParallel", refuse)
+    monkeypatch.setattr(lmforge.training.cores, "CoreParallel", refuse)
     data = PackedBatches(tokens(), 2, 32)
     train(tiny_model(), data, TrainConfig(max_steps=1, eval_every=0, progress=False))  # conftest: one torch thread
     notes: list[str] = []

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, builtin_documents,
+from lmforge.training.data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, builtin_documents,
                           read_documents, token_dtype, tokenize_to_shards, train_val_split)
 from lmforge.errors import DataError
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizers.bpe import Tokenizer
 from tests.conftest import data_file
 
 

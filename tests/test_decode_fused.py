@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmforge.model as model_mod
-from lmforge.config import ModelConfig
-from lmforge.model import DecodeWeights, Transformer, decode_product
+import lmforge.models.decoder as model_mod
+from lmforge.models.config import ModelConfig
+from lmforge.models.decoder import DecodeWeights, Transformer, decode_product
 
 CONFIGS = {
     "gpt2": dict(name="gpt-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32, n_head=4),  # biases, LayerNorm
@@ -113,13 +113,13 @@ def test_fused_copies_are_remade_after_the_weights_change():
 
 
 def test_not_used_for_lora_quantized_or_large_models(monkeypatch):
-    from lmforge.lora import add_lora
+    from lmforge.finetune.lora import add_lora
 
     model = make("llama-gqa")
     add_lora(model, ("q_proj", "v_proj"), r=2)
     assert model.new_cache(1, 8).fused is None  # a LoRA-wrapped projection is not a plain nn.Linear
 
-    from lmforge.quantize import quantize_model
+    from lmforge.compress.quantize import quantize_model
 
     q = quantize_model(make("gpt2"), "int8", progress=False)
     assert q.new_cache(1, 8).fused is None
@@ -155,10 +155,10 @@ def test_split_product_equals_the_plain_product(monkeypatch, rows):
 def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     """Re-laid out weights are the same parameters with the same values, no copy is kept, and every other stage
     (the module forward, training, saving and loading, LoRA, quantization) still works on them."""
-    from lmforge.checkpoint import load, save
+    from lmforge.formats.native import load, save
     from lmforge.lm import LM
-    from lmforge.lora import add_lora
-    from lmforge.quantize import quantize_model
+    from lmforge.finetune.lora import add_lora
+    from lmforge.compress.quantize import quantize_model
 
     model = make("qwen2-bias")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -192,7 +192,7 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     want_steps, _ = decode(model, prompt, 5, fused=False)
     torch.testing.assert_close(got, want_steps, atol=1e-5, rtol=0)
 
-    from lmforge.gguf import gguf_tensors  # GGUF export reads row-major arrays back
+    from lmforge.formats.gguf import gguf_tensors  # GGUF export reads row-major arrays back
 
     plain, relaid = make("llama-gqa"), make("llama-gqa")
     relaid.decode_weights()
@@ -211,7 +211,7 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
 
 def test_padded_batches_make_no_decode_weights(monkeypatch):
     """A left-padded batch never takes the dense one-token step, so generate does not ask for decode weights."""
-    from lmforge.generate import generate
+    from lmforge.generation.api import generate
     from lmforge.lm import LM
 
     model = make("llama-gqa")

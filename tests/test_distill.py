@@ -1,4 +1,4 @@
-"""Distillation: the loss against a hand computation, training through lmforge.train moves the student toward
+"""Distillation: the loss against a hand computation, training through lmforge.training.loop moves the student toward
 the teacher, vocabulary mismatch is a one-line error, and the CLI runs end to end."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.config import ModelConfig
-from lmforge.distill import DistillConfig, distill, distillation_loss
+from lmforge.models.config import ModelConfig
+from lmforge.compress.distill import DistillConfig, distill, distillation_loss
 from lmforge.errors import ConfigError
-from lmforge.model import Transformer
+from lmforge.models.decoder import Transformer
 
 
 def tiny(n_layer=2, n_embd=64, vocab=128, seed=0):
@@ -72,7 +72,7 @@ def test_vocab_mismatch_and_bad_config():
 def test_cli_distill(tmp_path, capsys):
     from lmforge.cli import main
     from lmforge.lm import LM
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     text = "the cat sat on the mat. the dog sat on the log. " * 60
     tok = Tokenizer.train([text], vocab_size=256 + 16)

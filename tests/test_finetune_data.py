@@ -10,7 +10,7 @@ import torch
 from lmforge.errors import DataError
 from lmforge.finetune import data as D
 from lmforge.finetune import metrics as M
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizers.bpe import Tokenizer
 
 CORPUS = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
           "request. ### Instruction: ### Input: ### Response: user assistant system hello world the spam ham ") * 20

@@ -10,10 +10,10 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.lm import LM
-from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.models.decoder import Transformer
+from lmforge.tokenizers.bpe import Tokenizer
 
 WORDS = "win prize call now free cash claim hello how are you see you at lunch today mom home late ok".split()
 
@@ -54,7 +54,7 @@ def alpaca(tmp_path_factory):
 
 
 def test_classify_recipe_and_cli(base, tmp_path, capsys):
-    from lmforge.finetune.classify import ClassifyConfig, run_classify
+    from lmforge.recipes.classify import ClassifyConfig, run_classify
 
     rng = random.Random(0)
     spam, ham = WORDS[:7], WORDS[7:]
@@ -98,7 +98,7 @@ def test_sft_recipe_with_lora_merge_via_cli(base, alpaca, tmp_path):
 
 
 def test_sft_chat_packing_full_finetune(base, tmp_path):
-    from lmforge.finetune.sft import SFTConfig, run_sft
+    from lmforge.recipes.sft import SFTConfig, run_sft
 
     recs = [{"messages": [{"role": "user", "content": f"hello {w}"}, {"role": "assistant", "content": f"{w} ok"}]}
             for w in WORDS]
@@ -112,9 +112,9 @@ def test_sft_chat_packing_full_finetune(base, tmp_path):
 
 
 def test_sft_lora_adapter_output_and_bad_record(base, alpaca, tmp_path):
-    from lmforge import lora
+    from lmforge.finetune import lora
     from lmforge.errors import DataError
-    from lmforge.finetune.sft import SFTConfig, run_sft
+    from lmforge.recipes.sft import SFTConfig, run_sft
 
     out = tmp_path / "adapter"
     run_sft(SFTConfig(model=str(base), data=str(alpaca), out=str(out), max_steps=2, lora_r=2, eval_generate=0,
@@ -133,7 +133,7 @@ def test_sft_lora_adapter_output_and_bad_record(base, alpaca, tmp_path):
 
 @pytest.mark.parametrize("variant", ["lora", "precompute"])
 def test_dpo_recipe(base, alpaca, tmp_path, variant):
-    from lmforge.finetune.dpo import DPOConfig, run_dpo
+    from lmforge.recipes.dpo import DPOConfig, run_dpo
 
     out = tmp_path / "dpo"
     kw = dict(lora_r=4, lora_alpha=8, lora_targets=["all-linear"]) if variant == "lora" else dict(precompute_ref=True)
@@ -146,8 +146,8 @@ def test_dpo_recipe(base, alpaca, tmp_path, variant):
 
 
 def test_prompt_tune_recipe(alpaca, tmp_path):
-    from lmforge.finetune.prompt_tune import PromptTuneConfig, run_prompt_tune
-    from lmforge.prompt_tuning import load_prompt
+    from lmforge.recipes.prompt_tune import PromptTuneConfig, run_prompt_tune
+    from lmforge.finetune.prompt_tuning import load_prompt
 
     # a random model with small weights ignores its input; larger ones make the prompt matter
     base = _make_base(tmp_path / "base", init_std=0.3)
@@ -165,8 +165,8 @@ def test_prompt_tune_recipe(alpaca, tmp_path):
 
 def test_lora_classifier_and_qlora_sft(base, alpaca, tmp_path, capsys):
     from lmforge.errors import ConfigError
-    from lmforge.finetune.classify import ClassifyConfig, run_classify
-    from lmforge.finetune.sft import SFTConfig, run_sft
+    from lmforge.recipes.classify import ClassifyConfig, run_classify
+    from lmforge.recipes.sft import SFTConfig, run_sft
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} {w}", "label": "a" if i % 2 else "b"}) + "\n"
@@ -185,7 +185,7 @@ def test_lora_classifier_and_qlora_sft(base, alpaca, tmp_path, capsys):
 
 
 def test_lmforge_load_reads_an_adapter_dir(base, alpaca, tmp_path):
-    from lmforge import lora
+    from lmforge.finetune import lora
 
     lm = lmforge.load(base)
     lora.add_lora(lm.model, "all-linear", r=2)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.errors import GenerationError
-from lmforge.generate import SamplingParams, StopChecker, encode_prompt, generate_ids, token_logprobs
+from lmforge.generation.api import SamplingParams, StopChecker, encode_prompt, generate_ids, token_logprobs
 from lmforge.lm import LM, GenerationConfig
-from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.models.decoder import Transformer
+from lmforge.tokenizers.bpe import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -260,7 +260,7 @@ def test_eos_ends_generation_and_is_not_returned():
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
 def test_score_batch_equals_single_and_direct_forward():
-    from lmforge.generate import score_batch
+    from lmforge.generation.api import score_batch
 
     lm = tiny_lm("llama")
     pairs = [("The cat", " sat on the mat"), ("A", "b"), ("Long prompt " * 3 + "x", " end")]
@@ -328,7 +328,7 @@ def test_chat_renders_template_and_stops_at_end_of_turn():
                   "<|im_start|>assistant\n"
     assert model.prompts[-1] == tok.encode(want_prompt, allowed_special="all")
     assert 256 in model.prompts[-1]  # <|im_end|> in the template became the special token
-    from lmforge.generate import chat_stream
+    from lmforge.generation.api import chat_stream
 
     model.step = 0
     assert "".join(chat_stream(lm, messages, temperature=0)) == "Hi, I am fine."
@@ -368,7 +368,7 @@ def test_stories260k_greedy_matches_llama2c_check_text():
     from conftest import data_file
 
     model_path, tok_path = data_file("stories260K/stories260K.bin"), data_file("stories260K/tok512.bin")
-    pytest.importorskip("lmforge.llama2c")
+    pytest.importorskip("lmforge.formats.llama2c")
     lm = lmforge.load(model_path, tokenizer=tok_path)
     expected = (
         "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she "

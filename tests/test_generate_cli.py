@@ -11,10 +11,10 @@ import torch
 
 import lmforge
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.lm import LM, GenerationConfig
-from lmforge.model import Transformer
-from lmforge.tokenizer import Tokenizer
+from lmforge.models.decoder import Transformer
+from lmforge.tokenizers.bpe import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_generation_config_file_is_read(model_dir):
 
 def test_chat_drops_oldest_turns_when_history_outgrows_the_context(model_dir, capsys, monkeypatch):
     from lmforge.cli.generate import _fit_history
-    from lmforge.generate import chat_prompt, encode_chat
+    from lmforge.generation.api import chat_prompt, encode_chat
 
     lm = lmforge.load(model_dir)  # byte tokenizer: one token per character, 512-token context
     long = "y" * 150

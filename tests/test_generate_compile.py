@@ -1,4 +1,4 @@
-"""The static-shape decode step (lmforge.generate.StaticDecoder): eager it is token-for-token the default cache
+"""The static-shape decode step (lmforge.generation.api.StaticDecoder): eager it is token-for-token the default cache
 path (batched, padded, finished rows, sampling, GQA + RoPE and learned positions), and compiled with
 torch.compile it still is. The compile test uses one tiny model and one shape so it stays within seconds once
 Inductor's kernels are built (skipped when no C++ compiler is present)."""
@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from lmforge.generate import SamplingParams, generate, generate_ids, static_decoder, stream
-from lmforge.config import ModelConfig
+from lmforge.generation.api import SamplingParams, generate, generate_ids, static_decoder, stream
+from lmforge.models.config import ModelConfig
 from lmforge.lm import LM
-from lmforge.model import Transformer
+from lmforge.models.decoder import Transformer
 from test_generate import byte_tokenizer, tiny_lm
 
 

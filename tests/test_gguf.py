@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.gguf import export_gguf, load_gguf
+from lmforge.formats.gguf import export_gguf, load_gguf
 from lmforge.lm import LM
-from lmforge.model import Transformer
-from lmforge.quantize import quantize_model
+from lmforge.models.decoder import Transformer
+from lmforge.compress.quantize import quantize_model
 
 PROMPT = "Once upon a time"
 TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
@@ -32,8 +32,8 @@ def stories(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_gpt2():
     """A GPT-2-family model (biases, LayerNorm, learned positions) with a byte-level BPE trained here."""
-    from lmforge.data import builtin_corpus
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.training.data import builtin_corpus
+    from lmforge.tokenizers.bpe import Tokenizer
 
     tok = Tokenizer.train([builtin_corpus()[:30000]], vocab_size=320, progress=False)
     tok.chat_template = TEMPLATE
@@ -194,7 +194,7 @@ def llama_cpp_nll(path, ids) -> float:
 
 
 def _ours_greedy(lm, prompt_ids, n):
-    from lmforge.generate import SamplingParams, generate_ids
+    from lmforge.generation.api import SamplingParams, generate_ids
 
     return generate_ids(lm.model, [prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=n))[0].token_ids
 

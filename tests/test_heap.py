@@ -1,4 +1,4 @@
-"""lmforge.heap: freed memory kept by the process (checked with mallinfo2, not timed), defaults restored afterwards."""
+"""lmforge.training.heap: freed memory kept by the process (checked with mallinfo2, not timed), defaults restored afterwards."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import ctypes
 import pytest
 import torch
 
-from lmforge import heap
+from lmforge.training import heap
 
 glibc_only = pytest.mark.skipif(heap.glibc() is None or not hasattr(heap.glibc(), "mallinfo2"),
                                 reason="mallopt/malloc_trim/mallinfo2 need glibc >= 2.33 (Linux)")
@@ -86,8 +86,8 @@ def test_no_glibc_is_a_no_op(monkeypatch):
 def test_train_holds_freed_memory_on_cpu_for_the_run_only(monkeypatch):
     from test_train import pattern_tokens, tiny_model  # the loop's own tiny model and data
 
-    from lmforge import train as train_mod
-    from lmforge.data import PackedBatches
+    from lmforge.training import loop as train_mod
+    from lmforge.training.data import PackedBatches
 
     events = []
 

@@ -15,9 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lmforge  # noqa: E402
-from lmforge.checkpoint import export_hf  # noqa: E402
+from lmforge.formats.native import export_hf  # noqa: E402
 from lmforge.errors import CheckpointError, LmforgeError, NetworkError  # noqa: E402
-from lmforge.hf import config_from_hf, from_hf_model, to_hf_model  # noqa: E402
+from lmforge.formats.hf import config_from_hf, from_hf_model, to_hf_model  # noqa: E402
 
 V = 96
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -198,7 +198,7 @@ def test_lmforge_sharded_save(hf_dirs, tmp_path):
     d, ref = hf_dirs["llama-mqa-tied"]
     lm = lmforge.load(d)
     lm.save(tmp_path / "m")
-    from lmforge.checkpoint import save
+    from lmforge.formats.native import save
 
     save(lm, tmp_path / "m", max_shard_bytes=8_000)  # re-save over it, sharded: stale files must go
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
@@ -354,13 +354,15 @@ def test_original_gpt2_layout(hf_dirs, tmp_path):
 @pytest.mark.parametrize("kind", ["llama-mqa-tied", "gpt2-untied"])
 def test_quantized_model_dir_roundtrip(hf_dirs, kind, tmp_path):
     """quantization.json hook: save writes the model's quantization_config, load calls prepare_for_load first."""
-    quantize = pytest.importorskip("lmforge.quantize")
+    quantize = pytest.importorskip("lmforge.compress.quantize")
     lm = lmforge.load(hf_dirs[kind][0])
     quantize.quantize_model(lm.model, "int4", group_size=16, progress=False)
     ids = _ids()
     want = _logits(lm.model, ids)
     lm.save(tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "quantization.json").read_text()) == lm.model.quantization_config
+    written = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert set(written.pop("checksums")) >= {"blocks.0.attn.q_proj.qweight"}
+    assert written == lm.model.quantization_config
     back = lmforge.load(tmp_path / "q")
     assert back.model.quantization_config == lm.model.quantization_config
     torch.testing.assert_close(_logits(back.model, ids), want, atol=0, rtol=0)

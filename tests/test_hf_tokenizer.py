@@ -12,8 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lmforge  # noqa: E402
-from lmforge.checkpoint import export_hf  # noqa: E402
-from lmforge.tokenizer import Tokenizer  # noqa: E402
+from lmforge.formats.native import export_hf  # noqa: E402
+from lmforge.tokenizers.bpe import Tokenizer  # noqa: E402
 from tests.conftest import data_file  # noqa: E402
 
 TEXTS = ["Hello, world! <|endoftext|>", "  indented\n\tcode = x**2  # it's 3.14", "naïve café — 東京 🎉"]

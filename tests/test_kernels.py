@@ -13,11 +13,11 @@ import torch
 
 import lmforge
 from lmforge import kernels
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.lm import LM
-from lmforge.model import Transformer
-from lmforge.quantize import QuantLinear, quantize_model
+from lmforge.models.decoder import Transformer
+from lmforge.compress.quantize import QuantLinear, quantize_model
 
 
 def tiny_llama() -> Transformer:

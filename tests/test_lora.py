@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import lora
+from lmforge.finetune import lora
 from lmforge.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -124,8 +124,8 @@ def test_trainable_count_matches_peft(hf_dir):
 
 
 def test_report_text():
-    from lmforge.config import ModelConfig
-    from lmforge.model import Transformer
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
 
     m = Transformer(ModelConfig.from_name("gpt-tiny", n_layer=2))
     lora.add_lora(m, ["q_proj", "v_proj"], r=8, alpha=16)
@@ -185,8 +185,8 @@ def test_several_adapters_swap_without_reloading(hf_dir, tmp_path):
 
 
 def test_only_adapters_train():
-    from lmforge.config import ModelConfig
-    from lmforge.model import Transformer
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
     m = Transformer(ModelConfig.from_name("llama-tiny", n_layer=2, vocab_size=64))
@@ -205,17 +205,17 @@ def test_only_adapters_train():
 
 def test_bad_target_and_wrong_base_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"LoRA target 'qproj' matches no linear layer") as e:
-        m = lmforge.hf.from_hf_model(_hf_model("llama"))
+        m = lmforge.formats.hf.from_hf_model(_hf_model("llama"))
         lora.add_lora(m, ["q_proj", "qproj"])
     assert "\n" not in str(e.value)
-    small = lmforge.hf.from_hf_model(_hf_model("llama"))
+    small = lmforge.formats.hf.from_hf_model(_hf_model("llama"))
     lora.add_lora(small, "all-linear", r=2)
     lora.save_peft(small, tmp_path / "llama16")
-    wider = lmforge.hf.from_hf_model(_hf_model("llama", n_embd=32))
+    wider = lmforge.formats.hf.from_hf_model(_hf_model("llama", n_embd=32))
     with pytest.raises(CheckpointError, match="different base model") as e:
         lora.load_peft(wider, tmp_path / "llama16")
     assert "\n" not in str(e.value) and not list(lora.lora_layers(wider))  # nothing half-loaded
-    gpt2 = lmforge.hf.from_hf_model(_hf_model("gpt2"))
+    gpt2 = lmforge.formats.hf.from_hf_model(_hf_model("gpt2"))
     with pytest.raises(CheckpointError, match="does not exist in this model"):
         lora.load_peft(gpt2, tmp_path / "llama16")
     with pytest.raises(CheckpointError, match="not a PEFT adapter directory"):
@@ -224,9 +224,9 @@ def test_bad_target_and_wrong_base_are_one_line_errors(tmp_path):
 
 def test_qlora_over_nf4_base_trains_and_saves(tmp_path):
     """QLoRA: adapters (fp32) over a frozen NF4 base; forward = dequantized base + LoRA; merge is refused."""
-    from lmforge.config import ModelConfig
-    from lmforge.model import Transformer
-    from lmforge.quantize import QuantLinear, quantize_model
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.compress.quantize import QuantLinear, quantize_model
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("llama-tiny", n_layer=2, vocab_size=64, n_embd=64, n_head=2, n_kv_head=1,
@@ -268,10 +268,10 @@ def test_qlora_over_nf4_base_trains_and_saves(tmp_path):
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_adapter_on_lmforge_model_matches_peft_on_its_hf_export(preset, tmp_path):
     """lmforge-native model -> `export_hf` -> transformers + peft with lmforge's adapter: identical logits."""
-    from lmforge.checkpoint import export_hf
-    from lmforge.config import ModelConfig
+    from lmforge.formats.native import export_hf
+    from lmforge.models.config import ModelConfig
     from lmforge.lm import LM
-    from lmforge.model import Transformer
+    from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name(preset, n_layer=2, vocab_size=64, n_embd=32, n_head=2, block_size=32,

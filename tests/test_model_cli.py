@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 import lmforge  # noqa: E402
 from lmforge.cli import main  # noqa: E402
 from lmforge.cli.model import attention_weights  # noqa: E402
-from lmforge.config import ModelConfig  # noqa: E402
-from lmforge.hf import config_to_hf  # noqa: E402
-from lmforge.model import Transformer  # noqa: E402
+from lmforge.models.config import ModelConfig  # noqa: E402
+from lmforge.formats.hf import config_to_hf  # noqa: E402
+from lmforge.models.decoder import Transformer  # noqa: E402
 
 
 def _hf_from_config(cfg: ModelConfig):
@@ -124,9 +124,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lmforge.gguf") is None, reason="lmforge.gguf not written yet")
+@pytest.mark.skipif(importlib.util.find_spec("lmforge.formats.gguf") is None, reason="lmforge.formats.gguf not written yet")
 def test_export_gguf_and_load_it_back(tmp_path):
-    """`export --format gguf` delegates to lmforge.gguf; `lmforge.load(x.gguf)` reads it back (f32: exact)."""
+    """`export --format gguf` delegates to lmforge.formats.gguf; `lmforge.load(x.gguf)` reads it back (f32: exact)."""
     import gguf
 
     from tests.conftest import data_file

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.ngram import NGramLM
+from lmforge.models.ngram import NGramLM
 from tests.conftest import data_file
 
 
@@ -80,9 +80,9 @@ def test_sliding_window_perplexity_scores_each_token_once_with_full_context():
     import torch
     import torch.nn.functional as F
 
-    from lmforge.config import ModelConfig
-    from lmforge.eval import perplexity
-    from lmforge.model import Transformer
+    from lmforge.models.config import ModelConfig
+    from lmforge.training.eval import perplexity
+    from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("llama-tiny", vocab_size=50, block_size=16, n_layer=2, n_embd=32,

@@ -12,7 +12,7 @@ from lmforge import argconf
 from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.recipes.pretrain import PretrainConfig, expand_path
-from lmforge.train import read_metrics, read_train_state
+from lmforge.training.loop import read_metrics, read_train_state
 from tests.conftest import data_file
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "pretrain").glob("*.yaml"))

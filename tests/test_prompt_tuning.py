@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge import prompt_tuning as pt
+from lmforge.finetune import prompt_tuning as pt
 from lmforge.errors import CheckpointError, ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -95,14 +95,14 @@ def test_prompts_swap_and_only_the_prompt_trains(hf_dir):
 def test_wrong_base_is_an_error(hf_dir, tmp_path):
     model = pt.add_prompt_tuning(lmforge.load(hf_dir).model, n_virtual=2)
     pt.save_prompt(model, tmp_path / "p")
-    from lmforge.config import ModelConfig
-    from lmforge.model import Transformer
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
 
     other = Transformer(ModelConfig.from_name("gpt-tiny", n_layer=1))
     with pytest.raises(CheckpointError, match="different base model"):
         pt.load_prompt(other, tmp_path / "p")
     with pytest.raises(CheckpointError, match="not PROMPT_TUNING"):
-        from lmforge import lora
+        from lmforge.finetune import lora
 
         lm = lmforge.load(hf_dir).model
         lora.add_lora(lm, "q_proj")

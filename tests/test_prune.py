@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.lm import LM
-from lmforge.model import Transformer
-from lmforge.prune import importance_scores, prune_and_heal, prune_model
+from lmforge.models.decoder import Transformer
+from lmforge.compress.prune import importance_scores, prune_and_heal, prune_model
 
 
 def model_of(preset, **kw):
@@ -59,11 +59,11 @@ def test_heal_lowers_perplexity():
     # a learnable sequence: the teacher is trained a little on it first, so pruning has something to lose
     seq = torch.arange(0, 64).repeat(20) % 50
     batches = [{"input_ids": seq[i:i + 32][None], "labels": seq[i + 1:i + 33][None]} for i in range(0, 600, 7)]
-    from lmforge.train import TrainConfig, train
+    from lmforge.training.loop import TrainConfig, train
 
     train(m, batches, TrainConfig(max_steps=40, lr=3e-3, device="cpu", progress=False, eval_every=0))
     lm = LM(m.eval(), None, m.config)
-    from lmforge.distill import DistillConfig
+    from lmforge.compress.distill import DistillConfig
 
     out, rep = prune_and_heal(lm, seq[:256].view(8, 32), batches,
                               DistillConfig(max_steps=30, lr=3e-3, device="cpu", progress=False, eval_every=0),

@@ -11,11 +11,11 @@ import torch.nn as nn
 
 import lmforge
 from lmforge.cli import main as cli_main
-from lmforge.config import ModelConfig
+from lmforge.models.config import ModelConfig
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.lm import LM
-from lmforge.model import Transformer
-from lmforge.quantize import (QuantEmbedding, QuantLinear, TiedQuantHead, bits_per_weight, gptq_quantize_weight,
+from lmforge.models.decoder import Transformer
+from lmforge.compress.quantize import (QuantEmbedding, QuantLinear, TiedQuantHead, bits_per_weight, gptq_quantize_weight,
                               model_nbytes, nf4_levels, pack_int4, prepare_for_load, quantize_model, unpack_int4)
 
 # bitsandbytes' published NF4 table (QLoRA, Dettmers et al. 2023, appendix E)
@@ -218,7 +218,7 @@ def test_quantized_stories260k_generates_like_fp32(shared_data):
 
 def test_cli_quantize(tmp_path, capsys):
     model = tiny_llama()
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     tok = Tokenizer.train(["hello world, the quick brown fox jumps over the lazy dog. " * 50], vocab_size=256 + 20)
     model = Transformer(ModelConfig.from_dict({**model.config.to_dict(), "vocab_size": tok.vocab_size}))

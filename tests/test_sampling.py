@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import GenerationError
-from lmforge.generate import (
+from lmforge.generation.api import (
     SamplingParams,
     apply_frequency_presence_penalty,
     apply_repetition_penalty,

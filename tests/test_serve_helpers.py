@@ -18,10 +18,10 @@ TEXT = (
 
 def build_tiny_model(path: Path, seed: int = 0, family: str = "llama") -> Path:
     """A random tiny Transformer + a BPE tokenizer trained here, saved as an lmforge model directory."""
-    from lmforge.config import ModelConfig
+    from lmforge.models.config import ModelConfig
     from lmforge.lm import LM, GenerationConfig
-    from lmforge.model import Transformer
-    from lmforge.tokenizer import Tokenizer
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     tok = Tokenizer.train([TEXT], vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                           progress=False)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import data_file
 from lmforge.errors import DataError, LmforgeError, TokenizerError
-from lmforge.tokenizer import (
+from lmforge.tokenizers.bpe import (
     GPT2_PATTERN, GPT4_PATTERN, Tokenizer, bytes_to_unicode, count_pretokens, train_bpe, train_bpe_naive,
     unicode_to_token,
 )

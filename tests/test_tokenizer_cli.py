@@ -10,8 +10,8 @@ import pytest
 from conftest import data_file
 from lmforge.cli import main
 from lmforge.errors import DataError, TokenizerError
-from lmforge.tokenizer import Tokenizer
-from lmforge.tokenizers_basic import UNK, CharTokenizer, WordTokenizer
+from lmforge.tokenizers.bpe import Tokenizer
+from lmforge.tokenizers.basic import UNK, CharTokenizer, WordTokenizer
 
 
 # ------------------------------------------------------------------------------------------------ word / char
@@ -145,10 +145,10 @@ def test_cli_info_and_encode_on_a_llama2c_tokenizer(capsys):
 
 
 def test_tokenizer_modules_do_not_import_torch():
-    """Tokenizing is cheap: `import lmforge.tokenizer` must not pull in torch (seconds of start-up)."""
+    """Tokenizing is cheap: `import lmforge.tokenizers.bpe` must not pull in torch (seconds of start-up)."""
     import subprocess
     import sys
 
-    code = "import sys, lmforge.tokenizer, lmforge.tokenizers_basic; print('torch' in sys.modules)"
+    code = "import sys, lmforge.tokenizers.bpe, lmforge.tokenizers.basic; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer as HF
 
 from conftest import data_file
 from lmforge.errors import TokenizerError
-from lmforge.tokenizer import GPT4_PATTERN, LLAMA3_PATTERN, HFTokenizer, Tokenizer
+from lmforge.tokenizers.bpe import GPT4_PATTERN, LLAMA3_PATTERN, HFTokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world!",

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.data import Batches, PackedBatches, SlidingWindowDataset
+from lmforge.models.config import ModelConfig
+from lmforge.training.data import Batches, PackedBatches, SlidingWindowDataset
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.model import Transformer
-from lmforge.train import (TrainConfig, configure_optimizer, lr_at, read_metrics, read_train_state, train)
+from lmforge.models.decoder import Transformer
+from lmforge.training.loop import (TrainConfig, configure_optimizer, lr_at, read_metrics, read_train_state, train)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,15 +191,15 @@ CHILD = textwrap.dedent('''
     import json, sys, time
     import numpy as np, torch
     torch.set_num_threads(1)
-    from lmforge.config import ModelConfig
-    from lmforge.model import Transformer
-    from lmforge.data import PackedBatches
-    from lmforge.train import TrainConfig, train
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.training.data import PackedBatches
+    from lmforge.training.loop import TrainConfig, train
 
     out, resume, accum, batch, steps, delay, dropout = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), \\
         int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6]), float(sys.argv[7])
     modes = sys.argv[8].split(",") if len(sys.argv) > 8 else ["ddp"]
-    cores = int(sys.argv[9]) if len(sys.argv) > 9 else 0  # 2: one shard per core (lmforge.cores), numpy's BLAS
+    cores = int(sys.argv[9]) if len(sys.argv) > 9 else 0  # 2: one shard per core (lmforge.training.cores), numpy's BLAS
     import os
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one group for both modes; train() uses a group it finds
@@ -238,7 +238,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, dropout, cores):
     script = _child(tmp_path)
     steps = 12
     ref_out, run_out = str(tmp_path / "ref"), str(tmp_path / "run")
-    # dropout > 0, so the restored RNG state matters too; or no dropout and core-parallel steps (lmforge.cores)
+    # dropout > 0, so the restored RNG state matters too; or no dropout and core-parallel steps (lmforge.training.cores)
     extra = [dropout, "ddp", cores]
     ref = subprocess.Popen([sys.executable, str(script), ref_out, "0", "1", "2", str(steps), "0", *extra], env=_env())
     run = subprocess.Popen([sys.executable, str(script), run_out, "0", "1", "2", str(steps), "0.25", *extra],
@@ -307,7 +307,7 @@ def test_kill_between_the_two_renames_of_a_swap_is_recovered(tmp_path):
 
 
 def test_reiterable_data_cycles_epochs_and_fast_forwards():
-    from lmforge.train import as_batch_source
+    from lmforge.training.loop import as_batch_source
 
     class Loader:  # a DataLoader-like re-iterable with set_epoch (as DistributedSampler users call it)
         def __init__(self):

@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 
-from ..errors import LmforgeError
+from lmforge.errors import LmforgeError
 
 
 def build_parser() -> argparse.ArgumentParser:

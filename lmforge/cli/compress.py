@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError
+from lmforge.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, type=Path, help="output model directory")
     q.set_defaults(func=cmd_quantize)
 
-    from .. import argconf
-    from ..distill import DistillConfig
+    from lmforge import argconf
+    from lmforge.compress.distill import DistillConfig
 
     d = subparsers.add_parser("distill", help="knowledge distillation: KL to a teacher's softened logits + LM loss",
                               description="Train a student model to imitate a teacher (same vocabulary).")
@@ -69,8 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import lmforge
-    from ..quantize import calibration_batches, model_nbytes, quantize_model
-    from ..utils import human_bytes
+    from lmforge.compress.quantize import calibration_batches, model_nbytes, quantize_model
+    from lmforge.utils import human_bytes
 
     lm = lmforge.load(args.model, dtype="float32")
     calib = None
@@ -78,11 +78,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if lm.tokenizer is None:
             raise ConfigError(f"{args.model} has no tokenizer; GPTQ needs one to encode calibration text")
         if args.calib_data is not None:
-            from ..tokenizer import read_text_file
+            from lmforge.tokenizers.bpe import read_text_file
 
             text = read_text_file(args.calib_data)
         else:
-            from ..data import builtin_corpus
+            from lmforge.training.data import builtin_corpus
 
             text = builtin_corpus()
         seq_len = min(args.calib_len, lm.config.block_size)
@@ -105,8 +105,8 @@ def _token_data(lm, sources: list[str], block_size: int, batch_size: int, seed: 
     """Encode the text with the model's tokenizer: (training batches, validation tokens) (last 10% held out)."""
     import numpy as np
 
-    from ..data import PackedBatches, builtin_corpus
-    from ..tokenizer import read_text_file
+    from lmforge.training.data import PackedBatches, builtin_corpus
+    from lmforge.tokenizers.bpe import read_text_file
 
     if lm.tokenizer is None:
         raise ConfigError("the model has no tokenizer to encode the training text")
@@ -119,11 +119,11 @@ def _token_data(lm, sources: list[str], block_size: int, batch_size: int, seed: 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     import lmforge
-    from .. import argconf
-    from ..config import PRESETS, ModelConfig
-    from ..distill import DistillConfig, distill
-    from ..lm import LM
-    from ..model import Transformer
+    from lmforge import argconf
+    from lmforge.models.config import PRESETS, ModelConfig
+    from lmforge.compress.distill import DistillConfig, distill
+    from lmforge.lm import LM
+    from lmforge.models.decoder import Transformer
 
     teacher = lmforge.load(args.teacher, dtype="float32")
     if args.student in PRESETS:
@@ -148,8 +148,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     import lmforge
-    from ..distill import DistillConfig
-    from ..prune import prune_and_heal
+    from lmforge.compress.distill import DistillConfig
+    from lmforge.compress.prune import prune_and_heal
 
     lm = lmforge.load(args.model, dtype="float32")
     batches, val, block = _token_data(lm, args.data, args.block_size, args.batch_size)
@@ -161,9 +161,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not targets:
         raise ConfigError("say what to prune: --n-kv-head, --intermediate-size and/or --n-layer")
     if args.heal_steps == 0:
-        from ..eval import perplexity
-        from ..lm import LM
-        from ..prune import prune_model
+        from lmforge.training.eval import perplexity
+        from lmforge.lm import LM
+        from lmforge.compress.prune import prune_model
 
         small = prune_model(lm.model, calib, **targets)
         out = LM(small, lm.tokenizer, small.config, lm.generation_config, lm.chat_template)

@@ -14,15 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import argconf
+from lmforge import argconf
 
 RECIPES = {
-    "classify": ("lmforge.finetune.classify", "ClassifyConfig", "run_classify",
+    "classify": ("lmforge.recipes.classify", "ClassifyConfig", "run_classify",
                  "train a text classifier (class head on the last token)"),
-    "sft": ("lmforge.finetune.sft", "SFTConfig", "run_sft",
+    "sft": ("lmforge.recipes.sft", "SFTConfig", "run_sft",
             "instruction fine-tuning on Alpaca or chat-messages data (loss on responses only)"),
-    "dpo": ("lmforge.finetune.dpo", "DPOConfig", "run_dpo", "direct preference optimization on chosen/rejected pairs"),
-    "prompt-tune": ("lmforge.finetune.prompt_tune", "PromptTuneConfig", "run_prompt_tune",
+    "dpo": ("lmforge.recipes.dpo", "DPOConfig", "run_dpo", "direct preference optimization on chosen/rejected pairs"),
+    "prompt-tune": ("lmforge.recipes.prompt_tune", "PromptTuneConfig", "run_prompt_tune",
                     "learn a soft prompt with the model frozen (PEFT prompt-tuning layout)"),
 }
 
@@ -65,8 +65,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ..finetune.classifier import load_classifier, predict
-    from ..finetune.common import pad_id
+    from lmforge.finetune.classifier import load_classifier, predict
+    from lmforge.finetune.common import pad_id
 
     lm, clf, cfg = load_classifier(args.model)
     probs = predict(clf, lm.tokenizer, args.texts, cfg.get("max_length") or lm.config.block_size,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import GenerationError
+from lmforge.errors import GenerationError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +74,7 @@ def _unescape(text: str) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from ..checkpoint import load
+    from lmforge.formats.native import load
 
     lm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if lm.tokenizer is None:
@@ -83,7 +83,7 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ..generate import generate, stream
+    from lmforge.generation.api import generate, stream
 
     prompt = args.prompt
     if prompt is None:
@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _fit_history(lm, messages: list[dict], room: int) -> list[dict]:
     """Drop the oldest exchanges (never the system message) until the rendered chat leaves `room` tokens free."""
-    from ..generate import encode_chat, chat_prompt
+    from lmforge.generation.api import encode_chat, chat_prompt
 
     block = lm.model.config.block_size
     while True:
@@ -123,7 +123,7 @@ def _fit_history(lm, messages: list[dict], room: int) -> list[dict]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ..generate import chat_stream
+    from lmforge.generation.api import chat_stream
 
     lm = _load(args)
     controls = _controls(args)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, ModelConfig
-from ..errors import CheckpointError, ConfigError
-from ..utils import human_bytes
+from lmforge.models.config import PRESETS, ModelConfig
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import human_bytes
 
 # bytes per parameter of each storage type (course tables: fp32 4 B, bf16 2 B, int8 1 B, int4 half a byte)
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -72,8 +72,8 @@ def read_config(model: str) -> ModelConfig:
         return ModelConfig.from_name(model)
     p = Path(model)
     if p.is_dir() and (p / "config.json").exists():
-        from ..hf import config_from_hf
-        from ..utils import read_json
+        from lmforge.formats.hf import config_from_hf
+        from lmforge.utils import read_json
 
         raw = read_json(p / "config.json")
         if raw.get("format") == "lmforge":
@@ -85,10 +85,10 @@ def read_config(model: str) -> ModelConfig:
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: missing key {e}") from None
     if p.exists():
-        from ..checkpoint import load
+        from lmforge.formats.native import load
 
         return load(p).config
-    from ..checkpoint import HUB_ID, download
+    from lmforge.formats.native import HUB_ID, download
 
     if "/" in model and HUB_ID.match(model):  # a Hub id (owner/name): fetch config.json only, no weights
         config = read_config(str(download(model, config_only=True)))
@@ -147,7 +147,7 @@ def cmd_info(args) -> int:
 # import / export
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_import(args) -> int:
-    from ..checkpoint import load
+    from lmforge.formats.native import load
 
     lm = load(str(args.src), dtype=args.dtype, tokenizer=args.tokenizer)
     lm.save(args.out)
@@ -156,14 +156,14 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ..checkpoint import export_hf, load
+    from lmforge.formats.native import export_hf, load
 
     lm = load(str(args.model))
     if args.format == "hf":
         export_hf(lm, args.out, dtype=args.dtype)
         print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     else:
-        from ..gguf import export_gguf
+        from lmforge.formats.gguf import export_gguf
 
         export_gguf(lm, args.out, **({"dtype": args.dtype} if args.dtype else {}))
         print(f"wrote {args.out}")
@@ -227,8 +227,8 @@ def plot_attention(labels: list[str], weights: torch.Tensor, title: str = "") ->
 
 
 def cmd_attention_map(args) -> int:
-    from ..checkpoint import load
-    from ..utils import atomic_write_bytes
+    from lmforge.formats.native import load
+    from lmforge.utils import atomic_write_bytes
 
     lm = load(str(args.model), dtype="float32")
     labels, weights = attention_weights(lm, args.prompt, args.layer, args.head)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import argconf
+from lmforge import argconf
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..recipes.pretrain import PretrainConfig
+    from lmforge.recipes.pretrain import PretrainConfig
 
     p = subparsers.add_parser("pretrain", help="pretrain a language model from text",
                               description="Train a tokenizer (or load one), tokenize the data into shards and "
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ..recipes.pretrain import PretrainConfig, run_pretrain
+    from lmforge.recipes.pretrain import PretrainConfig, run_pretrain
 
     cfg = argconf.from_cli(PretrainConfig, args, args.config, out=args.out, resume=args.resume)
     run_pretrain(cfg)
@@ -59,10 +59,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from ..checkpoint import load
-    from ..data import read_documents, train_val_split
-    from ..eval import ngram_baseline, per_char, perplexity
-    from ..errors import DataError
+    from lmforge.formats.native import load
+    from lmforge.training.data import read_documents, train_val_split
+    from lmforge.training.eval import ngram_baseline, per_char, perplexity
+    from lmforge.errors import DataError
 
     lm = load(args.model, device=args.device)
     tok = lm.tokenizer

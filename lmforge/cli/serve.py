@@ -20,8 +20,8 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import argconf
-from ..errors import ConfigError
+from lmforge import argconf
+from lmforge.errors import ConfigError
 
 
 @dataclass
@@ -67,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     import lmforge
-    from ..serve.app import ServerSettings, serve
+    from lmforge.serve.app import ServerSettings, serve
 
     cfg = argconf.from_cli(ServeConfig, args, args.config)
     if cfg.threads:

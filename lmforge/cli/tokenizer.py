@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import TokenizerError
+from lmforge.errors import TokenizerError
 
 # alternating background colours make token boundaries visible (as in the tiktokenizer web app)
 _COLOURS = ["\x1b[48;5;153m\x1b[30m", "\x1b[48;5;223m\x1b[30m", "\x1b[48;5;157m\x1b[30m", "\x1b[48;5;217m\x1b[30m"]
@@ -66,7 +66,7 @@ def _tok_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load(path: Path):
-    from ..tokenizer import load_tokenizer
+    from lmforge.tokenizers.bpe import load_tokenizer
 
     return load_tokenizer(path)
 
@@ -81,9 +81,9 @@ def _visible(piece: bytes) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..data import builtin_corpus
-    from ..tokenizer import ENDOFTEXT, Tokenizer
-    from ..tokenizers_basic import CharTokenizer, WordTokenizer
+    from lmforge.training.data import builtin_corpus
+    from lmforge.tokenizers.bpe import ENDOFTEXT, Tokenizer
+    from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer
 
     sources = list(args.files) if args.files else [builtin_corpus()]
     label = ", ".join(str(f) for f in args.files) if args.files else "the embedded corpus"
@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from ..tokenizer import read_text_file
+    from lmforge.tokenizers.bpe import read_text_file
 
     tok = _load(args.tokenizer)
     if args.file is not None:
@@ -150,8 +150,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ..data import builtin_corpus
-    from ..tokenizer import Tokenizer, pattern_name, read_text_file
+    from lmforge.training.data import builtin_corpus
+    from lmforge.tokenizers.bpe import Tokenizer, pattern_name, read_text_file
 
     tok = _load(args.tokenizer)
     print(f"kind:            {type(tok).__name__} ({getattr(tok, 'kind', '?')})")

@@ -25,10 +25,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from ..errors import CheckpointError, ConfigError
-from ..utils import atomic_dir, atomic_write_json, read_json
-from .data import classification_collate, encode_texts
-from ..train import row_mean
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import atomic_dir, atomic_write_json, read_json
+from lmforge.finetune.data import classification_collate, encode_texts
+from lmforge.training.loop import row_mean
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_HEAD = "classifier_head.safetensors"

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from ..errors import ConfigError
-from ..train import TrainConfig
+from lmforge.errors import ConfigError
+from lmforge.training.loop import TrainConfig
 
 
 @dataclass
@@ -100,10 +100,10 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
     """Add LoRA adapters when cfg.lora_r > 0 (base frozen); returns whether it did."""
     if cfg.lora_r <= 0:
         return False
-    from .. import lora
+    from lmforge.finetune import lora
 
     if cfg.quantize:  # QLoRA (Dettmers et al. 2023): the frozen base in 4 bits, adapters and activations in fp32
-        from ..quantize import quantize_model
+        from lmforge.compress.quantize import quantize_model
 
         quantize_model(model, cfg.quantize, group_size=cfg.quant_group_size, embeddings="keep", fallback="int8",
                        progress=False)
@@ -115,8 +115,8 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
 
 def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]:
     """What the loop writes at each checkpoint: the PEFT adapter (LoRA) or the whole model directory."""
-    from .. import lora
-    from ..utils import atomic_write_json
+    from lmforge.finetune import lora
+    from lmforge.utils import atomic_write_json
 
     def save(d: Path) -> None:
         if uses_lora:
@@ -130,7 +130,7 @@ def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]
 
 def finish(lm, cfg: FinetuneConfig, uses_lora: bool, log: Callable[[str], None] = print) -> Path:
     """After training: with LoRA and `merge`, replace the adapter by a merged model directory."""
-    from .. import lora
+    from lmforge.finetune import lora
 
     out = Path(cfg.out)
     if uses_lora and cfg.merge:

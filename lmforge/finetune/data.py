@@ -7,7 +7,7 @@ Three kinds of supervised data, each a list of records read from JSON / JSONL / 
 * **Instructions, Alpaca format** (Taori et al. 2023): `{"instruction", "input", "output"}` rendered with the
   Alpaca prompt template (`alpaca_prompt`); the model learns to write `output` after "### Response:\\n".
 * **Chat messages**: `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}` rendered
-  with the model's chat template (`lmforge.chat_template`); every assistant turn is a response.
+  with the model's chat template (`lmforge.tokenizers.chat_template`); every assistant turn is a response.
 * **Preferences** (DPO): Alpaca fields plus `chosen` and `rejected` responses.
 
 **Loss only on the response.** An SFT example is prompt + response + EOS. The model sees all of it, but the loss
@@ -40,8 +40,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data import Batches as _Batches
-from ..errors import DataError
+from lmforge.training.data import Batches as _Batches
+from lmforge.errors import DataError
 
 IGNORE_INDEX = -100
 
@@ -154,7 +154,7 @@ def chat_segments(messages: Sequence[Mapping[str, Any]], template: str | None, b
     The text before assistant turn i is the template rendered for messages[:i] with the generation prompt;
     the turn itself is what rendering messages[:i+1] adds after that (its content and end-of-turn marker).
     """
-    from ..chat_template import apply_chat_template
+    from lmforge.tokenizers.chat_template import apply_chat_template
 
     segments: list[tuple[str, bool]] = []
     done = ""
@@ -240,7 +240,7 @@ def sft_example(tok, record: Mapping[str, Any], index: int, template: str | None
         if not isinstance(msgs, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
                                                  for m in msgs):
             raise DataError(f"{source}: record {index}: 'messages' must be a list with at least one assistant turn")
-        from ..errors import GenerationError
+        from lmforge.errors import GenerationError
 
         try:
             return encode_chat(tok, msgs, template)
@@ -255,7 +255,7 @@ def sft_example(tok, record: Mapping[str, Any], index: int, template: str | None
 def sft_prompt(record: Mapping[str, Any], template: str | None = None) -> str:
     """The text a model continues to answer a record (for generation at evaluation time)."""
     if is_chat_record(record):
-        from ..chat_template import apply_chat_template
+        from lmforge.tokenizers.chat_template import apply_chat_template
 
         msgs = list(record["messages"])
         while msgs and msgs[-1].get("role") == "assistant":
@@ -319,7 +319,7 @@ def pack(examples: Sequence[Example], max_length: int) -> list[Example]:
 class Batches(_Batches):
     """index -> batch over a list of items (the loop's data source), reshuffled per epoch from (seed, epoch).
 
-    `lmforge.data.Batches` plus two options:
+    `lmforge.training.data.Batches` plus two options:
     * `weights` (one per item): each epoch draws its items with replacement in proportion to the weights, so a
       rare class is seen as often as a common one (class-balanced sampling);
     * `lengths` (one per item): group items of similar length into the same batch (Hugging Face's

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX
-from ..train import token_mean
+from lmforge.finetune.data import IGNORE_INDEX
+from lmforge.training.loop import token_mean
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_write
+    from lmforge.utils import atomic_write
 
     K = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 * K + 2.5, 1.2 * K + 2))

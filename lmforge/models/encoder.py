@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from lmforge.errors import ConfigError
 
 FAMILIES = ("bert", "roberta", "distilbert")
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from .encoder import EncoderConfig, activation_fn
+from lmforge.errors import ConfigError
+from lmforge.models.encoder import EncoderConfig, activation_fn
 
 
 class MLMHead(nn.Module):

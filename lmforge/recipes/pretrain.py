@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ConfigError, DataError
-from ..train import TrainConfig
+from lmforge.errors import ConfigError, DataError
+from lmforge.training.loop import TrainConfig
 
 
 @dataclass
@@ -110,8 +110,8 @@ def reset_to_torch_defaults(model) -> None:
 
 def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
     """Train a BPE on the data, or load one (tokenizer.json, a model directory, or GPT-2's two files)."""
-    from ..data import BUILTIN, builtin_documents, resolve_sources
-    from ..tokenizer import Tokenizer
+    from lmforge.training.data import BUILTIN, builtin_documents, resolve_sources
+    from lmforge.tokenizers.bpe import Tokenizer
 
     if cfg.tokenizer == "train":
         texts: list = []
@@ -119,7 +119,7 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
             if src == BUILTIN:
                 texts.extend(builtin_documents())
             elif src.suffix in (".jsonl", ".json"):
-                from ..data import read_documents
+                from lmforge.training.data import read_documents
 
                 texts.extend(t for t, _ in read_documents([src], cfg.text_field))
             else:
@@ -133,15 +133,15 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
 
 def run_pretrain(cfg: PretrainConfig):
     """Run the recipe; returns the trained `LM` (also saved in `cfg.out`)."""
-    from ..checkpoint import load as load_model
-    from ..config import ModelConfig
-    from ..data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, read_documents, sources_size,
+    from lmforge.formats.native import load as load_model
+    from lmforge.models.config import ModelConfig
+    from lmforge.training.data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, read_documents, sources_size,
                         tokenize_to_shards, train_val_split)
-    from ..lm import LM, GenerationConfig
-    from ..model import Transformer
-    from ..tokenizer import Tokenizer
-    from ..train import read_train_state, setup_distributed, train
-    from ..utils import atomic_write_json, parse_device
+    from lmforge.lm import LM, GenerationConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
+    from lmforge.training.loop import read_train_state, setup_distributed, train
+    from lmforge.utils import atomic_write_json, parse_device
 
     if not cfg.out:
         raise ConfigError("no output directory: pass --out DIR (or set `out` in the config)")

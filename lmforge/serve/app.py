@@ -13,10 +13,10 @@ speak this API work against a local model unchanged — point `base_url` at `htt
 
 Streaming uses Server-Sent Events: the response is `text/event-stream`, each chunk a line `data: {json}` and a
 blank line, the last one `data: [DONE]`. Tokens reach the client as soon as they are safe to show (whole UTF-8
-characters, nothing that might be the start of a stop string: `lmforge.generate.StopChecker`).
+characters, nothing that might be the start of a stop string: `lmforge.generation.api.StopChecker`).
 
 Where text meets ids. The engine (`engine.py`) speaks token ids; this module tokenizes prompts (chat template via
-`lmforge.generate.chat_prompt`), detokenizes incrementally, matches stop strings and then cancels the sequence in
+`lmforge.generation.api.chat_prompt`), detokenizes incrementally, matches stop strings and then cancels the sequence in
 the engine so its KV-cache slot is freed at once. A client that disconnects (stream closed, or a non-streaming
 request abandoned) cancels its sequences the same way.
 
@@ -58,10 +58,10 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import LmforgeError
-from ..generate import SamplingParams, StopChecker, chat_controls, encode_chat, eos_token_ids, chat_prompt
-from .constrain import json_constraint, tool_call_constraint
-from .engine import Engine, EngineBusyError, EngineStoppedError, Event
+from lmforge.errors import LmforgeError
+from lmforge.generation.api import SamplingParams, StopChecker, chat_controls, encode_chat, eos_token_ids, chat_prompt
+from lmforge.serve.constrain import json_constraint, tool_call_constraint
+from lmforge.serve.engine import Engine, EngineBusyError, EngineStoppedError, Event
 
 log = logging.getLogger("lmforge.serve")
 STATIC = Path(__file__).parent / "static"

@@ -13,7 +13,7 @@ while the longest one runs, and new requests wait for the whole batch. *Continuo
         sample each row with its own controls and RNG; finished rows leave the batch at once
         hand the step's events to the server in one burst
 
-The KV cache (`lmforge.model.KVCache`) is pre-allocated for `max_batch` rows of `max_len` slots and keeps a
+The KV cache (`lmforge.models.decoder.KVCache`) is pre-allocated for `max_batch` rows of `max_len` slots and keeps a
 length, a key mask and a next position per row, so rows of different lengths decode together. Active sequences
 are kept packed in rows 0..n-1: when one leaves, the last row's keys and values move into its slot, and the
 decode forward runs on `cache.rows(0, n)` only (its cost follows the number of live requests, not `max_batch`).
@@ -27,7 +27,7 @@ is exactly what prefilling it alone would have left. Prompts that want their log
 of every position and form their own, smaller batches.
 
 The engine speaks token ids (as nanochat's engine does): text, chat templates, stop strings and detokenization
-belong to the server (`lmforge.serve.app`). Sampling reuses `lmforge.generate`'s small pure functions, each
+belong to the server (`lmforge.serve.app`). Sampling reuses `lmforge.generation.api`'s small pure functions, each
 request with its own `torch.Generator`, so a request's output does not depend on what else is in the batch: a
 seeded request gives the same tokens served alone or among 31 others (tests/test_serve_engine.py checks this).
 
@@ -52,8 +52,8 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..errors import GenerationError, LmforgeError
-from ..generate import SamplingParams, greedy, process_logits, sample
+from lmforge.errors import GenerationError, LmforgeError
+from lmforge.generation.api import SamplingParams, greedy, process_logits, sample
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class Engine:
             self._retire(row, reason)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
-        """One token per sequence with `lmforge.generate`'s controls. Rows with the same controls are processed
+        """One token per sequence with `lmforge.generation.api`'s controls. Rows with the same controls are processed
         as one batch; every row draws from its own generator, so its tokens do not depend on its neighbours."""
         out: list[int | None] = [None] * len(seqs)
         groups: dict[tuple, list[int]] = {}

@@ -22,7 +22,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigError
+from lmforge.errors import ConfigError
 
 
 @dataclass

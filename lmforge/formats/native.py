@@ -5,9 +5,9 @@
 | input                                   | reader                                                        |
 |-----------------------------------------|---------------------------------------------------------------|
 | lmforge directory (config.json has `"format": "lmforge"`) | `ModelConfig` + model.safetensors                |
-| Hugging Face directory (config.json has `model_type`)      | `lmforge.hf`: key + name maps, GPT-2 transposes  |
-| llama2.c `.bin` file (+ its tokenizer `.bin`)             | `lmforge.llama2c`                                 |
-| `.gguf` file                            | `lmforge.gguf.load_gguf`                                      |
+| Hugging Face directory (config.json has `model_type`)      | `lmforge.formats.hf`: key + name maps, GPT-2 transposes  |
+| llama2.c `.bin` file (+ its tokenizer `.bin`)             | `lmforge.formats.llama2c`                                 |
+| `.gguf` file                            | `lmforge.formats.gguf.load_gguf`                                      |
 | Hub id such as `openai-community/gpt2`  | `huggingface_hub.snapshot_download`, then the directory above |
 
 Why safetensors: a `.bin` (pickle) file can run code when unpickled; safetensors is a JSON header plus raw arrays,
@@ -29,7 +29,7 @@ The lmforge directory (`save`):
     tokenizer.json           the tokenizer (`tok.save(dir)`)
     generation_config.json   default inference controls
     chat_template.jinja      optional
-    quantization.json        optional: the quantization scheme; loading calls `lmforge.quantize.prepare_for_load`
+    quantization.json        optional: the quantization scheme; loading calls `lmforge.compress.quantize.prepare_for_load`
 
 A save builds the directory next to the target and swaps it in (`lmforge.utils.atomic_dir`), so a crash never
 leaves a half-written model where a good one was.
@@ -44,11 +44,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, LmforgeError, NetworkError
-from .lm import LM, GenerationConfig
-from .model import Transformer, rope_inv_freq
-from .utils import atomic_dir, atomic_write_json, dtype_name, parse_device, parse_dtype, read_json
+from lmforge.models.config import ModelConfig
+from lmforge.errors import CheckpointError, ConfigError, LmforgeError, NetworkError
+from lmforge.lm import LM, GenerationConfig
+from lmforge.models.decoder import Transformer, rope_inv_freq
+from lmforge.utils import atomic_dir, atomic_write_json, dtype_name, parse_device, parse_dtype, read_json
 
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 5 * 1024**3  # weights above this are split into shards with an index (as Hugging Face does)
@@ -155,13 +155,13 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
     dict of every tensor needed and must return exactly those (it raises the one-line error naming a missing or
     mis-shaped tensor). Floating tensors are cast to `dtype` when given.
     """
-    from .hf import expected_shapes
+    from lmforge.formats.hf import expected_shapes
 
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(config, init_weights=False)
     if qconfig:
-        from .quantize import prepare_for_load
+        from lmforge.compress.quantize import prepare_for_load
 
         prepare_for_load(model, qconfig)
     expected = expected_shapes(model)
@@ -209,12 +209,12 @@ def _load_tokenizer(d: Path):
     checkpoints) takes lmforge's GPT-2 path: those are the very files OpenAI published as encoder.json/vocab.bpe.
     """
     if (d / "tokenizer.bin").exists() and not (d / "tokenizer.json").exists():  # llama2.c's format, kept as is
-        from .llama2c import Llama2cTokenizer
+        from lmforge.formats.llama2c import Llama2cTokenizer
 
         return Llama2cTokenizer.load(d / "tokenizer.bin")
     if not any((d / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return None
-    from .tokenizer import Tokenizer
+    from lmforge.tokenizers.bpe import Tokenizer
 
     if (d / "tokenizer.json").exists():
         return Tokenizer.load(d)
@@ -290,9 +290,10 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
         return sd
 
     if qconfig and "checksums" in qconfig:
-        from .quantize import verify_checksums
+        from lmforge.compress.quantize import verify_checksums
 
         verify_checksums(sd, qconfig["checksums"], d)
+        qconfig = {k: v for k, v in qconfig.items() if k != "checksums"}  # they describe the file, not the model
     model = build_model(config, state_fn, dtype=torch_dtype, device=_resolve_device(device), qconfig=qconfig,
                         source=source)
     tok = _load_tokenizer(d)
@@ -301,7 +302,7 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
 
 def load_hf_dir(d: Path, dtype="auto", device=None) -> LM:
     """A Hugging Face model directory: config.json with `model_type`, and safetensors or pytorch_model.bin."""
-    from . import hf
+    from lmforge.formats import hf
 
     hf_config = read_json(d / "config.json")
     try:
@@ -374,11 +375,11 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
     p = Path(path_or_id)
     if p.is_file():
         if p.suffix == ".gguf":
-            from .gguf import load_gguf
+            from lmforge.formats.gguf import load_gguf
 
             return load_gguf(p, dtype, device)
         if p.suffix == ".bin":
-            from .llama2c import load_llama2c
+            from lmforge.formats.llama2c import load_llama2c
 
             return load_llama2c(p, tokenizer, dtype=dtype, device=device)
         if p.name == "config.json" or p.suffix == ".safetensors":
@@ -386,7 +387,7 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
         raise CheckpointError(f"{p}: unknown model file type (expected a directory, .gguf or llama2.c .bin)")
     if p.is_dir():
         if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-            from .lora import load_adapter_dir  # a PEFT adapter (LoRA or soft prompt) on its base model
+            from lmforge.finetune.lora import load_adapter_dir  # a PEFT adapter (LoRA or soft prompt) on its base model
 
             return load_adapter_dir(p, dtype, device)
         if (p / "config.json").exists():
@@ -490,7 +491,7 @@ def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
         elif (tmp / "chat_template.jinja").exists():
             (tmp / "chat_template.jinja").unlink()
         if qconfig:
-            from .quantize import tensor_checksums  # a bit flip in packed codes would load silently otherwise
+            from lmforge.compress.quantize import tensor_checksums  # a bit flip in packed codes would load silently otherwise
 
             atomic_write_json(tmp / "quantization.json", {**qconfig, "checksums": tensor_checksums(sd)})
         elif (tmp / "quantization.json").exists():
@@ -502,7 +503,7 @@ def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
 def export_hf(lm: LM, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
               max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `lm` as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load with no custom code."""
-    from . import hf
+    from lmforge.formats import hf
 
     if getattr(lm.model, "quantization_config", None):
         raise CheckpointError("cannot export a quantized model to Hugging Face layout; export the original model")
@@ -533,7 +534,7 @@ def export_hf(lm: LM, path: str | os.PathLike, dtype: str | torch.dtype | None =
             gen_dict["do_sample"] = True
         atomic_write_json(tmp / "generation_config.json", gen_dict)
         if lm.tokenizer is not None:
-            from .hf import save_hf_tokenizer
+            from lmforge.formats.hf import save_hf_tokenizer
 
             save_hf_tokenizer(lm.tokenizer, tmp, chat_template=lm.chat_template, model_max_length=config.block_size)
     return Path(path)

@@ -28,7 +28,7 @@ Two more things make a shard fast:
   run are the shards' own.
 
 Only a loss whose rows are scored independently can be cut this way, so `train()` shards a batch only when its
-loss function says what it averages over: rows (`lmforge.train.row_mean`, classification) or scored target tokens
+loss function says what it averages over: rows (`lmforge.training.loop.row_mean`, classification) or scored target tokens
 (`token_mean`, the next-token cross-entropy; a shard then weighs its share of the scored tokens, so SFT batches
 whose prompts are masked add up to the whole batch's mean). DPO, whose rows pair a chosen answer with a rejected
 one, sees its batches whole.
@@ -38,7 +38,7 @@ The cost: the shards run in Python threads, so a model's Python code takes turns
 threads would make unrepeatable, so models with dropout train the usual way. `TrainConfig(cores=...)` picks the
 mode; `auto` uses it for fp32 training on a CPU in one process when torch has more than one thread.
 
-    from lmforge.cores import CoreParallel
+    from lmforge.training.cores import CoreParallel
     with CoreParallel(model, n=2, matmul="numpy", mean="tokens") as cores:  # what train() builds on 2 cores
         loss = cores.backward(next_token_loss, model, batch)  # fills p.grad as loss.backward() would
 """
@@ -57,9 +57,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .errors import ConfigError
-from .train import split_batch, unique_trainable
+from lmforge import kernels
+from lmforge.errors import ConfigError
+from lmforge.training.loop import split_batch, unique_trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------

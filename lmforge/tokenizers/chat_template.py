@@ -33,7 +33,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
-from .errors import GenerationError
+from lmforge.errors import GenerationError
 
 # ChatML, the default for lmforge chat models (and what Qwen2 models use). Same text as Hugging Face's ChatML.
 CHATML_TEMPLATE = (

@@ -15,12 +15,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train import train
-from ..utils import atomic_write_json
-from . import common
-from . import data as D
-from .classifier import SequenceClassifier, classification_loss, predict, save_classifier, set_trainable
-from .metrics import classification_metrics, plot_confusion
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
+from lmforge.finetune import common
+from lmforge.finetune import data as D
+from lmforge.finetune.classifier import SequenceClassifier, classification_loss, predict, save_classifier, set_trainable
+from lmforge.finetune.metrics import classification_metrics, plot_confusion
 
 
 @dataclass
@@ -82,8 +82,8 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
             return save_classifier(clf, lm, d, L)
         import copy
 
-        from .. import lora
-        from ..lm import LM
+        from lmforge.finetune import lora
+        from lmforge.lm import LM
 
         base = lora.merge_and_unload(copy.deepcopy(lm.model))  # a classifier directory holds a whole model
         merged = SequenceClassifier(base, labels)

@@ -31,7 +31,7 @@ model class: any model, any family, even a quantized base layer (QLoRA) works, a
 PEFT interop. Adapters are saved in Hugging Face PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`
 with tensors named `base_model.model.<HF module>.lora_A.weight`), so `peft.PeftModel.from_pretrained(hf_model,
 dir)` loads an lmforge adapter onto lmforge's HF export, and `load_peft` reads adapters PEFT wrote. The module
-names are translated with `lmforge.hf`'s tables. GPT-2 is the interesting case: HF GPT-2 keeps q, k and v in one
+names are translated with `lmforge.formats.hf`'s tables. GPT-2 is the interesting case: HF GPT-2 keeps q, k and v in one
 fused `c_attn` Conv1D (C -> 3C). A PEFT LoRA on `c_attn` is *one* A (r, C) shared by q, k and v and one B (3C, r)
 whose three row-blocks are the B of q, k and v. lmforge represents that exactly: q_proj, k_proj and v_proj get
 LoRA layers that share the same A parameter, and B is split in three. (Targets may be named either way:
@@ -51,8 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, atomic_write_json, read_json
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -438,13 +438,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 # PEFT layout: lmforge module names <-> Hugging Face module names
 # ----------------------------------------------------------------------------------------------------------------
 def _hf_module_map(model: nn.Module) -> dict[str, tuple[str, int, tuple[int, ...]]]:
-    """lmforge linear-layer name -> (HF module name, row block, sizes of all row blocks), from `lmforge.hf`'s tables.
+    """lmforge linear-layer name -> (HF module name, row block, sizes of all row blocks), from `lmforge.formats.hf`'s tables.
 
     GPT-2: "blocks.0.attn.k_proj" -> ("transformer.h.0.attn.c_attn", 1, (C, C, C)): k is the second row block of
     the fused c_attn output. Llama: "blocks.0.attn.k_proj" -> ("model.layers.0.self_attn.k_proj", 0, (nkv*hd,)).
     A model that no HF family can hold gets {} (LoRA still works; only PEFT saving needs the names).
     """
-    from . import hf
+    from lmforge.formats import hf
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "n_layer"):
@@ -668,7 +668,7 @@ def load_adapter_dir(path: str | Path, dtype="auto", device=None, merge: bool = 
     lm = lmforge.load(base, dtype=dtype, device=device)
     kind = cfg.get("peft_type", "LORA")
     if kind == "PROMPT_TUNING":
-        from .prompt_tuning import load_prompt
+        from lmforge.finetune.prompt_tuning import load_prompt
 
         lm.model = load_prompt(lm.model, path).eval()
     elif kind == "LORA":

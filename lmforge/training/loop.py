@@ -22,7 +22,7 @@ Why each piece is there:
 - **Mixed precision.** On CUDA the forward pass runs under bf16 autocast (same exponent range as fp32, so no loss
   scaling); weights and optimizer state stay fp32. On CPU we train in fp32.
 - **Every CPU core.** On a CPU each micro-batch is cut into one shard per core, and each core runs its shard's
-  forward and backward single-threaded; the gradients are added in a fixed order (`lmforge.cores`, ``cores``).
+  forward and backward single-threaded; the gradients are added in a fixed order (`lmforge.training.cores`, ``cores``).
   No op waits for the other cores, and the products can use whichever BLAS is faster here.
 - **Exact resume.** A checkpoint is the run directory plus ``train_state/``: trainable weights (fp32, safetensors),
   optimizer moments, RNG states, the step and the *data position*. Batches are addressed by a global index
@@ -35,12 +35,12 @@ Why each piece is there:
   batch ``(step * grad_accum_steps + micro) * W + r``, so two processes with accumulation 1 see exactly the
   batches one process with accumulation 2 sees, and the averaged gradient is the same.
 
-Data a loop can consume: a callable ``index -> batch`` (the datasets in `lmforge.data` are such callables), a
+Data a loop can consume: a callable ``index -> batch`` (the datasets in `lmforge.training.data` are such callables), a
 sequence of batches (cycled), or any re-iterable such as a ``torch.utils.data.DataLoader`` (epochs restart it;
 on resume it is fast-forwarded). A batch is a dict with ``input_ids`` and ``labels`` (labels already shifted, -100
 ignored), or a tuple ``(inputs, targets)``; custom ``loss_fn(model, batch) -> scalar loss`` may take anything.
 
-    from lmforge.train import TrainConfig, train
+    from lmforge.training.loop import TrainConfig, train
     result = train(model, train_batches, TrainConfig(max_steps=200, lr=3e-4), val_data=val_batches,
                    out_dir="runs/x", save_model=lambda d: lm.save(d))
 """
@@ -64,9 +64,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, ConfigError, DataError
-from .heap import retain_freed_memory
-from .utils import atomic_dir, atomic_write, atomic_write_json, parse_device
+from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.training.heap import retain_freed_memory
+from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_device
 
 TRAIN_STATE_DIR = "train_state"
 STATE_VERSION = 1
@@ -100,7 +100,7 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = field(default="ddp", metadata={"help": "under torchrun: ddp or fsdp"})
     cores: int = field(default=0, metadata={
         "help": "CPU: run each micro-batch as this many shards at once, one per core, each single-threaded "
-                "(lmforge.cores). 0 = auto: torch's thread count for fp32 CPU training in one process without "
+                "(lmforge.training.cores). 0 = auto: torch's thread count for fp32 CPU training in one process without "
                 "dropout, else off; 1 = off"})
     cpu_matmul: Literal["auto", "torch", "numpy"] = field(default="auto", metadata={
         "help": "with cores > 1: who runs the matrix products: torch (MKL), numpy (its BLAS: OpenBLAS in numpy's "
@@ -225,7 +225,7 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def row_mean(loss_fn: Callable) -> Callable:
     """Declare that a loss is the mean over the batch's rows, each row scored on its own (classification).
 
-    `lmforge.cores` cuts a batch into shards only for a loss declared this way or with `token_mean`: a loss whose
+    `lmforge.training.cores` cuts a batch into shards only for a loss declared this way or with `token_mean`: a loss whose
     rows depend on each other (DPO pairs a chosen row with a rejected one) must see its batch whole."""
     loss_fn.batch_mean = "rows"
     return loss_fn
@@ -234,7 +234,7 @@ def row_mean(loss_fn: Callable) -> Callable:
 def token_mean(loss_fn: Callable) -> Callable:
     """Declare that a loss is the mean over the batch's targets other than -100, each row scored on its own.
 
-    `lmforge.cores` then weighs each shard of a batch by its share of scored targets, so the shards add up to the
+    `lmforge.training.cores` then weighs each shard of a batch by its share of scored targets, so the shards add up to the
     whole batch's token mean even when the rows score different numbers of tokens (prompts masked in SFT)."""
     loss_fn.batch_mean = "tokens"
     return loss_fn
@@ -408,13 +408,13 @@ def evaluate(model: nn.Module, val_data: Any, loss_fn: Callable | None = None, m
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
                 device: torch.device | str = "cpu") -> str:
-    """Greedy continuation of `prompt` (via `lmforge.generate`), used to watch a model learn.
+    """Greedy continuation of `prompt` (via `lmforge.generation.api`), used to watch a model learn.
 
     Runs inside `torch.random.fork_rng`, so sampling during training never shifts the RNG stream that dropout
     draws from: a run with samples and one without (or a resumed one) see the same random numbers.
     """
-    from .generate import generate
-    from .lm import LM
+    from lmforge.generation.api import generate
+    from lmforge.lm import LM
 
     was_training = model.training
     with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
@@ -630,14 +630,14 @@ def plot_losses(records: list[dict[str, Any]], path: str | os.PathLike, title: s
 # ----------------------------------------------------------------------------------------------------------------
 def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device: torch.device,
                    dist_info: DistInfo, log: Callable[[str], None], resumed: dict[str, Any]):
-    """The `lmforge.cores.CoreParallel` runner this run uses, or None (see TrainConfig.cores).
+    """The `lmforge.training.cores.CoreParallel` runner this run uses, or None (see TrainConfig.cores).
 
     A resumed run keeps the shard count and matrix-product library its checkpoint recorded (when the config
     leaves them on auto): a different cut of the batch, or another BLAS, would change the float rounding and the
     resumed losses would no longer match an uninterrupted run bit for bit."""
-    from .cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
+    from lmforge.training.cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
 
-    recorded = resumed.get("cores", 1) if resumed else 0  # checkpoints from before lmforge.cores: one thread pool
+    recorded = resumed.get("cores", 1) if resumed else 0  # checkpoints from before lmforge.training.cores: one thread pool
     n = cfg.cores or int(recorded or 0) or torch.get_num_threads()
     if n == 1:
         return None
@@ -650,7 +650,7 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
         why_not = f"it needs float32 training, not {cfg.dtype}"
     elif getattr(loss_fn, "batch_mean", None) not in ("rows", "tokens"):
         why_not = ("the loss function does not declare how its batch may be cut into shards (mark it with "
-                   "lmforge.train.row_mean or token_mean)")
+                   "lmforge.training.loop.row_mean or token_mean)")
     elif dropout_active(model):
         why_not = "the model uses dropout (random numbers drawn from two threads would make runs unrepeatable)"
     if why_not is not None:
@@ -812,7 +812,7 @@ def train(
     train_loss = val_loss = None
     end_step = cfg.max_steps
     try:
-        if device.type == "cpu":  # each step's freed tensors stay with the process for the next (lmforge.heap)
+        if device.type == "cpu":  # each step's freed tensors stay with the process for the next (lmforge.training.heap)
             held.enter_context(retain_freed_memory())
         if cores is not None:  # numpy's BLAS held at one thread, Linears routed to the faster product
             held.enter_context(cores)

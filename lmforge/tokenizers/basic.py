@@ -1,6 +1,6 @@
 """The two tokenizers a course starts from, before byte-level BPE: words and characters.
 
-Both learn their vocabulary from a training text and share `lmforge.tokenizer.Tokenizer`'s interface (`encode`,
+Both learn their vocabulary from a training text and share `lmforge.tokenizers.bpe.Tokenizer`'s interface (`encode`,
 `decode`, `decode_bytes`, `vocab`, `vocab_size`, `special_tokens`, `save`/`load`), so a model can be trained on
 either and the trade-off seen first hand:
 
@@ -12,7 +12,7 @@ either and the trade-off seen first hand:
   and lossless for the characters it saw, but sequences are as long as the text, so a context window of T tokens
   covers only T characters; unseen characters become ``<|unk|>``.
 
-Byte-level BPE (`lmforge.tokenizer.Tokenizer`) sits between: nothing is unknown (every byte has an id), and
+Byte-level BPE (`lmforge.tokenizers.bpe.Tokenizer`) sits between: nothing is unknown (every byte has an id), and
 frequent words are single tokens.
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import regex
 
-from .errors import DataError, TokenizerError
-from .tokenizer import AllowedSpecial, Tokenizer, _as_texts
+from lmforge.errors import DataError, TokenizerError
+from lmforge.tokenizers.bpe import AllowedSpecial, Tokenizer, _as_texts
 
 UNK = "<|unk|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -139,7 +139,7 @@ class _Basic:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save as JSON (a .json path, or a directory that receives tokenizer.json); `Tokenizer.load` reads it."""
-        from .utils import atomic_write_json
+        from lmforge.utils import atomic_write_json
 
         path = Path(path)
         if path.suffix != ".json":
@@ -149,7 +149,7 @@ class _Basic:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Any:
-        from .tokenizer import load_tokenizer
+        from lmforge.tokenizers.bpe import load_tokenizer
 
         tok = load_tokenizer(path)
         if not isinstance(tok, cls):

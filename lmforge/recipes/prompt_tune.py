@@ -3,7 +3,7 @@
     lmforge finetune prompt-tune runs/demo --data instruction-data.json --out runs/pt --num-virtual-tokens 20
 
 Same data, masks and evaluation as SFT (`finetune.sft`); only the `num_virtual_tokens x n_embd` prompt trains
-(`lmforge.prompt_tuning`). The output directory is a PEFT prompt-tuning adapter (adapter_config.json +
+(`lmforge.finetune.prompt_tuning`). The output directory is a PEFT prompt-tuning adapter (adapter_config.json +
 adapter_model.safetensors); load it onto the base with `prompt_tuning.load_prompt(model, dir, name)` and switch
 tasks with `set_prompt(name)`.
 """
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..lm import LM
-from ..train import train
-from ..utils import atomic_write_json
-from . import common
-from .losses import response_loss
-from .sft import SFTConfig, answer_and_score, chat_template, load_splits, sft_batches
+from lmforge.errors import ConfigError
+from lmforge.lm import LM
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
+from lmforge.finetune import common
+from lmforge.finetune.losses import response_loss
+from lmforge.recipes.sft import SFTConfig, answer_and_score, chat_template, load_splits, sft_batches
 
 
 @dataclass
@@ -39,7 +39,7 @@ class PromptTuneConfig(SFTConfig):
 
 
 def run_prompt_tune(cfg: PromptTuneConfig, log=print) -> dict:
-    from ..prompt_tuning import add_prompt_tuning, save_prompt
+    from lmforge.finetune.prompt_tuning import add_prompt_tuning, save_prompt
 
     cfg.check_paths()
     lm = common.load_base(cfg)

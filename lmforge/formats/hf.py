@@ -17,9 +17,9 @@ A Hugging Face checkpoint and an lmforge model hold the same numbers; they diffe
    and split; on export we fuse and transpose back (nanoGPT's `from_pretrained` does the same).
 
 RoPE needs no permutation here: lmforge uses HF's rotate-half layout (pairs `(i, i + hd/2)`). Meta's original
-checkpoints (and llama2.c) rotate adjacent pairs `(2i, 2i+1)`; `lmforge.llama2c` permutes their q/k rows.
+checkpoints (and llama2.c) rotate adjacent pairs `(2i, 2i+1)`; `lmforge.formats.llama2c` permutes their q/k rows.
 
-Public functions take objects (dicts, modules), not paths: `lmforge.checkpoint` does the file I/O.
+Public functions take objects (dicts, modules), not paths: `lmforge.formats.native` does the file I/O.
 
     config = config_from_hf(json.load(open("config.json")))
     state = state_dict_from_hf(hf_tensors, config)       # lmforge names, nn.Linear layout
@@ -33,8 +33,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from lmforge.models.config import ModelConfig
+from lmforge.errors import CheckpointError, ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Name maps: lmforge name -> Hugging Face name, one dict per family. Only names the model has are used (a Llama
@@ -392,7 +392,7 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
 
 def from_hf_model(hf_model) -> "torch.nn.Module":
     """An lmforge `Transformer` with a copy of the weights of a `transformers` causal LM (same dtype, on CPU)."""
-    from .checkpoint import build_model
+    from lmforge.formats.native import build_model
 
     config = config_from_hf(hf_model.config.to_dict())
     sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}  # no storage shared with hf_model
@@ -426,7 +426,7 @@ def save_hf_tokenizer(tok, directory, chat_template: str | None = None, model_ma
     """Write tokenizer.json + tokenizer_config.json that `transformers.AutoTokenizer` loads with no custom code."""
     from pathlib import Path
 
-    from .utils import atomic_write_json
+    from lmforge.utils import atomic_write_json
 
     if not (hasattr(tok, "to_hf_dict") and hasattr(tok, "tokenizer_config")):
         raise CheckpointError(f"cannot export a {type(tok).__name__} to Hugging Face tokenizer files")

@@ -15,7 +15,7 @@ activation magnitudes because they need only forward passes:
 - layer: how much the block changes the residual stream, 1 - cos(x_in, x_out) averaged over tokens (ShortGPT,
   Men et al. 2024: layers that barely rotate the hidden state matter least).
 
-Pruning hurts; a short distillation from the unpruned model ("heal", `lmforge.distill`) recovers much of it at a
+Pruning hurts; a short distillation from the unpruned model ("heal", `lmforge.compress.distill`) recovers much of it at a
 fraction of the cost of training the small model from scratch.
 """
 
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
-from .errors import ConfigError
-from .model import Transformer
+from lmforge.models.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.models.decoder import Transformer
 
 
 @torch.no_grad()
@@ -161,9 +161,9 @@ def _copy_inputs(src: torch.nn.Linear, dst: torch.nn.Linear, cols: torch.Tensor)
 def prune_and_heal(lm, calibration, data, heal_config=None, val_tokens=None, **targets) -> tuple[Any, dict]:
     """Prune `lm` (an `LM`) to `targets` (n_kv_head / intermediate_size / n_layer), then heal the pruned model by
     distilling from the original on `data`. Returns (pruned LM, report with sizes and perplexities)."""
-    from .distill import DistillConfig, distill
-    from .eval import perplexity
-    from .lm import LM
+    from lmforge.compress.distill import DistillConfig, distill
+    from lmforge.training.eval import perplexity
+    from lmforge.lm import LM
 
     teacher = lm.model
     small = prune_model(teacher, calibration, **targets)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError
-from .utils import atomic_dir, atomic_write_json, read_json
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -37,8 +37,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, TokenizerError
+from lmforge.models.config import ModelConfig
+from lmforge.errors import CheckpointError, TokenizerError
 
 LEGACY_HEADER = struct.Struct("<7i")
 V1_MAGIC = 0x616B3432  # "ak42": llama2.c's newer export formats (version 1 fp32, version 2 int8)
@@ -130,8 +130,8 @@ def find_tokenizer(model_path: Path, vocab_size: int) -> Path | None:
 
 def load_llama2c(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None, dtype="auto", device=None):
     """An `LM` from a llama2.c `.bin` model and its tokenizer `.bin` (found beside the model when not given)."""
-    from .checkpoint import _resolve_device, _resolve_dtype, build_model, check_tensors
-    from .lm import LM, GenerationConfig
+    from lmforge.formats.native import _resolve_device, _resolve_dtype, build_model, check_tensors
+    from lmforge.lm import LM, GenerationConfig
 
     path = Path(path)
     config, sd = read_llama2c_model(path)
@@ -217,7 +217,7 @@ class Llama2cTokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the llama2.c `.bin` format (a directory gets `tokenizer.bin`)."""
-        from .utils import atomic_write_bytes
+        from lmforge.utils import atomic_write_bytes
 
         path = Path(path)
         if path.is_dir() or not path.suffix:

@@ -5,9 +5,9 @@ What a tokenizer does
 A language model reads integers, not text. The tokenizer maps a string to a list of ids and back. Three designs:
 
 * characters (one id per Unicode character): tiny vocabulary, but sequences are long and an unseen character
-  has no id; see `lmforge.tokenizers_basic.CharTokenizer`.
+  has no id; see `lmforge.tokenizers.basic.CharTokenizer`.
 * words (one id per word): short sequences, but the vocabulary explodes and every unseen word becomes `<|unk|>`;
-  see `lmforge.tokenizers_basic.WordTokenizer`.
+  see `lmforge.tokenizers.basic.WordTokenizer`.
 * **byte-level BPE** (this module): start from the 256 possible bytes, so *every* string is encodable and nothing
   is ever unknown, then learn merges of frequent adjacent pieces ("t" + "h" -> "th", "th" + "e" -> "the") until
   the vocabulary has the size you asked for. Frequent words become one token, rare ones a few.
@@ -69,7 +69,7 @@ from typing import Any, Collection, Iterable, Literal, Sequence
 
 import regex
 
-from .errors import DataError, TokenizerError
+from lmforge.errors import DataError, TokenizerError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pre-tokenization patterns
@@ -950,7 +950,7 @@ def _tokenizer_config(tok: Any) -> dict[str, Any]:
 
 
 def _save_hf_style(tok: Any, data: dict[str, Any], path: str | os.PathLike) -> Path:
-    from .utils import atomic_write_json  # (lmforge.utils imports torch: only when saving)
+    from lmforge.utils import atomic_write_json  # (lmforge.utils imports torch: only when saving)
 
     path = Path(path)
     if path.suffix == ".json":
@@ -1024,7 +1024,7 @@ def _is_byte_level_decoder(dec: Any) -> bool:
 def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None = None,
                            chat_template: str | None = None, source: str = "tokenizer.json") -> Any:
     """Build the right tokenizer from a parsed tokenizer.json (and optional tokenizer_config.json)."""
-    from .tokenizers_basic import CharTokenizer, WordTokenizer
+    from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer
 
     if not isinstance(data, dict):
         raise TokenizerError(f"{source}: expected a JSON object")
@@ -1112,7 +1112,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     template = None
     llama2c = path / "tokenizer.bin" if path.is_dir() else path
     if llama2c.suffix == ".bin" and llama2c.is_file() and not (path.is_dir() and (path / "tokenizer.json").exists()):
-        from .llama2c import Llama2cTokenizer  # llama2.c's SentencePiece-score BPE (`tokenizer.bin`, `tok512.bin`)
+        from lmforge.formats.llama2c import Llama2cTokenizer  # llama2.c's SentencePiece-score BPE (`tokenizer.bin`, `tok512.bin`)
 
         return Llama2cTokenizer.load(llama2c)
     if path.is_dir():

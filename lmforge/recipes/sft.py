@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..train import train
-from ..utils import atomic_write_json
-from . import common
-from . import data as D
-from .losses import response_loss
-from .metrics import rouge_l
+from lmforge.errors import DataError
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
+from lmforge.finetune import common
+from lmforge.finetune import data as D
+from lmforge.finetune.losses import response_loss
+from lmforge.finetune.metrics import rouge_l
 
 
 @dataclass
@@ -82,7 +82,7 @@ def sft_batches(cfg: SFTConfig, lm, parts: dict[str, list[dict]], template: str 
 
 def answer_and_score(lm, records: list[dict], cfg: SFTConfig, template: str | None) -> tuple[list[dict], float]:
     """Greedy answers for `records` and their mean ROUGE-L F against the expected outputs."""
-    from ..chat_template import end_of_turn_markers
+    from lmforge.tokenizers.chat_template import end_of_turn_markers
 
     if cfg.eval_generate == 0 or not records:
         return [], float("nan")

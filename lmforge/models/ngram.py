@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError
 
 
 class NGramLM:

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from lmforge.errors import DataError
 
 # A fixed, ordered list so the corpus is the same text on every machine with the same Python version.
 _STDLIB_MODULES = (
@@ -333,7 +333,7 @@ def tokenize_to_shards(
     """
     from tqdm.auto import tqdm
 
-    from .utils import atomic_dir, atomic_write_json
+    from lmforge.utils import atomic_dir, atomic_write_json
 
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -541,7 +541,7 @@ def collate_pairs(items: list) -> dict[str, Any]:
 
 
 class Batches:
-    """A map-style dataset served as batches addressed by a global index (what `lmforge.train` consumes).
+    """A map-style dataset served as batches addressed by a global index (what `lmforge.training.loop` consumes).
 
     ``batches(k)`` is batch ``k % len(batches)`` of epoch ``k // len(batches)``; with ``shuffle`` each epoch has
     its own permutation drawn from ``(seed, epoch)``, so batch ``k`` is the same in every run and after a resume.

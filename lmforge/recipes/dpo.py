@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..train import train
-from ..utils import atomic_write_json
-from . import common
-from . import data as D
-from .losses import dpo_loss, sequence_logprobs, split_pairs
-from .sft import load_splits
+from lmforge.errors import ConfigError
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
+from lmforge.finetune import common
+from lmforge.finetune import data as D
+from lmforge.finetune.losses import dpo_loss, sequence_logprobs, split_pairs
+from lmforge.recipes.sft import load_splits
 
 
 @dataclass
@@ -67,7 +67,7 @@ class DPOLoss:
         if "ref_logps" in batch:
             return batch["ref_logps"]
         if self.lora_reference:
-            from .. import lora
+            from lmforge.finetune import lora
 
             with lora.disable_adapters(model):
                 return sequence_logprobs(model, batch)

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from lmforge.models.config import ModelConfig
+from lmforge.errors import CheckpointError, ConfigError
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 / q4_0 block size
@@ -78,7 +78,7 @@ def gguf_arch(config: ModelConfig) -> str:
 # Tokenizers
 # ----------------------------------------------------------------------------------------------------------------
 def _pre_name(pattern: str | None) -> str:
-    from .tokenizer import pattern_name
+    from lmforge.tokenizers.bpe import pattern_name
 
     name = pattern_name(pattern) if pattern else "custom"
     if name == "gpt2":
@@ -117,7 +117,7 @@ def _write_tokenizer(w, tok, n_vocab: int) -> None:
         w.add_unk_token_id(tok.UNK)
         w.add_add_space_prefix(True)  # llama2.c puts a " " token first, as SentencePiece's dummy prefix
     elif kind == "bpe" or hasattr(tok, "merges") and getattr(tok, "merges", None):
-        from .tokenizer import token_to_unicode
+        from lmforge.tokenizers.bpe import token_to_unicode
 
         named = {i: s for s, i in {**getattr(tok, "added_tokens", {}), **tok.special_tokens}.items()}
         size = max(tok.vocab_size, n_vocab)
@@ -164,7 +164,7 @@ def _bias(model: torch.nn.Module, name: str) -> np.ndarray:
 
 def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """lmforge weights under llama.cpp's tensor names (fp32 numpy, numpy shape = (out, in))."""
-    from .llama2c import hf_to_meta_rope
+    from lmforge.formats.llama2c import hf_to_meta_rope
 
     gguf = _gguf()
     N, tn = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
@@ -304,7 +304,7 @@ def _read_tokenizer(reader):
     bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
     template = _field(reader, "tokenizer.chat_template")
     if model == "llama":
-        from .llama2c import Llama2cTokenizer
+        from lmforge.formats.llama2c import Llama2cTokenizer
 
         scores = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
         n = sum(1 for t in types if t != 5)  # drop UNUSED padding
@@ -317,7 +317,7 @@ def _read_tokenizer(reader):
         tok.chat_template = template
         return tok
     if model == "gpt2":
-        from .tokenizer import Tokenizer, unicode_to_token
+        from lmforge.tokenizers.bpe import Tokenizer, unicode_to_token
 
         pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
         pattern = {"gpt-2": "gpt2", "llama-bpe": "llama3"}.get(pre)
@@ -341,10 +341,10 @@ def _read_tokenizer(reader):
 def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     """Read a GGUF file written for the llama or gpt2 architecture (f32/f16/q8_0/q4_0 tensors) as an `LM`."""
     gguf = _gguf()
-    from .checkpoint import build_model, check_tensors
-    from .lm import LM, GenerationConfig
-    from .llama2c import meta_to_hf_rope
-    from .utils import parse_device, parse_dtype
+    from lmforge.formats.native import build_model, check_tensors
+    from lmforge.lm import LM, GenerationConfig
+    from lmforge.formats.llama2c import meta_to_hf_rope
+    from lmforge.utils import parse_device, parse_dtype
 
     path = Path(path)
     try:

@@ -13,7 +13,7 @@ top-k, top-p, min-p), so `generate(do_sample=True, ...)` in transformers and her
 
 Decoding with a KV cache. Attention at step t needs the keys and values of every earlier token; they never change,
 so we compute the prompt's once ("prefill", one forward over T tokens) and then feed a single new token per step
-("decode"), appending its k/v to a pre-allocated `KVCache` (lmforge.model). Without the cache each step re-runs the
+("decode"), appending its k/v to a pre-allocated `KVCache` (lmforge.models.decoder). Without the cache each step re-runs the
 whole sequence: O(T^2) work instead of O(T). `use_cache=False` keeps that slow path as the reference the tests
 compare against.
 
@@ -52,8 +52,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .errors import GenerationError
-from .model import apply_rope
+from lmforge.errors import GenerationError
+from lmforge.models.decoder import apply_rope
 
 # ================================================================================================================
 # Sampling controls
@@ -779,7 +779,7 @@ def static_decoder(model: torch.nn.Module, compile: bool = False, mode: str | No
 
 def supports_static_decode(model: torch.nn.Module) -> bool:
     """The static step needs lmforge's Transformer (not a wrapper with a different forward, e.g. a fake)."""
-    from .model import Transformer
+    from lmforge.models.decoder import Transformer
 
     return type(model).forward is Transformer.forward and isinstance(model, Transformer)
 
@@ -926,7 +926,7 @@ def _stream_ids(lm, ids, params, pad, block_size, use_cache, compile=False, stat
 
 def chat_prompt(lm, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools=None, **kwargs) -> str:
     """Render messages with the model's chat template (ChatML when it has none)."""
-    from .chat_template import apply_chat_template
+    from lmforge.tokenizers.chat_template import apply_chat_template
 
     tok = lm.tokenizer
     bos = getattr(tok, "bos_token", None) or _token_text(tok, getattr(tok, "bos_token_id", None))
@@ -946,7 +946,7 @@ def _token_text(tok, token_id: int | None) -> str:
 
 def chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
     """Stop at the template's end-of-turn marker: as a token id when it is a special token, else as a string."""
-    from .chat_template import end_of_turn_markers
+    from lmforge.tokenizers.chat_template import end_of_turn_markers
 
     controls = dict(controls)
     specials = getattr(lm.tokenizer, "special_tokens", None) or {}

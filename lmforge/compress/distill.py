@@ -16,7 +16,7 @@ The loss, per position, with temperature T and weight alpha:
 - The LM (cross-entropy) term keeps the student anchored to the real data where the teacher is wrong.
 
 Teacher and student must share the vocabulary (the KL compares distributions over the same token ids). The
-training itself is `lmforge.train.train`, the project's one loop, called with this loss function.
+training itself is `lmforge.training.loop.train`, the project's one loop, called with this loss function.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .train import TrainConfig, TrainResult, split_batch, train
+from lmforge.errors import ConfigError
+from lmforge.training.loop import TrainConfig, TrainResult, split_batch, train
 
 
 def _module(m) -> nn.Module:
@@ -86,10 +86,10 @@ def distill(teacher, student, data: Any, config: DistillConfig | None = None, *,
     """Train `student` (in place) to match `teacher` on `data` with the distillation loss.
 
     teacher, student: `Transformer`s or `LM`s with the same vocabulary (the teacher stays frozen)
-    data:       batches for `lmforge.train.train` ({"input_ids", "labels"} dicts or (inputs, targets) pairs)
+    data:       batches for `lmforge.training.loop.train` ({"input_ids", "labels"} dicts or (inputs, targets) pairs)
     val_tokens: a 1-D token sequence for the perplexity report (teacher, student before, student after)
     """
-    from .eval import perplexity
+    from lmforge.training.eval import perplexity
 
     config = config or DistillConfig()
     t_model, s_model = _module(teacher), _module(student)

@@ -20,13 +20,13 @@ holds its peak memory between steps, as PyTorch's caching allocator does on a GP
 (Reuse takes a few steps to settle: PyTorch asks for 64-byte-aligned blocks, glibc pads such a request, and a freed
 block of exactly one tensor's size fits the next request of that size only once its free neighbours have merged
 with it.) When the block ends, malloc gets glibc's steady-state defaults back (mmap from 32 MB, trim beyond 64 MB)
-and `malloc_trim` returns what is held to the system. `lmforge.train.train` uses it for every CPU run.
+and `malloc_trim` returns what is held to the system. `lmforge.training.loop.train` uses it for every CPU run.
 
 It is glibc-only (Linux); elsewhere it does nothing. If the environment sets any of glibc's own malloc tunables
 (`MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_ARENA_MAX`, `GLIBC_TUNABLES`), the
 user has chosen, and malloc is left alone.
 
-    python -c "from lmforge.heap import show_page_faults; show_page_faults()"   # the cost, measured here
+    python -c "from lmforge.training.heap import show_page_faults; show_page_faults()"   # the cost, measured here
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Two models are comparable only on the same tokens with the same tokenizer. Acros
 
 How a transformer scores a long text here: cut the tokens into consecutive windows of ``block_size`` inputs; the
 targets of each window are its inputs shifted by one, so every token after the first is predicted exactly once
-(tokens at the start of a window see a shorter context). The n-gram baseline (`lmforge.ngram`) predicts the same
+(tokens at the start of a window see a shorter context). The n-gram baseline (`lmforge.models.ngram`) predicts the same
 positions from up to ``n - 1`` previous tokens.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
-from .ngram import NGramLM
+from lmforge.errors import DataError
+from lmforge.models.ngram import NGramLM
 
 
 @torch.no_grad()

@@ -37,9 +37,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .config import ModelConfig
-from .errors import ConfigError, GenerationError
+from lmforge import kernels
+from lmforge.models.config import ModelConfig
+from lmforge.errors import ConfigError, GenerationError
 
 
 # ----------------------------------------------------------------------------------------------------------------

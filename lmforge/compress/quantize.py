@@ -50,9 +50,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .errors import ConfigError
-from .utils import read_json
+from lmforge import kernels
+from lmforge.errors import ConfigError
+from lmforge.utils import read_json
 
 SCHEMES = ("int8", "int4", "nf4")
 METHODS = ("rtn", "gptq")
@@ -602,7 +602,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
 def prepare_for_load(model: nn.Module, qconfig_dict: dict[str, Any]) -> nn.Module:
     """Swap a freshly built model's layers for empty quantized ones so a quantized state dict loads into it.
 
-    Called by `lmforge.checkpoint.load` when a model directory has quantization.json.
+    Called by `lmforge.formats.native.load` when a model directory has quantization.json.
     """
     if qconfig_dict.get("format") != QUANT_FORMAT:
         raise ConfigError(f"quantization.json: unknown format {qconfig_dict.get('format')!r}; expected {QUANT_FORMAT!r}")
@@ -644,7 +644,7 @@ def verify_checksums(sd: dict[str, torch.Tensor], checksums: Any, directory) -> 
     """One-line CheckpointError naming the file and tensor whose bytes differ from quantization.json's record."""
     from pathlib import Path
 
-    from .errors import CheckpointError
+    from lmforge.errors import CheckpointError
 
     d = Path(directory)
     if not isinstance(checksums, dict):
