@@ -1,0 +1,154 @@
+"""Retrievers: a question -> the k chunks most likely to hold its answer.
+
+- `DenseRetriever`: embed the question with the index's own embedder and ask the store for the nearest chunk
+  vectors. Finds paraphrases ("When did the Normans reach Italy?" ~ "... arrived in the Mezzogiorno in 999").
+- `BM25Retriever`: lexical scores (bm25.py) over the same chunks. Finds exact rare words, names and numbers.
+- `HybridRetriever`: reciprocal-rank fusion (Cormack, Clarke & Buettcher 2009) of several retrievers' rankings:
+
+      rrf(d) = sum over retrievers r of 1 / (k_rrf + rank_r(d))        rank from 1, k_rrf = 60
+
+  RRF uses ranks only, so it needs no calibration between a cosine in [-1, 1] and an unbounded BM25 score, and a
+  chunk ranked high by either retriever rises. It is the fusion Elasticsearch, OpenSearch and Vespa ship.
+- `RerankingRetriever`: fetch many candidates cheaply, then re-order them with a cross-encoder, a model that reads
+  question and passage *together* (more accurate than comparing two separate vectors, too slow for a whole corpus).
+
+All return `Hit`s (store.py), best first. `filter` restricts results to chunks whose metadata match
+(e.g. {"source": "/docs/a.md"} or {"title": "Normans"}).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .bm25 import BM25, bm25_tokenize
+from .embedders import Embedder, info_of
+from .store import Hit, Store, check_query, top_k
+
+
+class Retriever(Protocol):
+    def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]: ...
+
+
+def _matches(chunk, filter: dict | None) -> bool:
+    if not filter:
+        return True
+    for key, value in filter.items():
+        have = getattr(chunk, key) if key in ("doc_id", "source", "page") else chunk.meta.get(key)
+        values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+        if have not in values and str(have) not in [str(v) for v in values]:
+            return False
+    return True
+
+
+class DenseRetriever:
+    """Nearest chunk vectors to the embedded question. The embedder must be the one the index was built with."""
+
+    def __init__(self, store: Store, embedder: Embedder, exact: bool = True):
+        check_query(store.manifest, info_of(embedder), "the index")
+        self.store, self.embedder, self.exact = store, embedder, exact
+
+    def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
+        q = self.embedder.embed([query])[0]
+        return self.store.search(q, k, filter=filter, exact=self.exact)
+
+
+class BM25Retriever:
+    """BM25 over the store's chunks (built once, on first use, from the chunk texts)."""
+
+    def __init__(self, store_or_chunks, k1: float = 1.5, b: float = 0.75, idf: str = "lucene", tokenize=bm25_tokenize):
+        self.source, self.tokenize, self.params = store_or_chunks, tokenize, dict(k1=k1, b=b, idf=idf)
+        self._bm25: BM25 | None = None
+
+    def _index(self) -> BM25:
+        if self._bm25 is None:
+            src = self.source
+            self.chunks = list(src.chunks()) if hasattr(src, "chunks") else list(src)
+            self._bm25 = BM25([self.tokenize(c.text) for c in self.chunks], **self.params)
+        return self._bm25
+
+    def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
+        bm = self._index()
+        scores = bm.scores(self.tokenize(query))
+        if filter:
+            allowed = np.asarray([_matches(c, filter) for c in self.chunks], dtype=bool)
+            scores = np.where(allowed, scores, -np.inf)
+        return [Hit(self.chunks[i], float(scores[i])) for i in top_k(scores, k)
+                if scores[i] > 0 and np.isfinite(scores[i])]
+
+
+def rrf(rankings: Sequence[Sequence[Hit]], k: int, k_rrf: int = 60) -> list[Hit]:
+    """Fuse rankings by reciprocal rank: a chunk 1st in one list and 3rd in another scores 1/61 + 1/63."""
+    fused: dict[tuple, float] = {}
+    first: dict[tuple, Hit] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, 1):
+            fused[hit.key] = fused.get(hit.key, 0.0) + 1.0 / (k_rrf + rank)
+            first.setdefault(hit.key, hit)
+    order = sorted(fused, key=lambda key: (-fused[key], key))
+    return [Hit(first[key].chunk, fused[key]) for key in order[:k]]
+
+
+class HybridRetriever:
+    """Reciprocal-rank fusion of several retrievers (default: dense + BM25), each asked for `fetch_k` hits."""
+
+    def __init__(self, retrievers: Sequence[Retriever], fetch_k: int = 50, k_rrf: int = 60):
+        if not retrievers:
+            raise ConfigError("HybridRetriever needs at least one retriever")
+        self.retrievers, self.fetch_k, self.k_rrf = list(retrievers), int(fetch_k), int(k_rrf)
+
+    def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
+        rankings = [r.retrieve(query, max(k, self.fetch_k), filter=filter) for r in self.retrievers]
+        return rrf(rankings, k, self.k_rrf)
+
+
+class Reranker(Protocol):
+    def score(self, query: str, passages: Sequence[str]) -> list[float]: ...
+
+
+class CrossEncoderReranker:
+    """A Hugging Face cross-encoder directory (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2), run with transformers.
+
+    The score is the model's single relevance logit for the pair (query, passage); higher is more relevant.
+    """
+
+    def __init__(self, model_dir: str, batch_size: int = 32, max_length: int = 512):
+        try:
+            import torch
+            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        except ImportError:
+            raise ConfigError("a cross-encoder reranker needs transformers (pip install transformers)") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{model_dir}: not a cross-encoder directory ({str(e).splitlines()[0]})") from None
+        self._torch, self.batch_size, self.max_length = torch, batch_size, max_length
+
+    def score(self, query: str, passages: Sequence[str]) -> list[float]:
+        out: list[float] = []
+        with self._torch.inference_mode():
+            for i in range(0, len(passages), self.batch_size):
+                part = list(passages[i:i + self.batch_size])
+                enc = self.tokenizer([query] * len(part), part, truncation=True, max_length=self.max_length,
+                                     padding=True, return_tensors="pt")
+                logits = self.model(**enc).logits  # (B, n_labels)
+                out += (logits[:, 0] if logits.shape[1] == 1 else logits[:, -1]).float().tolist()
+        return out
+
+
+class RerankingRetriever:
+    """Candidates from `base` (fetch_k of them), re-ordered by `reranker` scores."""
+
+    def __init__(self, base: Retriever, reranker: Reranker, fetch_k: int = 30):
+        self.base, self.reranker, self.fetch_k = base, reranker, int(fetch_k)
+
+    def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
+        cands = self.base.retrieve(query, max(k, self.fetch_k), filter=filter)
+        if not cands:
+            return []
+        scores = self.reranker.score(query, [h.chunk.text for h in cands])
+        order = sorted(range(len(cands)), key=lambda i: (-scores[i], i))
+        return [Hit(cands[i].chunk, float(scores[i])) for i in order[:k]]
