@@ -46,12 +46,14 @@ def _matches(chunk, filter: dict | None) -> bool:
 class DenseRetriever:
     """Nearest chunk vectors to the embedded question. The embedder must be the one the index was built with."""
 
-    def __init__(self, store: Store, embedder: Embedder, exact: bool = True):
+    def __init__(self, store: Store, embedder: Embedder, exact: bool | None = None):
         check_query(store.manifest, info_of(embedder), "the index")
         self.store, self.embedder, self.exact = store, embedder, exact
 
     def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
         q = self.embedder.embed([query])[0]
+        if self.exact is None:  # the store's default: exact for the embedded store, HNSW for pgvector
+            return self.store.search(q, k, filter=filter)
         return self.store.search(q, k, filter=filter, exact=self.exact)
 
 
