@@ -173,6 +173,7 @@ class EmbeddedStore:
     `EmbeddedStore.open(dir)` opens an existing index (one-line DataError if `dir` is not one);
     `EmbeddedStore.create(dir, manifest)` starts a new one (or opens it when it exists with the same manifest).
     Changes (`upsert`, `delete`) are staged in memory and become visible, atomically, at `commit()`.
+    One process writes an index at a time (readers are unlimited); a commit removes files a dead writer left.
     `search="hnsw"` answers `exact=False` queries from an in-memory FAISS HNSW graph (needs faiss-cpu).
     """
 
@@ -339,6 +340,7 @@ class EmbeddedStore:
     def commit(self, force: bool = False) -> None:
         """Write generation g+1 (vectors, then SQLite), fsync, switch index.json to it, delete generation g."""
         if not self.pending and not force:
+            self._remove_strays(keep=set())  # leftovers of a writer that died mid-commit
             return
         g = self.generation + 1
         vec_name, db_name = f"vectors-{g}.npy", f"meta-{g}.sqlite"
