@@ -467,7 +467,12 @@ class WordPieceTokenizer:
         truncation: False | True / "longest_first" | "only_first" | "only_second"
         """
         single = isinstance(text, str)
+        if not single and not isinstance(text, (list, tuple)):
+            raise TokenizerError(f"expected a string or a list of strings, got {type(text).__name__}")
         texts = [text] if single else list(text)
+        if text_pair is not None and not isinstance(text_pair, (str, list, tuple)):
+            raise TokenizerError(f"expected text_pair as a string or a list of strings, got "
+                                 f"{type(text_pair).__name__}")
         pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
         encs = self.encode_batch(texts, pairs, add_special_tokens=add_special_tokens, truncation=truncation,
                                  max_length=max_length)
@@ -525,15 +530,20 @@ class WordPieceTokenizer:
         return [self.vocab.get(t, self.unk_token_id) for t in tokens]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        """Pieces joined with spaces, "##" pieces glued to the previous one, HF's tokenization clean-up:
+        """The `tokenizers` WordPiece decoder: a piece gets a leading space unless it continues a word ("##"),
+        then each piece alone gets the clean-up (" ." -> "."), so "don ' t" stays as HF prints it:
         [101, 7592, 1010, 2088, 999, 102] -> "hello, world!"."""
         specials = set(self.all_special_ids) if skip_special_tokens else set()
         toks = [self.id_to_token(int(i)) for i in ids if int(i) not in specials]
-        text = " ".join(toks).replace(" " + self.prefix, "").replace(self.prefix, "")
-        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                     (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-            text = text.replace(a, b)
-        return text
+        out = []
+        for i, tok in enumerate(toks):
+            if i:
+                tok = tok[len(self.prefix):] if tok.startswith(self.prefix) else " " + tok
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                tok = tok.replace(a, b)
+            out.append(tok)
+        return "".join(out)
 
     # ---- files ------------------------------------------------------------------------------------------------
     @classmethod
