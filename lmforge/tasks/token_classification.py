@@ -1,0 +1,290 @@
+"""Token classification (NER, POS): one label per token, grouped back into words and entities.
+
+Named-entity recognition labels each word with a tag in the BIO scheme (Ramshaw & Marcus 1995; CoNLL-2003):
+
+    words   Angela  Merkel  visited  New    York   .
+    tags    B-PER   I-PER   O        B-LOC  I-LOC  O        B- begins an entity, I- continues it, O is outside
+
+The model sees word *pieces*, not words ("Merkel" -> "mer", "##kel"), so two alignment problems appear:
+
+Training (words -> pieces): `align_labels` gives each word's tag to its first piece and -100 (ignored by the
+loss) to the other pieces and to [CLS]/[SEP], as transformers' token-classification examples do; with
+`label_all_tokens` the later pieces get the tag too (a B- becomes I- there, so an entity still begins once).
+
+Inference (pieces -> entities): `token_classification` predicts a label per piece and groups them the way
+transformers' token-classification pipeline does under each `aggregation_strategy` (tests/test_ner.py checks
+every one against it on the same weights):
+
+    none     one entry per piece: {"entity", "score", "index", "word", "start", "end"}
+    simple   adjacent pieces with the same tag type merge into one entity (B- starts a new one); the entity's
+             score is the mean of its pieces' scores: {"entity_group", "score", "word", "start", "end"}
+    first    first fuse pieces into words: a word takes the label of its *first* piece, then group as simple
+    average  a word takes the label with the highest *mean* probability over its pieces
+    max      a word takes the label of its most confident piece
+
+"first", "average" and "max" never split a word between two entities ("Mer|kel" as PER + ORG), which "simple"
+can. A piece continues a word when its text in the input is shorter than the piece (the "##" is not in the
+text), so "New York" stays two words and "Merkel" one. Labels in `ignore_labels` ("O") are dropped.
+
+`entities_from_tags` / `ner_metrics` score predictions at the entity level as conlleval (and seqeval's default
+mode) do: an entity counts only when its type and both boundaries are right.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.tasks.common import check_texts, forward_batches, labels_of, task_model
+from lmforge.training.batch import token_mean
+
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+
+
+# ---- pieces -> text ----------------------------------------------------------------------------------------------
+def convert_tokens_to_string(tokens: Sequence[str], prefix: str = "##") -> str:
+    """The `tokenizers` WordPiece decoder: "##" pieces glue to the previous one, others get a space, and each
+    piece is cleaned up (" ." -> ".", " n't" -> "n't" ...): ["new", "york", "##er", ","] -> "new yorker,"."""
+    out = []
+    for i, t in enumerate(tokens):
+        if i:
+            t = t[len(prefix):] if t.startswith(prefix) else " " + t
+        for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                     (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            t = t.replace(a, b)
+        out.append(t)
+    return "".join(out)
+
+
+# ---- grouping (transformers' TokenClassificationPipeline.postprocess, as plain functions) ----------------------
+def pre_entities(text: str, encoding, scores: np.ndarray, tokenizer) -> list[dict]:
+    """One dict per non-special piece: word (piece string), scores (L,), start, end, index, is_subword."""
+    out = []
+    prefix = getattr(tokenizer, "prefix", "##")
+    for idx, (tok_id, token, (s, e), seq) in enumerate(zip(encoding.ids, encoding.tokens, encoding.offsets,
+                                                            encoding.sequence_ids)):
+        if seq is None:  # [CLS], [SEP]
+            continue
+        word_ref = text[s:e]
+        is_subword = len(token) != len(word_ref) if prefix else (s > 0 and " " not in text[s - 1:s + 1])
+        if tok_id == tokenizer.unk_token_id:
+            token, is_subword = word_ref, False
+        out.append({"word": token, "scores": scores[idx], "start": s, "end": e, "index": idx,
+                    "is_subword": is_subword})
+    return out
+
+
+def _aggregate_word(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str) -> dict:
+    word = convert_tokens_to_string([p["word"] for p in pieces], prefix)
+    if strategy == "first":
+        scores = pieces[0]["scores"]
+    elif strategy == "max":
+        scores = max(pieces, key=lambda p: p["scores"].max())["scores"]
+    else:  # average
+        scores = np.nanmean(np.stack([p["scores"] for p in pieces]), axis=0)
+    idx = int(scores.argmax())
+    return {"entity": labels[idx], "score": scores[idx], "word": word, "start": pieces[0]["start"],
+            "end": pieces[-1]["end"]}
+
+
+def aggregate_words(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str = "##") -> list[dict]:
+    """Fuse pieces into words (a piece with is_subword joins the word before it) and label each word."""
+    words, group = [], None
+    for p in pieces:
+        if group is None:
+            group = [p]
+        elif p["is_subword"]:
+            group.append(p)
+        else:
+            words.append(_aggregate_word(group, strategy, labels, prefix))
+            group = [p]
+    if group is not None:
+        words.append(_aggregate_word(group, strategy, labels, prefix))
+    return words
+
+
+def get_tag(label: str) -> tuple[str, str]:
+    """("B"|"I", type): "B-PER" -> ("B", "PER"); a label without a BIO prefix counts as a continuation."""
+    if label.startswith("B-"):
+        return "B", label[2:]
+    if label.startswith("I-"):
+        return "I", label[2:]
+    return "I", label
+
+
+def group_entities(entities: list[dict], prefix: str = "##") -> list[dict]:
+    """Merge adjacent entries of one type into entities; a B- tag always starts a new one."""
+    groups, current = [], []
+
+    def close(ents: list[dict]) -> dict:
+        return {"entity_group": ents[0]["entity"].split("-", 1)[-1],
+                "score": np.mean(np.nanmean([e["score"] for e in ents])),
+                "word": convert_tokens_to_string([e["word"] for e in ents], prefix),
+                "start": ents[0]["start"], "end": ents[-1]["end"]}
+
+    for e in entities:
+        if current:
+            bi, tag = get_tag(e["entity"])
+            _, last_tag = get_tag(current[-1]["entity"])
+            if tag == last_tag and bi != "B":
+                current.append(e)
+                continue
+            groups.append(close(current))
+        current = [e]
+    if current:
+        groups.append(close(current))
+    return groups
+
+
+def aggregate(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str = "##") -> list[dict]:
+    if strategy in ("none", "simple"):
+        entities = []
+        for p in pieces:
+            idx = int(p["scores"].argmax())
+            entities.append({"entity": labels[idx], "score": p["scores"][idx], "index": p["index"], "word": p["word"],
+                             "start": p["start"], "end": p["end"]})
+    else:
+        entities = aggregate_words(pieces, strategy, labels, prefix)
+    return entities if strategy == "none" else group_entities(entities, prefix)
+
+
+def _plain(entity: dict) -> dict:
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else int(v) if isinstance(v, np.integer) else v)
+            for k, v in entity.items()}
+
+
+def token_classification(lm: Any, texts: str | Sequence[str], aggregation_strategy: str = "none",
+                         ignore_labels: Sequence[str] = ("O",), batch_size: int = 16) -> list:
+    """Entities of each text, as transformers' token-classification pipeline returns them (see module docstring).
+
+    One text -> a list of entity dicts; a list of texts -> one such list per text. Texts longer than the model's
+    length are truncated (as in transformers without `stride`).
+    """
+    strategy = str(aggregation_strategy).lower()
+    if strategy not in AGGREGATIONS:
+        raise ConfigError(f"unknown aggregation_strategy {aggregation_strategy!r}; use one of {', '.join(AGGREGATIONS)}")
+    items, single = check_texts(texts)
+    model = task_model(lm, "token_classification")
+    labels = labels_of(lm) or [f"LABEL_{i}" for i in range(model.head.classifier.out_features)]
+    tok = lm.tokenizer
+    encs = tok.encode_batch(items, truncation=True, max_length=min(lm.max_seq_length, tok.model_max_length))
+    logits = [row for out in forward_batches(model, tok, encs, batch_size) for row in out]  # each (T, L)
+    prefix = getattr(tok, "prefix", "##")
+    results = []
+    for text, enc, lg in zip(items, encs, logits):
+        lg = lg[:len(enc)].numpy()  # (n, L) float32
+        exp = np.exp(lg - lg.max(axis=-1, keepdims=True))
+        scores = exp / exp.sum(axis=-1, keepdims=True)
+        ents = aggregate(pre_entities(text, enc, scores, tok), strategy, labels, prefix)
+        results.append([_plain(e) for e in ents
+                        if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels])
+    return results[0] if single else results
+
+
+# ---- training: words with tags -> pieces with label ids -----------------------------------------------------------
+def encode_words(tokenizer, words: Sequence[str], max_length: int):
+    """Encode pre-split words (joined by spaces) and map each piece to the index of the word it came from.
+
+    Returns (Encoding, piece_word) where piece_word[i] is the input word of piece i, None for [CLS]/[SEP].
+    A word the tokenizer splits further ("U.S." -> "u", ".", "s", ".") maps all its pieces to that one word.
+    """
+    if not words:
+        raise DataError("an example has no words")
+    text, spans, pos = "", [], 0
+    for w in words:
+        if not isinstance(w, str) or not w.strip() or any(c.isspace() for c in w):
+            raise DataError(f"word {w!r} is empty or contains whitespace; give one word per list item")
+        spans.append((pos, pos + len(w)))
+        text += w + " "
+        pos += len(w) + 1
+    enc = tokenizer.encode_plus(text[:-1], truncation=True, max_length=max_length)
+    starts = [s for s, _ in spans]
+    piece_word = []
+    for (s, e), seq in zip(enc.offsets, enc.sequence_ids):
+        piece_word.append(None if seq is None else int(np.searchsorted(starts, s, side="right") - 1))
+    return enc, piece_word
+
+
+def align_labels(piece_word: Sequence[int | None], word_labels: Sequence[int], labels: Sequence[str] | None = None,
+                 label_all_tokens: bool = False) -> list[int]:
+    """Word label ids -> piece label ids: the first piece of each word carries its word's label, the rest -100
+    (or, with label_all_tokens, the word's label with B-X turned into I-X when `labels` names them).
+
+        piece_word [None, 0, 1, 1, 2, None], word_labels [1, 3, 0] -> [-100, 1, 3, -100, 0, -100]
+    """
+    out, prev = [], None
+    for w in piece_word:
+        if w is None:
+            out.append(-100)
+        elif w != prev:
+            out.append(int(word_labels[w]))
+        elif label_all_tokens:
+            lab = int(word_labels[w])
+            if labels is not None and labels[lab].startswith("B-") and ("I-" + labels[lab][2:]) in labels:
+                lab = list(labels).index("I-" + labels[lab][2:])
+            out.append(lab)
+        else:
+            out.append(-100)
+        prev = w
+    return out
+
+
+@token_mean
+def token_classification_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the labelled pieces (labels != -100), as BertForTokenClassification computes it."""
+    logits = model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))  # (B, T, L)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+
+
+def check_label_names(model_labels: Sequence[str] | None, data_labels: Sequence[str], source: str) -> None:
+    """A label file (or data) that uses labels the model does not have is a one-line error."""
+    if model_labels is None:
+        return
+    unknown = sorted(set(data_labels) - set(model_labels))
+    if unknown:
+        raise CheckpointError(f"{source} uses label {unknown[0]!r}, which the model does not have "
+                              f"(its labels: {', '.join(model_labels)})")
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------------
+def entities_from_tags(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+    """BIO(ES) tags -> {(type, first, last)} the way conlleval reads them: an I- after O or after another type
+    starts an entity too.  ["B-PER", "I-PER", "O", "I-LOC"] -> {("PER", 0, 1), ("LOC", 3, 3)}"""
+    out, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        bi, t = (tag[0], tag[2:]) if len(tag) > 1 and tag[1] == "-" else ("O" if tag == "O" else "I", tag)
+        ends = kind is not None and (bi in ("B", "S", "O") or t != kind)
+        if ends:
+            out.add((kind, start, i - 1))
+            kind = None
+        if bi in ("B", "S") or (bi in ("I", "E") and kind is None):
+            start, kind = i, t
+        if bi in ("E", "S") and kind is not None:
+            out.add((kind, start, i))
+            kind = None
+    return out
+
+
+def ner_metrics(true_tags: Sequence[Sequence[str]], pred_tags: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Entity-level precision, recall, F1 (micro over all sentences) and token accuracy."""
+    if len(true_tags) != len(pred_tags):
+        raise DataError(f"{len(true_tags)} gold sentences but {len(pred_tags)} predicted")
+    tp = n_pred = n_true = correct = total = 0
+    for t, p in zip(true_tags, pred_tags):
+        if len(t) != len(p):
+            raise DataError(f"a sentence has {len(t)} gold tags but {len(p)} predicted")
+        et, ep = entities_from_tags(t), entities_from_tags(p)
+        tp += len(et & ep)
+        n_pred += len(ep)
+        n_true += len(et)
+        correct += sum(a == b for a, b in zip(t, p))
+        total += len(t)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_true if n_true else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": correct / max(1, total),
+            "entities": n_true}
