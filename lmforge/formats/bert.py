@@ -363,7 +363,7 @@ def load_encoder_dir(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
     except (ConfigError, KeyError, TypeError) as e:
         msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"{d / 'config.json'}: {msg}") from None
-    config.name = config.extra.pop("_name_or_path", None) or d.name
+    config.name = d.name if d.name != "model" else d.parent.name  # a package's "./model" says nothing
     parse_dtype(dtype)
     sd, stored = read_weights(d)
     want = parse_dtype(dtype) or parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or stored or "float32")

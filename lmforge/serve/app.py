@@ -1022,6 +1022,10 @@ def create_app(lm, settings: ServerSettings | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
 
     settings = settings or ServerSettings()
+    if getattr(lm, "is_encoder", False):  # BERT-style encoders: /v1/embeddings only, no engine
+        from lmforge.serve.encoder import create_encoder_app
+
+        return create_encoder_app(lm, settings)
     state = ServerState(lm, settings)
 
     @asynccontextmanager
