@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 
 def emit(work: Path, rec: dict) -> None:
@@ -114,7 +114,7 @@ def stage_lora_speed(work: Path, args) -> None:
 
     import lmforge
     from lmforge.finetune import lora
-    from lmforge.formats.native import export_hf
+    from lmforge.formats.hf import export_hf
     from lmforge.models.config import ModelConfig
     from lmforge.lm import LM
     from lmforge.models.decoder import Transformer

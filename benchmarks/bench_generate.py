@@ -30,12 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transformers  # noqa: E402
 
-from lmforge.formats.native import load  # noqa: E402
+from lmforge.loader import load  # noqa: E402
 from lmforge.generation.api import generate  # noqa: E402
-from lmforge.formats.hf import from_hf_model, to_hf_model  # noqa: E402
+from lmforge.formats.hf import from_hf_model  # noqa: E402
+from tests.helpers import to_hf_model  # noqa: E402
 from lmforge.lm import LM  # noqa: E402
 from lmforge.models.decoder import decode_product  # noqa: E402
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 
 class Timing:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import lmforge  # noqa: E402
 from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
 from lmforge.formats.gguf import export_gguf  # noqa: E402
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 N_GREEDY = 200
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from lmforge import argconf  # noqa: E402
 from lmforge.recipes.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 from lmforge.training.loop import read_metrics  # noqa: E402
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +82,7 @@ def verdict(args) -> None:
 
 def eval_mode_train_loss(out: Path) -> float:
     """The course reports the training loss of the model in eval mode over the training loader: do the same."""
-    from lmforge.formats.native import load
+    from lmforge.loader import load
     from lmforge.training.data import Batches, SlidingWindowDataset, TokenShards, train_val_split
     from lmforge.training.loop import evaluate
 

@@ -32,7 +32,7 @@ import lmforge  # noqa: E402
 from lmforge.training.eval import perplexity  # noqa: E402
 from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
 from lmforge.compress.quantize import QuantLinear, model_nbytes, quantize_model  # noqa: E402
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 DECODE_TOKENS = 64
 

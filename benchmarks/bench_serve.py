@@ -34,12 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 
 def build_model(path: Path, n_layer: int, n_embd: int) -> str:
     from lmforge.models.config import ModelConfig
-    from lmforge.lm import LM, GenerationConfig
+    from lmforge.generation.config import GenerationConfig
+    from lmforge.lm import LM
     from lmforge.models.decoder import Transformer
     from lmforge.tokenizers.bpe import Tokenizer
 

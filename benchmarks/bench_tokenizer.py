@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lmforge.utils import shared_data_dir  # noqa: E402
+from tests.helpers import shared_data_dir  # noqa: E402
 
 VOCAB = 8192
 SPECIAL = "<|endoftext|>"
@@ -45,7 +45,8 @@ def _peak_mb() -> float:
 
 def child(which: str, naive_merges: int) -> dict:
     """Run one trainer in this (fresh) process; return its wall time and peak RSS."""
-    from lmforge.tokenizers.bpe import GPT2_PATTERN, Tokenizer, _chunks, count_pretokens, train_bpe, train_bpe_naive
+    from lmforge.tokenizers.bpe import GPT2_PATTERN, Tokenizer, _chunks, count_pretokens, train_bpe
+    from tests.helpers import train_bpe_naive
 
     text = (shared_data_dir() / "war_and_peace" / "warpeace_input.txt").read_text(encoding="utf-8")
     out: dict = {"which": which}

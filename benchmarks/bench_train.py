@@ -1,6 +1,6 @@
 """Training throughput on CPU: lmforge's loop vs a plain `transformers` LlamaForCausalLM, same run.
 
-Both train the same ~20M-parameter Llama-shaped model (same config, same initial weights via lmforge.formats.hf.to_hf_model),
+Both train the same ~20M-parameter Llama-shaped model (same config, same initial weights via tests/helpers.py's to_hf_model),
 on the same batches (B x T random windows of a fixed token stream), with AdamW (same hyper-parameters), gradient
 clipping at 1.0, fp32. The Hugging Face side is the loop a user writes by hand: `model(input_ids, labels=...)`,
 `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW(...)` with its default implementation.
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lmforge.models.config import ModelConfig  # noqa: E402
 from lmforge.training.data import PackedBatches  # noqa: E402
 from lmforge.training.heap import page_faults, retain_freed_memory  # noqa: E402
-from lmforge.formats.hf import to_hf_model  # noqa: E402
+from tests.helpers import to_hf_model  # noqa: E402
 from lmforge.models.decoder import Transformer  # noqa: E402
 from lmforge.training.loop import TrainConfig, train  # noqa: E402
 
@@ -130,7 +130,7 @@ def main() -> None:
         res = train(ours, batches, TrainConfig(max_steps=args.steps + args.warmup, lr=HP["lr"],
                                                weight_decay=HP["weight_decay"], batch_size=args.batch_size,
                                                schedule="constant", eval_every=0, grad_clip=1.0, progress=False,
-                                               compile=compile_, cores=args.cores,
+                                               compile=compile_, cores=args.cores, retain_memory=True,
                                                cpu_matmul=args.cpu_matmul),
                     on_step=hf_step)
         ours_tps = [r["tok_per_s"] for r in res.history]

@@ -139,9 +139,3 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def shared_data_dir() -> Path:
-    """Where the project's shared public data lives (``../shared/data`` beside the checkout), or $LMFORGE_DATA."""
-    env = os.environ.get("LMFORGE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"

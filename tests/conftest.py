@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.utils import shared_data_dir
+from helpers import shared_data_dir
 
 # Each xdist worker gets one intra-op thread: two workers on two cores, no oversubscription.
 torch.set_num_threads(int(os.environ.get("LMFORGE_TEST_THREADS", "1")))

@@ -15,7 +15,8 @@ from lmforge.training.cores import (CoreParallel, dropout_active, linear_shapes,
                            pick_matmul, shard_batch)
 from lmforge.training.data import PackedBatches
 from lmforge.errors import ConfigError
-from lmforge.training.loop import TrainConfig, next_token_loss, read_train_state, train
+from lmforge.training.batch import next_token_loss
+from lmforge.training.loop import TrainConfig, read_train_state, train
 from test_train import tiny_model  # the same 2-layer Llama the loop's own tests train
 
 

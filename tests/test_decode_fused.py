@@ -155,7 +155,8 @@ def test_split_product_equals_the_plain_product(monkeypatch, rows):
 def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     """Re-laid out weights are the same parameters with the same values, no copy is kept, and every other stage
     (the module forward, training, saving and loading, LoRA, quantization) still works on them."""
-    from lmforge.formats.native import load, save
+    from lmforge.formats.native import save
+    from lmforge.loader import load
     from lmforge.lm import LM
     from lmforge.finetune.lora import add_lora
     from lmforge.compress.quantize import quantize_model

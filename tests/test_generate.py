@@ -11,7 +11,8 @@ import lmforge
 from lmforge.models.config import ModelConfig
 from lmforge.errors import GenerationError
 from lmforge.generation.api import SamplingParams, StopChecker, encode_prompt, generate_ids, token_logprobs
-from lmforge.lm import LM, GenerationConfig
+from lmforge.generation.config import GenerationConfig
+from lmforge.lm import LM
 from lmforge.models.decoder import Transformer
 from lmforge.tokenizers.bpe import Tokenizer
 

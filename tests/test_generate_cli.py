@@ -12,7 +12,8 @@ import torch
 import lmforge
 from lmforge.cli import main
 from lmforge.models.config import ModelConfig
-from lmforge.lm import LM, GenerationConfig
+from lmforge.generation.config import GenerationConfig
+from lmforge.lm import LM
 from lmforge.models.decoder import Transformer
 from lmforge.tokenizers.bpe import Tokenizer
 

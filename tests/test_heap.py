@@ -83,7 +83,7 @@ def test_no_glibc_is_a_no_op(monkeypatch):
     assert heap._depth == 0
 
 
-def test_train_holds_freed_memory_on_cpu_for_the_run_only(monkeypatch):
+def test_train_holds_freed_memory_only_when_asked_and_for_the_run_only(monkeypatch):
     from test_train import pattern_tokens, tiny_model  # the loop's own tiny model and data
 
     from lmforge.training import loop as train_mod
@@ -104,6 +104,9 @@ def test_train_holds_freed_memory_on_cpu_for_the_run_only(monkeypatch):
     batches = PackedBatches(pattern_tokens(), 2, 16, seed=0)
     train_mod.train(model, batches, train_mod.TrainConfig(max_steps=2, batch_size=2, eval_every=0,
                                                           progress=False, cores=1))
+    assert events == []  # the library leaves process-wide malloc settings alone unless its caller asks
+    train_mod.train(model, batches, train_mod.TrainConfig(max_steps=2, batch_size=2, eval_every=0,
+                                                          progress=False, cores=1, retain_memory=True))
     assert events == ["enter", "exit"]
 
     def boom(rec):
@@ -112,5 +115,6 @@ def test_train_holds_freed_memory_on_cpu_for_the_run_only(monkeypatch):
     events.clear()
     with pytest.raises(RuntimeError):
         train_mod.train(model, batches, train_mod.TrainConfig(max_steps=2, batch_size=2, eval_every=0,
-                                                              progress=False, cores=1), on_step=boom)
+                                                              progress=False, cores=1, retain_memory=True),
+                        on_step=boom)
     assert events == ["enter", "exit"]  # released when the run fails too

@@ -15,9 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lmforge  # noqa: E402
-from lmforge.formats.native import export_hf  # noqa: E402
+from lmforge.formats.hf import export_hf  # noqa: E402
 from lmforge.errors import CheckpointError, LmforgeError, NetworkError  # noqa: E402
-from lmforge.formats.hf import config_from_hf, from_hf_model, to_hf_model  # noqa: E402
+from lmforge.formats.hf import config_from_hf, from_hf_model  # noqa: E402
+from helpers import to_hf_model  # noqa: E402
 
 V = 96
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lmforge  # noqa: E402
-from lmforge.formats.native import export_hf  # noqa: E402
+from lmforge.formats.hf import export_hf  # noqa: E402
 from lmforge.tokenizers.bpe import Tokenizer  # noqa: E402
 from tests.conftest import data_file  # noqa: E402
 

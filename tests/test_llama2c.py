@@ -14,7 +14,8 @@ import torch
 
 import lmforge
 from lmforge.errors import CheckpointError, TokenizerError
-from lmforge.formats.llama2c import Llama2cTokenizer, hf_to_meta_rope, meta_to_hf_rope
+from lmforge.formats.llama2c import hf_to_meta_rope, meta_to_hf_rope
+from lmforge.tokenizers.llama2c import Llama2cTokenizer
 from tests.conftest import data_file
 
 
@@ -120,7 +121,7 @@ def test_bad_llama2c_files(tmp_path):
 def test_export_to_hf_reproduces_llama2c(stories, tmp_path):
     """lmforge export of stories260K: transformers' own Llama + AutoTokenizer give llama2.c's check text."""
     transformers = pytest.importorskip("transformers")
-    from lmforge.formats.native import export_hf
+    from lmforge.formats.hf import export_hf
 
     export_hf(stories, tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")

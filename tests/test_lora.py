@@ -268,7 +268,7 @@ def test_qlora_over_nf4_base_trains_and_saves(tmp_path):
 @pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
 def test_adapter_on_lmforge_model_matches_peft_on_its_hf_export(preset, tmp_path):
     """lmforge-native model -> `export_hf` -> transformers + peft with lmforge's adapter: identical logits."""
-    from lmforge.formats.native import export_hf
+    from lmforge.formats.hf import export_hf
     from lmforge.models.config import ModelConfig
     from lmforge.lm import LM
     from lmforge.models.decoder import Transformer

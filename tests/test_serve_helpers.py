@@ -19,7 +19,8 @@ TEXT = (
 def build_tiny_model(path: Path, seed: int = 0, family: str = "llama") -> Path:
     """A random tiny Transformer + a BPE tokenizer trained here, saved as an lmforge model directory."""
     from lmforge.models.config import ModelConfig
-    from lmforge.lm import LM, GenerationConfig
+    from lmforge.generation.config import GenerationConfig
+    from lmforge.lm import LM
     from lmforge.models.decoder import Transformer
     from lmforge.tokenizers.bpe import Tokenizer
 

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from conftest import data_file
 from lmforge.errors import DataError, LmforgeError, TokenizerError
 from lmforge.tokenizers.bpe import (
-    GPT2_PATTERN, GPT4_PATTERN, Tokenizer, bytes_to_unicode, count_pretokens, train_bpe, train_bpe_naive,
-    unicode_to_token,
+    GPT2_PATTERN, GPT4_PATTERN, Tokenizer, bytes_to_unicode, count_pretokens, train_bpe, unicode_to_token,
 )
+from helpers import train_bpe_naive
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

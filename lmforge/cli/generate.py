@@ -74,7 +74,7 @@ def _unescape(text: str) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from lmforge.formats.native import load
+    from lmforge.loader import load
 
     lm = load(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     if lm.tokenizer is None:

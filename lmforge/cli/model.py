@@ -85,10 +85,10 @@ def read_config(model: str) -> ModelConfig:
         except KeyError as e:
             raise CheckpointError(f"{p / 'config.json'}: missing key {e}") from None
     if p.exists():
-        from lmforge.formats.native import load
+        from lmforge.loader import load
 
         return load(p).config
-    from lmforge.formats.native import HUB_ID, download
+    from lmforge.loader import HUB_ID, download
 
     if "/" in model and HUB_ID.match(model):  # a Hub id (owner/name): fetch config.json only, no weights
         config = read_config(str(download(model, config_only=True)))
@@ -147,7 +147,7 @@ def cmd_info(args) -> int:
 # import / export
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_import(args) -> int:
-    from lmforge.formats.native import load
+    from lmforge.loader import load
 
     lm = load(str(args.src), dtype=args.dtype, tokenizer=args.tokenizer)
     lm.save(args.out)
@@ -156,7 +156,8 @@ def cmd_import(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from lmforge.formats.native import export_hf, load
+    from lmforge.formats.hf import export_hf
+    from lmforge.loader import load
 
     lm = load(str(args.model))
     if args.format == "hf":
@@ -227,7 +228,7 @@ def plot_attention(labels: list[str], weights: torch.Tensor, title: str = "") ->
 
 
 def cmd_attention_map(args) -> int:
-    from lmforge.formats.native import load
+    from lmforge.loader import load
     from lmforge.utils import atomic_write_bytes
 
     lm = load(str(args.model), dtype="float32")

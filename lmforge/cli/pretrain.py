@@ -59,7 +59,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    from lmforge.formats.native import load
+    from lmforge.loader import load
     from lmforge.training.data import read_documents, train_val_split
     from lmforge.training.eval import ngram_baseline, per_char, perplexity
     from lmforge.errors import DataError

@@ -66,7 +66,7 @@ def _tok_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _load(path: Path):
-    from lmforge.tokenizers.bpe import load_tokenizer
+    from lmforge.tokenizers import load_tokenizer
 
     return load_tokenizer(path)
 

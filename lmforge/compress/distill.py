@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.training.loop import TrainConfig, TrainResult, split_batch, train
+from lmforge.training.batch import split_batch
+from lmforge.training.loop import TrainConfig, TrainResult, train
 
 
 def _module(m) -> nn.Module:

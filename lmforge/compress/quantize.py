@@ -42,6 +42,7 @@ the same empty modules so the packed state dict loads back.
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 from typing import Any, Iterable
@@ -602,7 +603,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
 def prepare_for_load(model: nn.Module, qconfig_dict: dict[str, Any]) -> nn.Module:
     """Swap a freshly built model's layers for empty quantized ones so a quantized state dict loads into it.
 
-    Called by `lmforge.formats.native.load` when a model directory has quantization.json.
+    Called by `lmforge.formats.native.load_lmforge_dir` when a model directory has quantization.json.
     """
     if qconfig_dict.get("format") != QUANT_FORMAT:
         raise ConfigError(f"quantization.json: unknown format {qconfig_dict.get('format')!r}; expected {QUANT_FORMAT!r}")
@@ -704,3 +705,15 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 32, seq_len: int 
     if not rows:
         raise ConfigError(f"calibration text is too short for one sequence of seq_len={seq_len} tokens")
     return torch.tensor(rows, dtype=torch.long)  # (n, T)
+
+
+def quantize(lm, scheme: str = "int8", group_size: int = 32, calibration=None, inplace: bool = False, **kwargs):
+    """`lmforge.quantize(lm, "int8")`: an `LM` whose linear layers hold quantized weights (see `quantize_model` for
+    the options). The original is left as it was unless `inplace=True`; tokenizer and settings are shared."""
+    model = lm.model if inplace else copy.deepcopy(lm.model)
+    q = quantize_model(model, scheme, group_size, calibration=calibration, **kwargs)
+    if inplace:
+        lm.model = q
+        return lm
+    return type(lm)(q, lm.tokenizer, lm.config, lm.generation_config, lm.chat_template, path=None)
+

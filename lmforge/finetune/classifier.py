@@ -28,7 +28,7 @@ import torch.nn as nn
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.utils import atomic_dir, atomic_write_json, read_json
 from lmforge.finetune.data import classification_collate, encode_texts
-from lmforge.training.loop import row_mean
+from lmforge.training.batch import row_mean
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_HEAD = "classifier_head.safetensors"

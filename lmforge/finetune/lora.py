@@ -367,13 +367,6 @@ def set_adapter(model: nn.Module, name: str | list[str] | None) -> None:
         m.active = [n for n in names if n in m.lora_A]
 
 
-def active_adapters(model: nn.Module) -> list[str]:
-    out: list[str] = []
-    for _, m in lora_layers(model):
-        out += [n for n in m.active if n not in out]
-    return out
-
-
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside the block the model is the bare base model (merged adapters are unmerged and re-merged after)."""
@@ -649,34 +642,3 @@ def load_peft(model: nn.Module, path: str | Path, name: str = "default", freeze_
     if freeze_base:
         freeze_non_lora(model)
     return done
-
-
-def load_adapter_dir(path: str | Path, dtype="auto", device=None, merge: bool = True):
-    """`lmforge.load` of a PEFT adapter directory: its base (`base_model_name_or_path`) with the adapter applied.
-
-    A LoRA adapter is merged into the float base (same function, no extra cost per token) unless `merge=False`;
-    a prompt-tuning adapter wraps the base in a `PromptTunedModel`.
-    """
-    import lmforge
-
-    path = Path(path)
-    cfg = read_json(path / ADAPTER_CONFIG)
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise CheckpointError(f"{path}: adapter_config.json names no base model (base_model_name_or_path); load the "
-                              f"base with lmforge.load and apply the adapter with lora.load_peft")
-    lm = lmforge.load(base, dtype=dtype, device=device)
-    kind = cfg.get("peft_type", "LORA")
-    if kind == "PROMPT_TUNING":
-        from lmforge.finetune.prompt_tuning import load_prompt
-
-        lm.model = load_prompt(lm.model, path).eval()
-    elif kind == "LORA":
-        load_peft(lm.model, path)
-        if merge:
-            merge_and_unload(lm.model)
-        lm.model.eval()
-    else:
-        raise CheckpointError(f"{path}: unsupported adapter type {kind!r} (lmforge reads LORA and PROMPT_TUNING)")
-    lm.path = str(path)
-    return lm

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.finetune.data import IGNORE_INDEX
-from lmforge.training.loop import token_mean
+from lmforge.training.batch import token_mean
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -118,10 +118,3 @@ def rouge_l(candidate: str, reference: str) -> dict[str, float]:
         return {"precision": 0.0, "recall": 0.0, "fmeasure": 0.0}
     p, rec = lcs / len(c), lcs / len(r)
     return {"precision": p, "recall": rec, "fmeasure": 2 * p * rec / (p + rec)}
-
-
-def mean_rouge_l(candidates: Sequence[str], references: Sequence[str]) -> float:
-    """Mean ROUGE-L F-measure over pairs."""
-    if not candidates:
-        return 0.0
-    return sum(rouge_l(c, r)["fmeasure"] for c, r in zip(candidates, references)) / len(candidates)

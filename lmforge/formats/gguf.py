@@ -44,6 +44,8 @@ import torch
 
 from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.formats.native import Loaded, build_model, check_tensors
+from lmforge.generation.config import GenerationConfig
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 / q4_0 block size
@@ -304,7 +306,7 @@ def _read_tokenizer(reader):
     bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
     template = _field(reader, "tokenizer.chat_template")
     if model == "llama":
-        from lmforge.formats.llama2c import Llama2cTokenizer
+        from lmforge.tokenizers.llama2c import Llama2cTokenizer
 
         scores = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
         n = sum(1 for t in types if t != 5)  # drop UNUSED padding
@@ -341,8 +343,6 @@ def _read_tokenizer(reader):
 def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     """Read a GGUF file written for the llama or gpt2 architecture (f32/f16/q8_0/q4_0 tensors) as an `LM`."""
     gguf = _gguf()
-    from lmforge.formats.native import build_model, check_tensors
-    from lmforge.lm import LM, GenerationConfig
     from lmforge.formats.llama2c import meta_to_hf_rope
     from lmforge.utils import parse_device, parse_dtype
 
@@ -427,5 +427,5 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     tok = _read_tokenizer(reader)
     gen = GenerationConfig(bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
                            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"))
-    return LM(model, tok, config, gen, getattr(tok, "chat_template", None) if tok else
+    return Loaded(model, tok, config, gen, getattr(tok, "chat_template", None) if tok else
               _field(reader, "tokenizer.chat_template"), path=str(path))

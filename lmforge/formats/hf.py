@@ -28,13 +28,19 @@ Public functions take objects (dicts, modules), not paths: `lmforge.formats.nati
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.formats.native import (MAX_SHARD_BYTES, Loaded, build_model, chat_template, generation_config,
+                                    load_dir_tokenizer, read_weights, resolve_device, resolve_dtype,
+                                    unique_state_dict, write_safetensors)
+from lmforge.models.config import ModelConfig
+from lmforge.utils import atomic_dir, atomic_write_json, parse_dtype, read_json
 
 # ----------------------------------------------------------------------------------------------------------------
 # Name maps: lmforge name -> Hugging Face name, one dict per family. Only names the model has are used (a Llama
@@ -384,39 +390,12 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> dic
 # ----------------------------------------------------------------------------------------------------------------
 # In-memory conversion (used by tests and by other stages that start from a `transformers` model)
 # ----------------------------------------------------------------------------------------------------------------
-def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
-    """Every tensor a model's state dict must provide (a tied lm_head is left out), name -> shape."""
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    return {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
-
-
 def from_hf_model(hf_model) -> "torch.nn.Module":
     """An lmforge `Transformer` with a copy of the weights of a `transformers` causal LM (same dtype, on CPU)."""
-    from lmforge.formats.native import build_model
-
     config = config_from_hf(hf_model.config.to_dict())
     sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}  # no storage shared with hf_model
     dtype = next(iter(sd.values())).dtype
     return build_model(config, lambda expected: state_dict_from_hf(sd, config, expected, "hf model"), dtype=dtype)
-
-
-def to_hf_model(model: torch.nn.Module):
-    """A `transformers` AutoModelForCausalLM holding this lmforge model's weights (needs transformers)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    dtype = next(model.parameters()).dtype
-    hf_dict = config_to_hf(model.config, dtype)
-    mt = hf_dict.pop("model_type")
-    hf_config = AutoConfig.for_model(mt, **{k: v for k, v in hf_dict.items() if k != "torch_dtype"})
-    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    missing, unexpected = hf_model.load_state_dict(state_dict_to_hf(model.state_dict(), model.config), strict=False)
-    missing = [m for m in missing if not (model.config.tie_word_embeddings and m == "lm_head.weight")
-               and not IGNORED.search(m)]
-    if missing or unexpected:
-        raise CheckpointError(f"HF model mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if model.config.tie_word_embeddings:
-        hf_model.tie_weights()
-    return hf_model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -439,3 +418,62 @@ def save_hf_tokenizer(tok, directory, chat_template: str | None = None, model_ma
     if chat_template:
         cfg["chat_template"] = chat_template
     atomic_write_json(d / "tokenizer_config.json", cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Directories
+# ----------------------------------------------------------------------------------------------------------------
+def load_hf_dir(d: Path, dtype="auto", device=None) -> Loaded:
+    """A Hugging Face model directory: config.json with `model_type`, and safetensors or pytorch_model.bin."""
+    hf_config = read_json(d / "config.json")
+    try:
+        config = config_from_hf(hf_config)
+    except (ConfigError, KeyError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{d / 'config.json'}: {msg}") from None
+    family = model_type_of(hf_config)
+    if not config.name:
+        config.name = d.name
+    sd, stored = read_weights(d)
+    torch_dtype = resolve_dtype(dtype, _hf_dtype(hf_config) or stored)
+    model = build_model(config, lambda expected: state_dict_from_hf(sd, config, expected, str(d), family),
+                        dtype=torch_dtype, device=resolve_device(device))
+    tok = load_dir_tokenizer(d)
+    return Loaded(model, tok, config, generation_config(d, hf_config), chat_template(d), path=str(d))
+
+
+
+def export_hf(lm, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `lm` as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load with no custom code."""
+    if getattr(lm.model, "quantization_config", None):
+        raise CheckpointError("cannot export a quantized model to Hugging Face layout; export the original model")
+    config: ModelConfig = lm.config
+    want = parse_dtype(dtype) if dtype not in (None, "auto") else None
+    sd = {k: (v.to(want) if want is not None and v.is_floating_point() else v)
+          for k, v in unique_state_dict(lm.model).items()}
+    out_dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    hf_config = config_to_hf(config, out_dtype)
+    gen = lm.generation_config
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(gen, key, None)
+        if value is None and lm.tokenizer is not None:
+            value = getattr(lm.tokenizer, key, None)
+        if value is not None:
+            hf_config[key] = value
+    hf_sd = state_dict_to_hf(sd, config)
+    with atomic_dir(path) as tmp:
+        write_safetensors(hf_sd, tmp, max_shard_bytes)
+        atomic_write_json(tmp / "config.json", hf_config)
+        gen_dict = {k: v for k, v in gen.to_dict().items()
+                    if k in ("bos_token_id", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p",
+                             "max_new_tokens", "repetition_penalty")}
+        if gen.temperature == 0:
+            gen_dict.pop("temperature")
+            gen_dict["do_sample"] = False
+        elif gen.top_k or gen.top_p or gen.temperature != 1.0:
+            gen_dict["do_sample"] = True
+        atomic_write_json(tmp / "generation_config.json", gen_dict)
+        if lm.tokenizer is not None:
+            save_hf_tokenizer(lm.tokenizer, tmp, chat_template=lm.chat_template, model_max_length=config.block_size)
+    return Path(path)

@@ -1,19 +1,4 @@
-"""Loading and saving models: one `load` for every format, one directory layout for saving.
-
-`lmforge.load(path_or_id)` looks at what it was given and picks the reader:
-
-| input                                   | reader                                                        |
-|-----------------------------------------|---------------------------------------------------------------|
-| lmforge directory (config.json has `"format": "lmforge"`) | `ModelConfig` + model.safetensors                |
-| Hugging Face directory (config.json has `model_type`)      | `lmforge.formats.hf`: key + name maps, GPT-2 transposes  |
-| llama2.c `.bin` file (+ its tokenizer `.bin`)             | `lmforge.formats.llama2c`                                 |
-| `.gguf` file                            | `lmforge.formats.gguf.load_gguf`                                      |
-| Hub id such as `openai-community/gpt2`  | `huggingface_hub.snapshot_download`, then the directory above |
-
-Why safetensors: a `.bin` (pickle) file can run code when unpickled; safetensors is a JSON header plus raw arrays,
-so loading it cannot execute anything, and it can be memory-mapped: tensors are read from the page cache when
-touched instead of being copied through Python. Pickled checkpoints are read with `torch.load(weights_only=True)`,
-which refuses anything but tensors and plain containers.
+"""The lmforge model directory: reading weights, building a model on them, and saving.
 
 Fast, exact loading: the model is built on the `meta` device (shapes only, no memory, no random init), the
 tensors are checked by name and shape against it, and `load_state_dict(assign=True)` puts the loaded tensors in
@@ -38,26 +23,41 @@ leaves a half-written model where a good one was.
 from __future__ import annotations
 
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from lmforge.models.config import ModelConfig
-from lmforge.errors import CheckpointError, ConfigError, LmforgeError, NetworkError
-from lmforge.lm import LM, GenerationConfig
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.generation.config import GenerationConfig
+from lmforge.compress.quantize import prepare_for_load, tensor_checksums, verify_checksums
 from lmforge.models.decoder import Transformer, rope_inv_freq
+from lmforge.tokenizers import Tokenizer, load_tokenizer
+from lmforge.tokenizers.llama2c import Llama2cTokenizer
 from lmforge.utils import atomic_dir, atomic_write_json, dtype_name, parse_device, parse_dtype, read_json
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class Loaded:
+    """What a format reader hands back: the parts `lmforge.load` wraps into an `LM` (readers know nothing of LM)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    config: Any
+    generation_config: GenerationConfig
+    chat_template: str | None = None
+    path: str | None = None
 MAX_SHARD_BYTES = 5 * 1024**3  # weights above this are split into shards with an index (as Hugging Face does)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading weights
 # ----------------------------------------------------------------------------------------------------------------
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 
@@ -71,7 +71,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as e:  # safetensors raises SafetensorError / OSError for bad headers and short files
-        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt: {_one_line(e)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt: {one_line(e)})") from None
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         if "Weights only load failed" in str(e):  # never retry with weights_only=False: that can run code
             raise CheckpointError(f"{path}: refused: not a plain tensor checkpoint, or corrupt (torch.load with "
                                   "weights_only=True failed)") from None
-        raise CheckpointError(f"{path}: cannot read PyTorch weights ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot read PyTorch weights ({one_line(e)})") from None
 
 
 def read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -146,6 +146,12 @@ def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple],
                                   f"expects {tuple(shape)}")
 
 
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    """Every tensor a model's state dict must provide (a tied lm_head is left out), name -> shape."""
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    return {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+
+
 def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 qconfig: dict[str, Any] | None = None, source: str = "") -> Transformer:
@@ -155,14 +161,10 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
     dict of every tensor needed and must return exactly those (it raises the one-line error naming a missing or
     mis-shaped tensor). Floating tensors are cast to `dtype` when given.
     """
-    from lmforge.formats.hf import expected_shapes
-
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = Transformer(config, init_weights=False)
     if qconfig:
-        from lmforge.compress.quantize import prepare_for_load
-
         prepare_for_load(model, qconfig)
     expected = expected_shapes(model)
     sd = dict(state_fn(expected))
@@ -201,29 +203,25 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers, generation config, chat template
 # ----------------------------------------------------------------------------------------------------------------
-def _load_tokenizer(d: Path):
+def load_dir_tokenizer(d: Path):
     """The tokenizer stored in a directory, or None when there is none.
 
     tokenizer.json (with tokenizer_config.json: special tokens, BOS rule, chat template) is the most complete
-    description and goes through `Tokenizer.load`. A directory with only vocab.json/merges.txt (older GPT-2-style
+    description and goes through `load_tokenizer`. A directory with only vocab.json/merges.txt (older GPT-2-style
     checkpoints) takes lmforge's GPT-2 path: those are the very files OpenAI published as encoder.json/vocab.bpe.
     """
     if (d / "tokenizer.bin").exists() and not (d / "tokenizer.json").exists():  # llama2.c's format, kept as is
-        from lmforge.formats.llama2c import Llama2cTokenizer
-
         return Llama2cTokenizer.load(d / "tokenizer.bin")
     if not any((d / f).exists() for f in ("tokenizer.json", "vocab.json")):
         return None
-    from lmforge.tokenizers.bpe import Tokenizer
-
     if (d / "tokenizer.json").exists():
-        return Tokenizer.load(d)
+        return load_tokenizer(d)
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():
         return Tokenizer.from_gpt2_files(d / "vocab.json", d / "merges.txt")
     return None
 
 
-def _chat_template(d: Path) -> str | None:
+def chat_template(d: Path) -> str | None:
     if (d / "chat_template.jinja").exists():
         return (d / "chat_template.jinja").read_text(encoding="utf-8")
     if (d / "tokenizer_config.json").exists():
@@ -233,7 +231,7 @@ def _chat_template(d: Path) -> str | None:
     return None
 
 
-def _generation_config(d: Path, hf: Mapping[str, Any] | None = None) -> GenerationConfig:
+def generation_config(d: Path, hf: Mapping[str, Any] | None = None) -> GenerationConfig:
     if (d / "generation_config.json").exists():
         data = read_json(d / "generation_config.json")
         data.pop("transformers_version", None)
@@ -244,7 +242,7 @@ def _generation_config(d: Path, hf: Mapping[str, Any] | None = None) -> Generati
                             pad_token_id=hf.get("pad_token_id"))
 
 
-def _resolve_dtype(dtype, stored: str | None) -> torch.dtype | None:
+def resolve_dtype(dtype, stored: str | None) -> torch.dtype | None:
     want = parse_dtype(dtype)
     if want is not None:
         return want
@@ -256,14 +254,14 @@ def _resolve_dtype(dtype, stored: str | None) -> torch.dtype | None:
     return None
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     return torch.device("cpu") if device is None else parse_device(device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Readers
 # ----------------------------------------------------------------------------------------------------------------
-def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
+def load_lmforge_dir(d: Path, dtype="auto", device=None) -> Loaded:
     """An lmforge model directory (see the module docstring)."""
     raw = read_json(d / "config.json")
     if raw.get("version", 1) > FORMAT_VERSION:
@@ -276,7 +274,7 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
         raise CheckpointError(f"{d / 'config.json'}: {e}") from None
     qconfig = read_json(d / "quantization.json") if (d / "quantization.json").exists() else None
     sd, stored = read_weights(d)
-    torch_dtype = _resolve_dtype(dtype, raw.get("dtype") or stored)
+    torch_dtype = resolve_dtype(dtype, raw.get("dtype") or stored)
     source = str(d)
 
     def state_fn(expected):
@@ -290,128 +288,12 @@ def load_lmforge_dir(d: Path, dtype="auto", device=None) -> LM:
         return sd
 
     if qconfig and "checksums" in qconfig:
-        from lmforge.compress.quantize import verify_checksums
-
         verify_checksums(sd, qconfig["checksums"], d)
         qconfig = {k: v for k, v in qconfig.items() if k != "checksums"}  # they describe the file, not the model
-    model = build_model(config, state_fn, dtype=torch_dtype, device=_resolve_device(device), qconfig=qconfig,
+    model = build_model(config, state_fn, dtype=torch_dtype, device=resolve_device(device), qconfig=qconfig,
                         source=source)
-    tok = _load_tokenizer(d)
-    return LM(model, tok, config, _generation_config(d), _chat_template(d), path=str(d))
-
-
-def load_hf_dir(d: Path, dtype="auto", device=None) -> LM:
-    """A Hugging Face model directory: config.json with `model_type`, and safetensors or pytorch_model.bin."""
-    from lmforge.formats import hf
-
-    hf_config = read_json(d / "config.json")
-    try:
-        config = hf.config_from_hf(hf_config)
-    except (ConfigError, KeyError) as e:
-        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{d / 'config.json'}: {msg}") from None
-    family = hf.model_type_of(hf_config)
-    if not config.name:
-        config.name = d.name
-    sd, stored = read_weights(d)
-    torch_dtype = _resolve_dtype(dtype, hf._hf_dtype(hf_config) or stored)
-    model = build_model(config, lambda expected: hf.state_dict_from_hf(sd, config, expected, str(d), family),
-                        dtype=torch_dtype, device=_resolve_device(device))
-    tok = _load_tokenizer(d)
-    return LM(model, tok, config, _generation_config(d, hf_config), _chat_template(d), path=str(d))
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-
-
-def download(repo_id: str, revision: str | None = None, config_only: bool = False) -> Path:
-    """Download a Hub repository's config, weights (safetensors when it has them) and tokenizer files.
-
-    `config_only=True` fetches just the JSON files (enough for `lmforge info`). With no network: a one-line
-    `NetworkError`. Files already in the local Hugging Face cache are reused.
-    """
-    try:
-        from huggingface_hub import model_info, snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise CheckpointError("downloading from the Hub needs huggingface_hub (pip install huggingface_hub)") from None
-    meta_files = ["*.json", "*.jinja", "*.txt", "tokenizer.model"]
-    try:
-        try:
-            if config_only:
-                return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json"]))
-            # model_info fails fast offline (the file-tree listing retries with back-off for ~30 s)
-            files = [s.rfilename for s in (model_info(repo_id, revision=revision).siblings or [])]
-            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["pytorch_model*.bin"]
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=meta_files + weights))
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError) as e:
-            # offline: a complete earlier download in the cache still works
-            try:
-                return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-            except Exception:
-                raise e from None
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"{repo_id}: no such local path, and no accessible Hub repository of that name "
-                              f"({type(e).__name__})") from None
-    except RevisionNotFoundError:
-        raise CheckpointError(f"Hub repository {repo_id!r} has no revision {revision!r}") from None
-    except LmforgeError:
-        raise
-    except Exception as e:  # connection refused, DNS failure, timeouts: httpx / OSError subclasses
-        raise NetworkError(f"cannot download {repo_id!r} from the Hugging Face Hub: network unreachable "
-                           f"({type(e).__name__}: {_one_line(e)[:120]})") from None
-
-
-def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-         tokenizer: str | os.PathLike | None = None) -> LM:
-    """Load a model from any supported source (see the module docstring) as an `LM`.
-
-    dtype:     "auto" (the checkpoint's own), "float32", "bfloat16" or "float16"
-    device:    None -> cpu; "auto" -> the best available; or "cpu", "cuda", "cuda:1", "mps"
-    tokenizer: for a llama2.c `.bin`: its tokenizer `.bin` (default: tokenizer.bin / tok<vocab>.bin beside it)
-    """
-    parse_dtype(dtype)  # a bad dtype fails before any file is touched
-    p = Path(path_or_id)
-    if p.is_file():
-        if p.suffix == ".gguf":
-            from lmforge.formats.gguf import load_gguf
-
-            return load_gguf(p, dtype, device)
-        if p.suffix == ".bin":
-            from lmforge.formats.llama2c import load_llama2c
-
-            return load_llama2c(p, tokenizer, dtype=dtype, device=device)
-        if p.name == "config.json" or p.suffix == ".safetensors":
-            return load(p.parent, dtype, device)
-        raise CheckpointError(f"{p}: unknown model file type (expected a directory, .gguf or llama2.c .bin)")
-    if p.is_dir():
-        if (p / "adapter_config.json").exists() and not (p / "config.json").exists():
-            from lmforge.finetune.lora import load_adapter_dir  # a PEFT adapter (LoRA or soft prompt) on its base model
-
-            return load_adapter_dir(p, dtype, device)
-        if (p / "config.json").exists():
-            raw = read_json(p / "config.json")
-            if not isinstance(raw, dict):
-                raise CheckpointError(f"{p / 'config.json'}: not a JSON object")
-            if raw.get("format") == "lmforge":
-                return load_lmforge_dir(p, dtype, device)
-            if "model_type" in raw or "architectures" in raw:
-                return load_hf_dir(p, dtype, device)
-            raise CheckpointError(f"{p / 'config.json'}: neither an lmforge config (format: lmforge) nor a Hugging "
-                                  "Face config (model_type)")
-        ggufs = sorted(p.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return load(ggufs[0], dtype, device)
-        bins = sorted(b for b in p.glob("*.bin") if not b.name.startswith("tok") and b.name != "pytorch_model.bin")
-        if len(bins) == 1:
-            return load(bins[0], dtype, device, tokenizer)
-        raise CheckpointError(f"{p}: no config.json and no single .gguf or llama2.c .bin model file")
-    if isinstance(path_or_id, str) and HUB_ID.match(path_or_id):  # not a local path: try the Hub
-        lm = load(download(path_or_id), dtype, device, tokenizer)
-        lm.config.name = path_or_id  # not the snapshot's commit-hash directory name
-        return lm
-    raise CheckpointError(f"{path_or_id}: no such file or directory")
+    tok = load_dir_tokenizer(d)
+    return Loaded(model, tok, config, generation_config(d), chat_template(d), path=str(d))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,7 +309,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict without the tied lm_head (safetensors refuses two names for one storage)."""
     model = _unwrap(model)
     sd = model.state_dict()
@@ -472,11 +354,11 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], d: Path, max_shard_bytes: 
     return names + ["model.safetensors.index.json"]
 
 
-def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save(lm, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `lm` as an lmforge model directory at `path` (atomically; other files already there are kept)."""
     model = _unwrap(lm.model)
     config: ModelConfig = lm.config
-    sd = _unique_state_dict(model)
+    sd = unique_state_dict(model)
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     qconfig = getattr(model, "quantization_config", None)
     with atomic_dir(path) as tmp:
@@ -491,50 +373,8 @@ def save(lm: LM, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES
         elif (tmp / "chat_template.jinja").exists():
             (tmp / "chat_template.jinja").unlink()
         if qconfig:
-            from lmforge.compress.quantize import tensor_checksums  # a bit flip in packed codes would load silently otherwise
-
             atomic_write_json(tmp / "quantization.json", {**qconfig, "checksums": tensor_checksums(sd)})
         elif (tmp / "quantization.json").exists():
             (tmp / "quantization.json").unlink()
     lm.path = str(path)
-    return Path(path)
-
-
-def export_hf(lm: LM, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write `lm` as a Hugging Face directory that `AutoModelForCausalLM`/`AutoTokenizer` load with no custom code."""
-    from lmforge.formats import hf
-
-    if getattr(lm.model, "quantization_config", None):
-        raise CheckpointError("cannot export a quantized model to Hugging Face layout; export the original model")
-    config: ModelConfig = lm.config
-    want = parse_dtype(dtype) if dtype not in (None, "auto") else None
-    sd = {k: (v.to(want) if want is not None and v.is_floating_point() else v)
-          for k, v in _unique_state_dict(lm.model).items()}
-    out_dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
-    hf_config = hf.config_to_hf(config, out_dtype)
-    gen = lm.generation_config
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(gen, key, None)
-        if value is None and lm.tokenizer is not None:
-            value = getattr(lm.tokenizer, key, None)
-        if value is not None:
-            hf_config[key] = value
-    hf_sd = hf.state_dict_to_hf(sd, config)
-    with atomic_dir(path) as tmp:
-        write_safetensors(hf_sd, tmp, max_shard_bytes)
-        atomic_write_json(tmp / "config.json", hf_config)
-        gen_dict = {k: v for k, v in gen.to_dict().items()
-                    if k in ("bos_token_id", "eos_token_id", "pad_token_id", "temperature", "top_k", "top_p",
-                             "max_new_tokens", "repetition_penalty")}
-        if gen.temperature == 0:
-            gen_dict.pop("temperature")
-            gen_dict["do_sample"] = False
-        elif gen.top_k or gen.top_p or gen.temperature != 1.0:
-            gen_dict["do_sample"] = True
-        atomic_write_json(tmp / "generation_config.json", gen_dict)
-        if lm.tokenizer is not None:
-            from lmforge.formats.hf import save_hf_tokenizer
-
-            save_hf_tokenizer(lm.tokenizer, tmp, chat_template=lm.chat_template, model_max_length=config.block_size)
     return Path(path)

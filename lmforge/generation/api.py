@@ -135,9 +135,6 @@ class SamplingParams:
         """Temperature 0 (or top_k=1) leaves one candidate: no randomness is drawn at all."""
         return self.temperature == 0 or self.top_k == 1
 
-    @property
-    def uses_penalties(self) -> bool:
-        return bool((self.repetition_penalty not in (None, 1.0)) or self.frequency_penalty or self.presence_penalty)
 
 
 def _is_number(x) -> bool:

@@ -26,6 +26,10 @@ from lmforge.training.loop import TrainConfig
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    # the recipe asks for the process-wide speed settings the library leaves off (lmforge.training.loop.TrainConfig)
+    retain_memory: bool = field(default=True, metadata={
+        "help": "CPU: keep freed memory in the process between steps (glibc mallopt while the run lasts)"})
+    tf32: bool = field(default=True, metadata={"help": "CUDA: fp32 matmuls may use TF32 tensor cores"})
     # --- data ---
     data: list[str] = field(default_factory=lambda: ["builtin"], metadata={
         "help": "text files, globs, directories, JSONL files or 'builtin' (the embedded corpus); $VARS expand"})
@@ -133,11 +137,12 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
 
 def run_pretrain(cfg: PretrainConfig):
     """Run the recipe; returns the trained `LM` (also saved in `cfg.out`)."""
-    from lmforge.formats.native import load as load_model
+    from lmforge.loader import load as load_model
     from lmforge.models.config import ModelConfig
     from lmforge.training.data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, read_documents, sources_size,
                         tokenize_to_shards, train_val_split)
-    from lmforge.lm import LM, GenerationConfig
+    from lmforge.generation.config import GenerationConfig
+    from lmforge.lm import LM
     from lmforge.models.decoder import Transformer
     from lmforge.tokenizers.bpe import Tokenizer
     from lmforge.training.loop import read_train_state, setup_distributed, train

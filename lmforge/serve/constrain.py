@@ -204,27 +204,6 @@ class _Literal:
         return self.pos == len(self.text)
 
 
-class _Choice:
-    """One of several byte strings (a function name)."""
-
-    def __init__(self, options: list[bytes]):
-        self.options, self.prefix = options, b""
-
-    def clone(self):
-        return copy.copy(self)
-
-    def feed(self, b: int) -> bool:
-        p = self.prefix + bytes([b])
-        if any(o.startswith(p) for o in self.options):
-            self.prefix = p
-            return True
-        return False
-
-    @property
-    def complete(self) -> bool:
-        return self.prefix in self.options
-
-
 class SequenceMachine:
     """Parts matched one after the other; a byte a finished part refuses is offered to the next part."""
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 import regex
 
 from lmforge.errors import DataError, TokenizerError
-from lmforge.tokenizers.bpe import AllowedSpecial, Tokenizer, _as_texts
+from lmforge.tokenizers.bpe import TOKENIZER_KINDS, AllowedSpecial, Tokenizer, _as_texts, _read_json_file
 
 UNK = "<|unk|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -149,12 +149,13 @@ class _Basic:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Any:
-        from lmforge.tokenizers.bpe import load_tokenizer
-
-        tok = load_tokenizer(path)
-        if not isinstance(tok, cls):
-            raise TokenizerError(f"{path}: holds a {type(tok).__name__}, not a {cls.__name__}")
-        return tok
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        data = _read_json_file(file)
+        if not isinstance(data, dict) or data.get("type") != cls.kind:
+            kind = data.get("type") if isinstance(data, dict) else None
+            raise TokenizerError(f"{file}: holds a {kind or 'different'} tokenizer, not a {cls.__name__}")
+        return cls.from_dict(data)
 
 
 class WordTokenizer(_Basic):
@@ -227,3 +228,7 @@ class CharTokenizer(_Basic):
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self._pieces(ids))
+
+
+TOKENIZER_KINDS[WordTokenizer.kind] = WordTokenizer
+TOKENIZER_KINDS[CharTokenizer.kind] = CharTokenizer

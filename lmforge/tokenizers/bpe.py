@@ -70,6 +70,7 @@ from typing import Any, Collection, Iterable, Literal, Sequence
 import regex
 
 from lmforge.errors import DataError, TokenizerError
+from lmforge.tokenizers.llama2c import Llama2cTokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pre-tokenization patterns
@@ -386,42 +387,6 @@ def train_bpe(counts: dict[bytes, int], num_tokens: int, progress: bool | None =
             if c > 0:
                 heapq.heappush(heap, (-c, rev[p[0]], rev[p[1]], p[0], p[1]))
     bar.close()
-    return merges
-
-
-def train_bpe_naive(counts: dict[bytes, int], num_tokens: int) -> list[tuple[bytes, bytes]]:
-    """The textbook loop, for teaching and as a test oracle: recount every pair after every merge.
-
-    Same result as `train_bpe` (same tie rule, same handling of a merge that re-creates an existing token), but
-    each merge costs a pass over all pre-tokens — O(merges x corpus) instead of O(merges x affected words).
-    """
-    words = [[bytes([x]) for x in w] for w in counts]
-    freqs = list(counts.values())
-    known = {bytes([i]) for i in range(256)}
-    merges: list[tuple[bytes, bytes]] = []
-    n_new = 0
-    while n_new < num_tokens:
-        pairs: dict[tuple[bytes, bytes], int] = {}
-        for w, f in zip(words, freqs):
-            for p in zip(w, w[1:]):
-                pairs[p] = pairs.get(p, 0) + f
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # highest count, then the greater byte pair
-        merges.append(best)
-        if best[0] + best[1] not in known:
-            known.add(best[0] + best[1])
-            n_new += 1
-        for k, w in enumerate(words):
-            out, i = [], 0
-            while i < len(w):
-                if i < len(w) - 1 and (w[i], w[i + 1]) == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[k] = out
     return merges
 
 
@@ -1021,18 +986,20 @@ def _is_byte_level_decoder(dec: Any) -> bool:
     return False
 
 
+# Tokenizer classes with a JSON format of their own, by their "type" field. Modules that define one register it here
+# (lmforge.tokenizers.basic does, for its word and character tokenizers), so this loader reads them without
+# importing them: the dependency points from the plug-in to the loader, never back.
+TOKENIZER_KINDS: dict[str, type] = {}
+
+
 def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None = None,
                            chat_template: str | None = None, source: str = "tokenizer.json") -> Any:
     """Build the right tokenizer from a parsed tokenizer.json (and optional tokenizer_config.json)."""
-    from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer
-
     if not isinstance(data, dict):
         raise TokenizerError(f"{source}: expected a JSON object")
     kind = data.get("type")
-    if kind == WordTokenizer.kind:
-        return WordTokenizer.from_dict(data)
-    if kind == CharTokenizer.kind:
-        return CharTokenizer.from_dict(data)
+    if kind in TOKENIZER_KINDS:  # lmforge's teaching tokenizers (lmforge.tokenizers.basic registers them)
+        return TOKENIZER_KINDS[kind].from_dict(data)
     model = data.get("model")
     if not isinstance(model, dict) or "type" not in model:
         raise TokenizerError(f"{source}: not a tokenizer.json (no model.type)")
@@ -1112,8 +1079,6 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     template = None
     llama2c = path / "tokenizer.bin" if path.is_dir() else path
     if llama2c.suffix == ".bin" and llama2c.is_file() and not (path.is_dir() and (path / "tokenizer.json").exists()):
-        from lmforge.formats.llama2c import Llama2cTokenizer  # llama2.c's SentencePiece-score BPE (`tokenizer.bin`, `tok512.bin`)
-
         return Llama2cTokenizer.load(llama2c)
     if path.is_dir():
         cfg_path = path / "tokenizer_config.json"

@@ -28,7 +28,7 @@ Two more things make a shard fast:
   run are the shards' own.
 
 Only a loss whose rows are scored independently can be cut this way, so `train()` shards a batch only when its
-loss function says what it averages over: rows (`lmforge.training.loop.row_mean`, classification) or scored target tokens
+loss function says what it averages over: rows (`lmforge.training.batch.row_mean`, classification) or scored target tokens
 (`token_mean`, the next-token cross-entropy; a shard then weighs its share of the scored tokens, so SFT batches
 whose prompts are masked add up to the whole batch's mean). DPO, whose rows pair a chosen answer with a rejected
 one, sees its batches whole.
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from lmforge import kernels
 from lmforge.errors import ConfigError
-from lmforge.training.loop import split_batch, unique_trainable
+from lmforge.training.batch import split_batch, unique_trainable
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -599,5 +599,3 @@ class PackedBatches:
         rows = torch.from_numpy(rows)  # (B, T+1)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}  # (B, T), (B, T)
 
-    def tokens_per_batch(self) -> int:
-        return self.batch_size * self.block_size

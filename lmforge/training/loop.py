@@ -62,9 +62,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.training.batch import count_tokens, next_token_loss, to_device, unique_trainable
 from lmforge.training.heap import retain_freed_memory
 from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_device
 
@@ -105,6 +105,11 @@ class TrainConfig:
     cpu_matmul: Literal["auto", "torch", "numpy"] = field(default="auto", metadata={
         "help": "with cores > 1: who runs the matrix products: torch (MKL), numpy (its BLAS: OpenBLAS in numpy's "
                 "wheels), or auto (time both once, take the faster)"})
+    retain_memory: bool = field(default=False, metadata={
+        "help": "CPU: keep freed memory in the process between steps (glibc mallopt, process-wide while the run "
+                "lasts; lmforge.training.heap). Faster steps on machines where fresh pages are slow"})
+    tf32: bool = field(default=False, metadata={
+        "help": "CUDA: let fp32 matmuls use TF32 tensor cores (process-wide while the run lasts, then restored)"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0: all)"})
     eval_at_start: bool = field(default=False, metadata={"help": "also evaluate before the first step"})
@@ -159,6 +164,11 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces: schedule, optimizer, loss
 # ----------------------------------------------------------------------------------------------------------------
+def _set_tf32(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): warmup, then cosine / constant / WSD down to min_lr.
 
@@ -181,16 +191,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - min_lr)
 
 
-def unique_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, param) of every parameter that trains, each tensor once (a tied lm_head shares wte's weight)."""
-    seen, out = set(), []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
-
-
 def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW over the trainable parameters: weight decay on matrices (dim >= 2), none on biases and norm gains."""
     params = unique_trainable(model)
@@ -208,67 +208,6 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
 
 def _is_dtensor(p: torch.Tensor) -> bool:
     return type(p).__name__ == "DTensor"
-
-
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of a batch given as a dict (`input_ids`, `labels`/`targets`) or a pair."""
-    if isinstance(batch, dict):
-        inputs = batch["input_ids"]
-        targets = batch.get("labels", batch.get("targets"))
-        if targets is None:
-            raise DataError("a batch dict needs 'labels' (or 'targets') next to 'input_ids'")
-        return inputs, targets
-    inputs, targets = batch
-    return inputs, targets
-
-
-def row_mean(loss_fn: Callable) -> Callable:
-    """Declare that a loss is the mean over the batch's rows, each row scored on its own (classification).
-
-    `lmforge.training.cores` cuts a batch into shards only for a loss declared this way or with `token_mean`: a loss whose
-    rows depend on each other (DPO pairs a chosen row with a rejected one) must see its batch whole."""
-    loss_fn.batch_mean = "rows"
-    return loss_fn
-
-
-def token_mean(loss_fn: Callable) -> Callable:
-    """Declare that a loss is the mean over the batch's targets other than -100, each row scored on its own.
-
-    `lmforge.training.cores` then weighs each shard of a batch by its share of scored targets, so the shards add up to the
-    whole batch's token mean even when the rows score different numbers of tokens (prompts masked in SFT)."""
-    loss_fn.batch_mean = "tokens"
-    return loss_fn
-
-
-@token_mean
-def next_token_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean cross-entropy of predicting each target token; targets of -100 are ignored (padding, prompts).
-
-    The batch's targets are the inputs shifted left by one (done by the dataset), so logits[:, t] is scored
-    against targets[:, t] = inputs[:, t + 1].
-    """
-    inputs, targets = split_batch(batch)
-    logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def count_tokens(batch: Any) -> int:
-    """Tokens a batch feeds the model (for tokens/s): its input ids."""
-    if isinstance(batch, dict):
-        return int(batch["input_ids"].numel())
-    if isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
-        return int(batch[0].numel())
-    return 0
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -650,7 +589,7 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
         why_not = f"it needs float32 training, not {cfg.dtype}"
     elif getattr(loss_fn, "batch_mean", None) not in ("rows", "tokens"):
         why_not = ("the loss function does not declare how its batch may be cut into shards (mark it with "
-                   "lmforge.training.loop.row_mean or token_mean)")
+                   "lmforge.training.batch.row_mean or token_mean)")
     elif dropout_active(model):
         why_not = "the model uses dropout (random numbers drawn from two threads would make runs unrepeatable)"
     if why_not is not None:
@@ -719,9 +658,6 @@ def train(
         def log(msg: str) -> None:
             if dist_info.is_main:
                 tqdm.write(msg)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     raw_model = model.to(device)
     raw_model.train()
@@ -812,8 +748,12 @@ def train(
     train_loss = val_loss = None
     end_step = cfg.max_steps
     try:
-        if device.type == "cpu":  # each step's freed tensors stay with the process for the next (lmforge.training.heap)
+        if device.type == "cpu" and cfg.retain_memory:  # freed tensors stay for the next step (lmforge.training.heap)
             held.enter_context(retain_freed_memory())
+        if device.type == "cuda" and cfg.tf32:  # asked for by the caller; the previous setting comes back at the end
+            old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            held.callback(_set_tf32, *old)
+            _set_tf32(True, True)
         if cores is not None:  # numpy's BLAS held at one thread, Linears routed to the faster product
             held.enter_context(cores)
         if cfg.eval_at_start and start_step == 0:
