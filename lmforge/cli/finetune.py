@@ -17,8 +17,10 @@ import json
 from lmforge import argconf
 
 RECIPES = {
-    "classify": ("lmforge.recipes.classify", "ClassifyConfig", "run_classify",
-                 "train a text classifier (class head on the last token)"),
+    "classify": ("lmforge.recipes.encoder_finetune", "EncoderClassifyConfig", "run_classify",
+                 "train a text classifier (decoder: head on the last token; encoder: on [CLS], pairs too)"),
+    "ner": ("lmforge.recipes.encoder_finetune", "NERConfig", "run_ner", "train an encoder to tag words (BIO NER/POS)"),
+    "qa": ("lmforge.recipes.encoder_finetune", "QAConfig", "run_qa", "train an encoder for extractive QA (SQuAD)"),
     "sft": ("lmforge.recipes.sft", "SFTConfig", "run_sft",
             "instruction fine-tuning on Alpaca or chat-messages data (loss on responses only)"),
     "dpo": ("lmforge.recipes.dpo", "DPOConfig", "run_dpo", "direct preference optimization on chosen/rejected pairs"),
@@ -67,7 +69,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from lmforge.finetune.classifier import load_classifier, predict
     from lmforge.finetune.common import pad_id
+    from lmforge.formats.bert import is_encoder_dir
 
+    if is_encoder_dir(args.model):  # a model from `lmforge finetune classify ENCODER`
+        return _classify_encoder(args)
     lm, clf, cfg = load_classifier(args.model)
     probs = predict(clf, lm.tokenizer, args.texts, cfg.get("max_length") or lm.config.block_size,
                     pad_id=pad_id(lm.tokenizer))
@@ -78,4 +83,18 @@ def cmd_classify(args: argparse.Namespace) -> int:
                               "probabilities": {lab: round(float(q), 6) for lab, q in zip(clf.labels, p)}}))
         else:
             print(f"{clf.labels[k]}\t{float(p[k]):.4f}" + (f"\t{text}" if len(args.texts) > 1 else ""))
+    return 0
+
+
+def _classify_encoder(args: argparse.Namespace) -> int:
+    from lmforge.tasks.common import load_encoder
+    from lmforge.tasks.text_classification import text_classification
+
+    lm = load_encoder(args.model, task="text classification")
+    for text, res in zip(args.texts, text_classification(lm, list(args.texts), top_k=None)):
+        if args.json:
+            print(json.dumps({"text": text, "label": res[0]["label"],
+                              "probabilities": {d["label"]: round(d["score"], 6) for d in res}}))
+        else:
+            print(f"{res[0]['label']}\t{res[0]['score']:.4f}" + (f"\t{text}" if len(args.texts) > 1 else ""))
     return 0
