@@ -143,7 +143,9 @@ def calculator_tool() -> Tool:
         """
         return str(calculate(expression))
 
-    return function_tool(calculator, timeout=5.0)
+    t = function_tool(calculator, timeout=5.0)
+    t.parameters["properties"]["expression"]["maxLength"] = MAX_EXPRESSION_CHARS  # constrained decoding honours it
+    return t
 
 
 # ================================================================================================================

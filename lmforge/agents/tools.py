@@ -154,13 +154,13 @@ def check_arguments(schema: Mapping[str, Any], args: Any) -> str | None:
     if not isinstance(args, dict):
         return f"arguments must be a JSON object, got {_json_kind(args)}"
     props = schema.get("properties", {})
-    for name in schema.get("required", []):
-        if name not in args:
-            return f"missing required argument {name!r}"
-    if schema.get("additionalProperties") is False:
+    if schema.get("additionalProperties") is False:  # first: a misspelled name explains the missing one
         extra = sorted(set(args) - set(props))
         if extra:
             return f"unknown argument {extra[0]!r}; expected {', '.join(props) or 'none'}"
+    for name in schema.get("required", []):
+        if name not in args:
+            return f"missing required argument {name!r}"
     for name, value in args.items():
         if name in props:
             why = _check_value(props[name], value)
@@ -187,6 +187,8 @@ def _check_value(schema: Mapping[str, Any], v: Any) -> str | None:
     kind = _json_kind(v)
     if types and kind not in types and not (kind == "integer" and "number" in types):
         return f"must be {' or '.join(types)}, got {kind}"
+    if kind == "string" and isinstance(schema.get("maxLength"), int) and len(v) > schema["maxLength"]:
+        return f"is longer than {schema['maxLength']} characters"
     if "enum" in schema and v not in schema["enum"]:
         return f"must be one of {schema['enum']}, got {v!r}"
     if kind == "array" and "items" in schema:
@@ -248,7 +250,7 @@ class Tool:
         worker.join(max(limit, 0.0))
         seconds = time.perf_counter() - t0
         if worker.is_alive():
-            return Observation(f"error: {self.name} timed out after {limit:g} s", False, seconds)
+            return Observation(f"error: {self.name} timed out after {limit:.2g} s", False, seconds)
         if "error" in box:
             return Observation(f"error: {self.name}: {box['error']}", False, seconds)
         return Observation(self._text(box.get("value")), True, seconds)
