@@ -779,6 +779,23 @@ def _normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def tool_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                chat_template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """(messages, template_tools): how tool schemas reach the model. A template that reads `tools` gets them as
+    that variable; otherwise a system message lists them (TOOL_SYSTEM_PROMPT). Shared with the agents' tool-use
+    fine-tuning data (lmforge.recipes.tool_sft), so a model is trained on exactly the prompt it is served."""
+    if chat_template and "tools" in chat_template:
+        return messages, tools
+    messages = list(messages)
+    listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    note = TOOL_SYSTEM_PROMPT.format(tools=listing)
+    if messages and messages[0].get("role") == "system":
+        messages[0] = {**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{note}"}
+    else:
+        messages.insert(0, {"role": "system", "content": note})
+    return messages, None
+
+
 def _tool_names(tools: list[dict[str, Any]]) -> list[str]:
     """The function names of an OpenAI `tools` list (checked)."""
     names = []
@@ -854,15 +871,7 @@ async def create_chat_completion(state: ServerState, body: ChatRequest, request:
     use_tools = bool(names) and choice != "none"
     template_tools = None
     if use_tools:
-        if lm.chat_template and "tools" in lm.chat_template:
-            template_tools = tools
-        else:
-            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-            note = TOOL_SYSTEM_PROMPT.format(tools=listing)
-            if messages[0].get("role") == "system":
-                messages[0] = {**messages[0], "content": f"{messages[0].get('content') or ''}\n\n{note}"}
-            else:
-                messages.insert(0, {"role": "system", "content": note})
+        messages, template_tools = tool_prompt(messages, tools, lm.chat_template)
     try:
         text = chat_prompt(lm, messages, tools=template_tools)
         controls = chat_controls(lm, {"stop": _stop_list(body.stop)})
