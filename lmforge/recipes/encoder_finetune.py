@@ -107,12 +107,20 @@ def _labels(cfg, lm, kind: str, data_labels: Sequence[str]) -> list[str]:
 
 def _prepare(cfg, kind: str, labels: Sequence[str] | None, lm, log) -> tuple[TaskModel, bool]:
     model = task_model(lm, kind, num_labels=len(labels) if labels else None, require_head=False)
-    uses_lora = common.maybe_lora(lm.model, cfg, log)
-    for p in model.head.parameters():  # with LoRA the base is frozen, the new head still trains
-        p.requires_grad_(True)
-    if uses_lora and model.encoder.pooler is not None and kind == "sequence_classification":
-        for p in model.encoder.pooler.parameters():
-            p.requires_grad_(True)
+    uses_lora = cfg.lora_r > 0
+    if uses_lora:
+        from lmforge.finetune import lora
+
+        if cfg.quantize:
+            raise ConfigError("--quantize (QLoRA) is for decoders; encoders train LoRA over float weights")
+        # adapters go on the blocks (lora.resolve_targets reads a *decoder* config to map HF names, so it is
+        # handed the block list, which has none); then everything but adapters, pooler and head is frozen
+        lora.add_lora(model.encoder.blocks, cfg.lora_targets, r=cfg.lora_r, alpha=cfg.lora_alpha,
+                      dropout=cfg.lora_dropout, freeze_base=False)
+        for name, p in model.named_parameters():
+            p.requires_grad_(".lora_" in name or name.startswith(("head.", "encoder.pooler.")))
+        log(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {','.join(cfg.lora_targets)}: "
+            f"{lora.trainable_report(model)}")
     return model, uses_lora
 
 

@@ -104,14 +104,15 @@ def run_mlm(cfg: MLMConfig, log=print) -> dict:
     val_chunks, train_chunks = [chunks[i] for i in order[:n_val]], [chunks[i] for i in order[n_val:]]
     econf = EncoderConfig(vocab_size=tok.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                           max_position_embeddings=cfg.max_length, pad_token_id=tok.pad_token_id,
-                          dropout=cfg.dropout, attn_dropout=cfg.dropout, name=Path(cfg.out).name)
+                          dropout=cfg.dropout, attn_dropout=cfg.dropout, pooler=False,  # BertForMaskedLM has none
+                          name=Path(cfg.out).name)
     torch.manual_seed(cfg.seed)
     lm = EncoderLM(Encoder(econf), tok, econf, max_seq_length=cfg.max_length, path=cfg.out)
     model = task_model(lm, "mlm", require_head=False)
     data = MLMBatches(train_chunks, tok, cfg.batch_size, cfg.seed, cfg.mlm_probability, cfg.whole_word_mask)
     val = MLMBatches(val_chunks, tok, cfg.batch_size, cfg.seed + 1, cfg.mlm_probability, cfg.whole_word_mask,
                      shuffle=False).all()
-    n_params = sum(p.numel() for _, p in {id(p): (n, p) for n, p in model.named_parameters()}.items())
+    n_params = sum(p.numel() for p in model.parameters())  # each tensor once: the tied decoder is wte
     log(f"{len(docs)} documents -> {len(train_chunks)} train / {len(val_chunks)} val sequences of <= "
         f"{cfg.max_length} tokens | vocab {tok.vocab_size} | {n_params / 1e6:.2f}M parameters")
     tc = TrainConfig(**{f: getattr(cfg, f) for f in TrainConfig.__dataclass_fields__})

@@ -138,6 +138,8 @@ def save_task_model(lm: Any, model: TaskModel, path: str | Path, labels: Sequenc
 
     if labels is not None:
         set_labels(lm, labels)
+        if model.encoder.config is not lm.config:  # a merged copy carries its own config; the export reads it
+            model.encoder.config.extra.update({k: lm.config.extra[k] for k in ("id2label", "label2id")})
     return export_encoder_hf(lm, path, head_kind=model.kind, head=model.head)
 
 
