@@ -138,6 +138,10 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
                 raise CheckpointError(f"{p / 'config.json'}: not a JSON object")
             if raw.get("format") == "lmforge":
                 return _lm(load_lmforge_dir(p, dtype, device))
+            if raw.get("model_type") in ("bert", "roberta", "distilbert"):  # encoders: EncoderLM, not LM
+                from lmforge.formats.bert import load_encoder_dir
+
+                return load_encoder_dir(p, dtype, device)
             if "model_type" in raw or "architectures" in raw:
                 return _lm(load_hf_dir(p, dtype, device))
             raise CheckpointError(f"{p / 'config.json'}: neither an lmforge config (format: lmforge) nor a Hugging "
