@@ -26,7 +26,11 @@ def minilm_dir():
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    return load_encoder_dir(minilm_dir)
+    import lmforge
+
+    lm = lmforge.load(minilm_dir)  # the one dispatcher hands encoder directories to formats.bert
+    assert isinstance(lm, EncoderLM)
+    return lm
 
 
 @pytest.fixture(scope="module")
