@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lmforge  # noqa: E402
-from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
+from lmforge.generation.loop import generate_ids  # noqa: E402
+from lmforge.generation.sampling import SamplingParams  # noqa: E402
 from lmforge.formats.gguf import export_gguf  # noqa: E402
 from tests.helpers import shared_data_dir  # noqa: E402
 

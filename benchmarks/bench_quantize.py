@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import lmforge  # noqa: E402
 from lmforge.training.eval import perplexity  # noqa: E402
-from lmforge.generation.api import SamplingParams, generate_ids  # noqa: E402
+from lmforge.generation.loop import generate_ids  # noqa: E402
+from lmforge.generation.sampling import SamplingParams  # noqa: E402
 from lmforge.compress.quantize import QuantLinear, model_nbytes, quantize_model  # noqa: E402
 from tests.helpers import shared_data_dir  # noqa: E402
 

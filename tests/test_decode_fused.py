@@ -1,4 +1,4 @@
-"""The one-token decode step (`Transformer.decode_fused`, `DecodeWeights`) against the module-by-module forward:
+"""The one-token decode step (`lmforge.generation.decode.fused_step`, `DecodeWeights`) against the module-by-module forward:
 same logits and same cache contents for every architecture variant it covers, in both forms (a small model's fused
 copies; a large model's weights re-laid out in place, with products split across threads), rebuilt after the
 weights change, and never used where it does not apply (LoRA, quantized layers, past a sliding window)."""
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmforge.models.decoder as model_mod
+import lmforge.generation.decode as model_mod
+from lmforge.generation.decode import DecodeWeights, decode_product, fused_step, fused_step_ok, fused_weights
 from lmforge.models.config import ModelConfig
-from lmforge.models.decoder import DecodeWeights, Transformer, decode_product
+from lmforge.models.decoder import Transformer
 
 CONFIGS = {
     "gpt2": dict(name="gpt-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32, n_head=4),  # biases, LayerNorm
@@ -36,16 +37,23 @@ def make(kind: str, seed: int = 0) -> Transformer:
     return model
 
 
-def decode(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool):
-    """Greedy decode; returns the (steps, B, V) logits and the cache."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps, fused=fused)
-    assert (cache.fused is not None) == fused
+def decode(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool, calls: list | None = None):
+    """Greedy decode, through the fused step where it applies (fused=True) or the forward only; returns the
+    (steps, B, V) logits and the cache."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
+    weights = fused_weights(model) if fused else None
+    assert (weights is not None) == fused
     out = []
     with torch.inference_mode():
         logits = model(prompt, kv_cache=cache)[:, -1]
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, kv_cache=cache)[:, -1]
+            if weights is not None and fused_step_ok(model, cache):
+                logits = fused_step(model, nxt, cache, weights)[:, -1]
+                if calls is not None:
+                    calls.append(1)
+            else:
+                logits = model(nxt, kv_cache=cache)[:, -1]
             out.append(logits)
     return torch.stack(out), cache
 
@@ -70,12 +78,7 @@ def test_fused_steps_equal_the_module_forward(kind, form, request):
     assert DecodeWeights.form(model) == form
     prompt = torch.randint(0, 97, (2, 5))  # two rows of equal length: the dense cache
     calls = []
-    orig = Transformer.decode_fused
-    Transformer.decode_fused = lambda self, ids, cache: calls.append(1) or orig(self, ids, cache)
-    try:
-        got, cache_f = decode(model, prompt, 12, fused=True)
-    finally:
-        Transformer.decode_fused = orig
+    got, cache_f = decode(model, prompt, 12, fused=True, calls=calls)
     want, cache_m = decode(model, prompt, 12, fused=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     n = cache_m.dense_len
@@ -93,15 +96,15 @@ def test_fused_steps_equal_the_module_forward(kind, form, request):
 def test_fused_copies_are_remade_after_the_weights_change():
     model = make("llama-gqa")
     prompt = torch.randint(0, 97, (1, 4))
-    first = model.decode_weights()
-    assert model.decode_weights() is first  # unchanged weights: the same copies
+    first = fused_weights(model)
+    assert fused_weights(model) is first  # unchanged weights: the same copies
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
     loss = model(prompt).float().pow(2).mean()
     loss.backward()
     opt.step()  # in-place update of every weight
     model.eval()
-    assert model.decode_weights() is not first
+    assert fused_weights(model) is not first
     got, _ = decode(model, prompt, 6, fused=True)
     want, _ = decode(model, prompt, 6, fused=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -117,12 +120,12 @@ def test_not_used_for_lora_quantized_or_large_models(monkeypatch):
 
     model = make("llama-gqa")
     add_lora(model, ("q_proj", "v_proj"), r=2)
-    assert model.new_cache(1, 8).fused is None  # a LoRA-wrapped projection is not a plain nn.Linear
+    assert fused_weights(model) is None  # a LoRA-wrapped projection is not a plain nn.Linear
 
     from lmforge.compress.quantize import quantize_model
 
     q = quantize_model(make("gpt2"), "int8", progress=False)
-    assert q.new_cache(1, 8).fused is None
+    assert fused_weights(q) is None
 
     monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_PARAMS", 100)  # large: in place on a CPU, nothing elsewhere
     assert DecodeWeights.form(make("gpt2")) == "in_place"
@@ -167,8 +170,8 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     prompt = torch.randint(0, 97, (1, 6))
     with torch.inference_mode():
         want = model(prompt)
-    dw = model.decode_weights()  # relayout happens here (inference mode or not, the weights stay trainable)
-    assert dw.in_place and model.decode_weights() is dw
+    dw = fused_weights(model)  # relayout happens here (inference mode or not, the weights stay trainable)
+    assert dw.in_place and fused_weights(model) is dw
     assert {k: p for k, p in model.named_parameters()} == params  # the same Parameter objects
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -188,7 +191,7 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     model(prompt).float().pow(2).mean().backward()
     opt.step()
     model.eval()
-    assert model.decode_weights() is not dw  # the optimizer step is seen; the step agrees with the forward again
+    assert fused_weights(model) is not dw  # the optimizer step is seen; the step agrees with the forward again
     got, _ = decode(model, prompt, 5, fused=True)
     want_steps, _ = decode(model, prompt, 5, fused=False)
     torch.testing.assert_close(got, want_steps, atol=1e-5, rtol=0)
@@ -196,15 +199,15 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
     from lmforge.formats.gguf import gguf_tensors  # GGUF export reads row-major arrays back
 
     plain, relaid = make("llama-gqa"), make("llama-gqa")
-    relaid.decode_weights()
+    fused_weights(relaid)
     a, b = gguf_tensors(plain, plain.config, "llama"), gguf_tensors(relaid, relaid.config, "llama")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() and b[k].flags.c_contiguous for k in a)
 
     relaid_gpt2 = make("gpt2")
-    relaid_gpt2.decode_weights()
+    fused_weights(relaid_gpt2)
     quantize_model(relaid_gpt2, "int8", progress=False)  # a re-laid out model quantizes
     lora_model = make("gpt2")
-    lora_model.decode_weights()
+    fused_weights(lora_model)
     add_lora(lora_model, ("q_proj", "v_proj"), r=2)
     with torch.inference_mode():
         lora_model(prompt)
@@ -213,12 +216,12 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
 def test_padded_batches_make_no_decode_weights(monkeypatch):
     """A left-padded batch never takes the dense one-token step, so generate does not ask for decode weights."""
     from lmforge.generation.api import generate
+    from lmforge.generation import loop
     from lmforge.lm import LM
 
     model = make("llama-gqa")
     calls = []
-    orig = Transformer.decode_weights
-    monkeypatch.setattr(Transformer, "decode_weights", lambda self: calls.append(1) or orig(self))
+    monkeypatch.setattr(loop.decode, "fused_weights", lambda m: calls.append(1) or fused_weights(m))
     lm = LM(model, None)
     generate(lm, [[5, 6, 7], [8, 9]], temperature=0, max_new_tokens=3, ignore_eos=True)
     assert calls == []

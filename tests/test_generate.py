@@ -10,7 +10,10 @@ import torch
 import lmforge
 from lmforge.models.config import ModelConfig
 from lmforge.errors import GenerationError
-from lmforge.generation.api import SamplingParams, StopChecker, encode_prompt, generate_ids, token_logprobs
+from lmforge.generation.api import encode_prompt
+from lmforge.generation.loop import generate_ids, token_logprobs
+from lmforge.generation.sampling import SamplingParams
+from lmforge.generation.stops import StopChecker
 from lmforge.generation.config import GenerationConfig
 from lmforge.lm import LM
 from lmforge.models.decoder import Transformer
@@ -304,7 +307,7 @@ class ScriptedModel(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.prompts = []
 
-    def new_cache(self, B, max_len=None, fused=True):
+    def new_cache(self, B, max_len=None):
         return object()
 
     def forward(self, ids, attention_mask=None, kv_cache=None, logits_to_keep=0):

@@ -1,4 +1,4 @@
-"""The static-shape decode step (lmforge.generation.api.StaticDecoder): eager it is token-for-token the default cache
+"""The static-shape decode step (lmforge.generation.decode.StaticDecoder): eager it is token-for-token the default cache
 path (batched, padded, finished rows, sampling, GQA + RoPE and learned positions), and compiled with
 torch.compile it still is. The compile test uses one tiny model and one shape so it stays within seconds once
 Inductor's kernels are built (skipped when no C++ compiler is present)."""
@@ -10,7 +10,10 @@ import shutil
 import pytest
 import torch
 
-from lmforge.generation.api import SamplingParams, generate, generate_ids, static_decoder, stream
+from lmforge.generation.api import generate, stream
+from lmforge.generation.decode import static_decoder
+from lmforge.generation.loop import generate_ids
+from lmforge.generation.sampling import SamplingParams
 from lmforge.models.config import ModelConfig
 from lmforge.lm import LM
 from lmforge.models.decoder import Transformer

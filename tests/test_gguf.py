@@ -194,7 +194,8 @@ def llama_cpp_nll(path, ids) -> float:
 
 
 def _ours_greedy(lm, prompt_ids, n):
-    from lmforge.generation.api import SamplingParams, generate_ids
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
 
     return generate_ids(lm.model, [prompt_ids], SamplingParams(temperature=0.0, max_new_tokens=n))[0].token_ids
 

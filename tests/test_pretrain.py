@@ -21,8 +21,11 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "pretrain
 def test_every_shipped_config_loads():
     names = {p.stem for p in CONFIGS}
     assert {"demo", "verdict", "shakespeare", "gpt2-124m"} <= names
+    from lmforge.recipes.mlm import MLMConfig
+
     for p in CONFIGS:
-        cfg = argconf.build(PretrainConfig, argconf.load_yaml(p))
+        cls = MLMConfig if p.stem.startswith("mlm") else PretrainConfig  # masked-LM configs: `lmforge pretrain-mlm`
+        cfg = argconf.build(cls, argconf.load_yaml(p))
         assert cfg.max_steps >= 1 and cfg.data, p
     v = argconf.build(PretrainConfig, argconf.load_yaml(CONFIGS[[p.stem for p in CONFIGS].index("verdict")]))
     assert (v.block_size, v.batch_size, v.epochs, v.lr, v.model) == (256, 2, 10, 4e-4, "gpt2")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmforge.errors import GenerationError
-from lmforge.generation.api import (
+from lmforge.generation.sampling import (
     SamplingParams,
     apply_frequency_presence_penalty,
     apply_repetition_penalty,

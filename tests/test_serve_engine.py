@@ -1,7 +1,7 @@
 """The continuous-batching engine and the constrained-decoding machines, without HTTP.
 
 The engine's contract: a request's tokens do not depend on what else is in the batch. We check it against
-`lmforge.generation.api.generate_ids` (one prompt at a time, GEN's decode loop) for greedy, seeded sampling and the
+`lmforge.generation.loop.generate_ids` (one prompt at a time, GEN's decode loop) for greedy, seeded sampling and the
 penalties, with many requests submitted at once from several threads and rows joining and leaving the batch.
 """
 
@@ -16,7 +16,8 @@ import torch
 
 from lmforge.models.config import ModelConfig
 from lmforge.errors import GenerationError
-from lmforge.generation.api import SamplingParams, generate_ids, token_logprobs
+from lmforge.generation.loop import generate_ids, token_logprobs
+from lmforge.generation.sampling import SamplingParams
 from lmforge.models.decoder import Transformer
 from lmforge.serve.constrain import JsonMachine, json_constraint, schema_machine, tool_call_constraint
 from lmforge.serve.engine import Engine, EngineBusyError, EngineStoppedError, Event

@@ -236,7 +236,7 @@ def generation_config(d: Path, hf: Mapping[str, Any] | None = None) -> Generatio
         data = read_json(d / "generation_config.json")
         data.pop("transformers_version", None)
         data.pop("_from_model_config", None)
-        return GenerationConfig.from_dict(data)
+        return GenerationConfig.from_dict(data, source=str(d / "generation_config.json"))
     hf = hf or {}
     return GenerationConfig(eos_token_id=hf.get("eos_token_id"), bos_token_id=hf.get("bos_token_id"),
                             pad_token_id=hf.get("pad_token_id"))

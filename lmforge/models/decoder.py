@@ -21,11 +21,9 @@ each new token only computes its own q/k/v. The cache keeps a length per batch r
 (left-padded batches, or a serving engine's slots) live in one tensor; `key_mask` marks which stored slots hold
 real tokens (padding slots are never attended to).
 
-A one-token decode step multiplies one row of activations by every weight matrix. For a small model that is bound
-by how many tensor ops it launches, not by arithmetic; for a large one, by reading the weights from memory. A cache
-can carry `DecodeWeights`, the weights laid out for that step, which `Transformer.decode_fused` runs as a flat loop
-(same numbers to float rounding): a small model's q/k/v (and gate/up) projections fused into one matrix (about half
-the ops), a large model's weights re-laid out in place as (in, out) with each product spread over all threads.
+This file is the readable model and nothing else: every forward, training or decoding, goes through `forward`.
+The fast one-token decode steps (fused weights, a static-shape step for torch.compile) are speed code kept beside
+it, in `lmforge.generation.decode`, tested against this forward; callers choose them explicitly.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge import kernels
 from lmforge.models.config import ModelConfig
 from lmforge.errors import ConfigError, GenerationError
 
@@ -130,10 +127,6 @@ class KVCache:
     dense_len: a plain int while every row holds the same number of real tokens and no padding (one prompt, or
     equal-length prompts): the forward then writes slots [dense_len, dense_len + T) and needs no mask and no
     per-row bookkeeping, which is most of a small model's decode step on a CPU. None once rows differ.
-
-    fused: the model's `DecodeWeights` when the cache was made: one-token dense steps then run through
-    `Transformer.decode_fused`. A small model's fused copies are taken when the cache is made, like the keys it
-    will hold: change the weights and start a new cache.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -145,7 +138,6 @@ class KVCache:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.dense_len: int | None = 0
-        self.fused: DecodeWeights | None = None
 
     @property
     def batch_size(self) -> int:
@@ -157,7 +149,6 @@ class KVCache:
         view.lengths, view.key_mask = self.lengths[start:stop], self.key_mask[start:stop]
         view.positions, view.max_len = self.positions[start:stop], self.max_len
         view.dense_len = None  # the rows' lengths are tracked per row only
-        view.fused = None
         return view
 
     def reset(self, row: int | None = None) -> None:
@@ -167,111 +158,6 @@ class KVCache:
         self.key_mask[sel] = False
         self.positions[sel] = 0
         self.dense_len = 0 if row is None or self.batch_size == 1 else None
-
-
-FUSED_DECODE_MAX_PARAMS = 16_000_000  # block weights up to this many elements get fused decode copies
-SPLIT_PRODUCT_MIN_WEIGHTS = 1 << 18  # decode products over matrices this large (1 MB in fp32) use every thread
-
-
-def _projection_groups(block: "Block") -> tuple[tuple[nn.Module, ...], ...]:
-    """A block's projections in the order a decode step multiplies them:
-    (q, k, v), (o,), (gate, up) or (up,), (down,)."""
-    a, mlp = block.attn, block.mlp
-    return ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,),
-            (mlp.gate_proj, mlp.up_proj) if mlp.swiglu else (mlp.up_proj,), (mlp.down_proj,))
-
-
-def decode_product(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """h (B, K) @ w (K, N) [+ b] for a one-token step; w is laid out (in, out) and contiguous.
-
-    A one-row product reads every weight once and does two flops with it: it runs at the speed memory delivers
-    the matrix, and a BLAS runs it (a matrix-vector product) on one thread, whatever torch's thread count. With T
-    threads a large fp32 matrix is cut along K into T slabs (a view: slab t is rows t*K/T .. (t+1)*K/T - 1), the T
-    products (1, K/T) x (K/T, N) run as one batched product, one slab per thread, and the T partial rows are
-    summed. The same sums as h @ w, added in another order: equal to float rounding.
-    """
-    T, (K, N) = torch.get_num_threads(), w.shape
-    if T > 1 and K % T == 0 and w.numel() >= SPLIT_PRODUCT_MIN_WEIGHTS and w.dtype == torch.float32 \
-            and w.device.type == "cpu" and w.is_contiguous():
-        parts = torch.bmm(h.reshape(-1, T, K // T).transpose(0, 1), w.view(T, K // T, N))  # (T, B, N)
-        y = parts.sum(0)  # (B, N)
-        return y if b is None else y.add_(b)
-    return h @ w if b is None else torch.addmm(b, h, w)
-
-
-def _products(h: torch.Tensor, parts: list) -> torch.Tensor:
-    """h times each (w, b) of `parts`, the outputs side by side: (B, sum of N)."""
-    ys = [decode_product(h, w, b) for w, b in parts]
-    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
-
-
-def _column_major_(p: nn.Parameter) -> None:
-    """Re-lay a (out, in) weight out in memory as (in, out), in place: same Parameter, shape and values; strides
-    (1, out). nn.Linear's forward works on it unchanged (x @ W.t() reads a contiguous matrix), and W.t() is the
-    (in, out) layout that a one-row product streams fastest."""
-    if p.stride() != (1, p.shape[0]):
-        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, still trainable afterwards
-            p.data = kernels.owned(p.data.t()).t()  # a fresh, aligned allocation, never a mapped file
-
-
-class DecodeWeights:
-    """The weights a one-token decode step multiplies, laid out for it: `Transformer.decode_fused` runs on these.
-
-    A decode step multiplies one row of activations by every weight matrix: (1, C) x (C, N) products. Two
-    regimes, so two forms:
-
-    * small models (at most FUSED_DECODE_MAX_PARAMS block weights): the step is bound by the number of
-      operations, not by arithmetic. stories260K launches dozens of tensor ops per layer, each a few
-      microseconds of dispatch for almost no arithmetic. Copies of each block's projections with q, k and v
-      concatenated into one (C, nq + 2 nkv) matrix (and gate with up into one (C, 2H)) turn seven products per
-      layer into four. The copies cost memory, which a small model can spare.
-    * large models on a CPU (`in_place`): the step is bound by reading the weights from memory; a second copy
-      would double the memory of exactly the models that are short of it. Instead every projection and the
-      output layer are re-laid out in place as (in, out) (see `_column_major_`), the layout a one-row product
-      streams fastest here, and `decode_product` spreads each large product over all threads.
-
-    Per block: (qkv, o, mlp_in, down), each a list of (w, b) with w (in, out): one fused entry for the copies, or
-    one per projection in place. `head` is the output layer's (w, b) in place, None for the copies (the step calls
-    lm_head).
-    """
-
-    def __init__(self, model: "Transformer", form: str):
-        """`form`: what `DecodeWeights.form(model)` returned, "copies" or "in_place"."""
-        self.in_place = form == "in_place"
-        if self.in_place:
-            for lin in [m for block in model.blocks for g in _projection_groups(block) for m in g] + [model.lm_head]:
-                _column_major_(lin.weight)
-            self.blocks = [[[(m.weight.t(), m.bias) for m in g] for g in _projection_groups(block)]
-                           for block in model.blocks]
-            self.head = (model.lm_head.weight.t(), model.lm_head.bias)
-        else:
-            def fused(linears):  # [(w (in, sum of outs) contiguous, biases concatenated alike or None)]
-                w = kernels.owned(torch.cat([lin.weight.detach() for lin in linears]).t())
-                b = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
-                return [(w, b)]
-
-            self.blocks = [[fused(g) for g in _projection_groups(block)] for block in model.blocks]
-            self.head = None
-        self.stamp = DecodeWeights.stamp_of(model)
-
-    @staticmethod
-    def stamp_of(model: nn.Module) -> tuple:
-        """Changes whenever a weight is replaced or updated in place (optimizer steps bump `_version`)."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
-
-    @staticmethod
-    def form(model: "Transformer") -> str | None:
-        """"copies" (small models), "in_place" (large ones on a CPU) or None: the step needs plain nn.Linear
-        projections (no LoRA wrappers, no quantized layers)."""
-        linears = [m for block in model.blocks for g in _projection_groups(block) for m in g]
-        if any(type(m) is not nn.Linear for m in linears):
-            return None
-        if sum(m.weight.numel() for m in linears) <= FUSED_DECODE_MAX_PARAMS:
-            return "copies"
-        head = model.lm_head
-        if type(head) is nn.Linear and head.weight.device.type == "cpu":
-            return "in_place"
-        return None
 
 
 @dataclass
@@ -441,84 +327,11 @@ class Transformer(nn.Module):
             n += p.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None,
-                  fused: bool = True) -> KVCache:
-        """An empty KV cache; `fused` lets one-token steps use `decode_fused` (see DecodeWeights)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens (default: the context window)."""
         p = self.norm_f.weight  # device and compute dtype (a quantized wte has no cheap .weight)
-        cache = KVCache(self.config, batch_size, max_len or self.config.block_size,
-                        device=device or p.device, dtype=dtype or p.dtype)
-        if fused and cache.k.dtype == p.dtype:
-            cache.fused = self.decode_weights()
-        return cache
-
-    def decode_weights(self) -> DecodeWeights | None:
-        """This model's `DecodeWeights` (made once, remade after the weights change); None when not eligible.
-        For a large model on a CPU this re-lays its weights out in place, once (see `_column_major_`)."""
-        form = DecodeWeights.form(self)
-        if form is None:
-            return None
-        dw = getattr(self, "_decode_weights", None)
-        if dw is None or dw.stamp != DecodeWeights.stamp_of(self):
-            with torch.no_grad():
-                dw = DecodeWeights(self, form)
-            self._decode_weights = dw
-        return dw
-
-    def _fused_step_ok(self, L: int, max_len: int) -> bool:
-        """`decode_fused` covers a step at slot L: after a prefill, inside the cache and the learned positions,
-        every cached token inside the sliding window (if any), and no dropout to apply."""
-        cfg = self.config
-        return (0 < L < max_len and (self.wpe is None or L < cfg.block_size)
-                and not (cfg.sliding_window and L >= cfg.sliding_window) and not (self.training and cfg.dropout))
-
-    def decode_fused(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row on a dense cache, through the fused weights: (B, 1) ids -> (B, 1, V) logits.
-
-        The same computation as `forward` (the numbers differ only by float rounding: fused products sum in
-        another order), written as a flat loop: no module calls, no (B, T, ...) reshapes, q and k rotated together.
-        """
-        cfg = self.config
-        B, nh, nkv, hd = input_ids.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        nq, nk = nh * hd, nkv * hd
-        L = cache.dense_len
-        S = L + 1
-        x = self.wte(input_ids[:, 0])  # (B, C)
-        if self.wpe is not None:
-            x = x + self.wpe.weight[L]
-        else:
-            cos, sin = self.rope_table(S, x.dtype)
-            cos, sin = cos[L], sin[L]  # (hd,) the new position's angles
-        gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
-        rep = 1 if gqa or nkv == nh else nh // nkv
-        for i, (block, (qkv_w, o_w, in_w, down_w)) in enumerate(zip(self.blocks, cache.fused.blocks)):
-            h = block.norm_1(x)
-            qkv = _products(h, qkv_w)  # (B, nq + 2 nk)
-            qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
-            if self.wpe is None:
-                qk = apply_rope(qk, cos, sin)
-            ck, cv = cache.k[i], cache.v[i]  # (B, nkv, max_len, hd)
-            ck[:, :, L] = qk[:, nh:]
-            cv[:, :, L] = qkv[:, nq + nk:].view(B, nkv, hd)
-            k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(qk[:, :nh].view(B, nh, 1, hd), k, v, **gqa)  # (B, nh, 1, hd)
-            x = x + decode_product(y.view(B, nq), *o_w[0])
-            h = block.norm_2(x)
-            if block.mlp.swiglu:  # [gate | up] fused, or gate and up apart
-                gate, up = (_products(h, in_w).chunk(2, dim=1) if len(in_w) == 1 else
-                            (decode_product(h, *wb) for wb in in_w))  # (B, H) each
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(decode_product(h, *in_w[0]), approximate="tanh")  # (B, H)
-            x = x + decode_product(h, *down_w[0])
-        cache.key_mask[:, L] = True
-        cache.lengths += 1
-        cache.positions += 1
-        cache.dense_len = S
-        x = self.norm_f(x)
-        head = cache.fused.head
-        return (self.lm_head(x) if head is None else decode_product(x, *head))[:, None]  # (B, 1, V)
+        return KVCache(self.config, batch_size, max_len or self.config.block_size,
+                       device=device or p.device, dtype=dtype or p.dtype)
 
     def rope_table(self, n: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions 0..n-1, (n, hd) each, kept and grown as needed (decoding reads one row a step).
@@ -575,10 +388,6 @@ class Transformer(nn.Module):
                  and position_ids is None)
         if kv_cache is not None and kv_cache.batch_size != B:
             raise GenerationError(f"KV cache holds {kv_cache.batch_size} rows but the input has {B}")
-        if (dense and T == 1 and kv_cache.fused is not None and inputs_embeds is None
-                and not (output_hidden_states or output_attentions)
-                and self._fused_step_ok(kv_cache.dense_len, kv_cache.max_len)):
-            return self.decode_fused(input_ids, kv_cache)  # a one-token step: same numbers, fewer ops
         if dense:  # every row: L real tokens cached, T new ones at slots and positions L..L+T-1
             L = write_idx = kv_cache.dense_len
             kv_len = L + T

@@ -13,7 +13,7 @@ speak this API work against a local model unchanged — point `base_url` at `htt
 
 Streaming uses Server-Sent Events: the response is `text/event-stream`, each chunk a line `data: {json}` and a
 blank line, the last one `data: [DONE]`. Tokens reach the client as soon as they are safe to show (whole UTF-8
-characters, nothing that might be the start of a stop string: `lmforge.generation.api.StopChecker`).
+characters, nothing that might be the start of a stop string: `lmforge.generation.stops.StopChecker`).
 
 Where text meets ids. The engine (`engine.py`) speaks token ids; this module tokenizes prompts (chat template via
 `lmforge.generation.api.chat_prompt`), detokenizes incrementally, matches stop strings and then cancels the sequence in
@@ -59,7 +59,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.generation.api import SamplingParams, StopChecker, chat_controls, encode_chat, eos_token_ids, chat_prompt
+from lmforge.generation.api import chat_controls, encode_chat, eos_token_ids, chat_prompt
+from lmforge.generation.sampling import SamplingParams
+from lmforge.generation.stops import StopChecker
 from lmforge.serve.constrain import json_constraint, tool_call_constraint
 from lmforge.serve.engine import Engine, EngineBusyError, EngineStoppedError, Event
 

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import GenerationError, LmforgeError
-from lmforge.generation.api import SamplingParams, greedy, process_logits, sample
+from lmforge.generation.sampling import SamplingParams, greedy, process_logits, sample
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids if i is not None)
         self.device = next(model.parameters()).device
-        self.cache = model.new_cache(max_batch, self.max_len, fused=False)  # row views: no dense fused steps
+        self.cache = model.new_cache(max_batch, self.max_len)
         self.active: list[Sequence] = []  # row i of the cache holds active[i]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.calls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
