@@ -142,6 +142,10 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
                 from lmforge.formats.bert import load_encoder_dir
 
                 return load_encoder_dir(p, dtype, device)
+            if raw.get("model_type") in ("t5", "mt5"):  # encoder-decoders: Seq2SeqLM, not LM
+                from lmforge.seq2seq_lm import load_seq2seq
+
+                return load_seq2seq(p, dtype, device)
             if "model_type" in raw or "architectures" in raw:
                 return _lm(load_hf_dir(p, dtype, device))
             raise CheckpointError(f"{p / 'config.json'}: neither an lmforge config (format: lmforge) nor a Hugging "
