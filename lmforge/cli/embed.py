@@ -61,7 +61,8 @@ def read_texts(source: str) -> list[str]:
 
 def load_encoder(model: str, dtype="auto", device=None):
     """An encoder directory through its own reader; anything else through `lmforge.load`."""
-    from lmforge.formats.bert import is_encoder_dir, load_encoder_dir
+    from lmforge.encoder_lm import load_encoder_dir
+    from lmforge.formats.bert import is_encoder_dir
 
     if Path(model).is_dir() and is_encoder_dir(model):
         return load_encoder_dir(model, dtype, device)

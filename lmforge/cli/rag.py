@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from ..errors import ConfigError
+from lmforge.errors import ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,9 +98,9 @@ def _progress(msg: str) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from ..rag import Chunker, IndexManifest, Indexer, Loader, make_embedder
-    from ..rag.index import open_store
-    from ..rag.store import is_index_dir
+    from lmforge.rag import Chunker, IndexManifest, Indexer, Loader, make_embedder
+    from lmforge.rag.index import open_store
+    from lmforge.rag.store import is_index_dir
 
     loaded = Loader().load(args.docs)
     for path, why in loaded.skipped:
@@ -125,7 +125,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from ..rag import open_index
+    from lmforge.rag import open_index
 
     ix = open_index(args.index, embedder=args.embedder, api_key=args.api_key)
     hits = ix.retriever(args.retriever).retrieve(args.question, k=args.k, filter=_filters(args.filter))
@@ -142,8 +142,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from ..rag import Answerer, open_index
-    from ..rag.answer import make_generator
+    from lmforge.rag import Answerer, open_index
+    from lmforge.rag.answer import make_generator
 
     ix = open_index(args.index, embedder=args.embedder, api_key=args.api_key)
     generator = make_generator(args.model, api_key=args.api_key, max_new_tokens=args.max_new_tokens)
@@ -162,7 +162,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from ..rag.index import open_store
+    from lmforge.rag.index import open_store
 
     store = open_store(args.index)
     have = store.doc_hashes()
@@ -176,8 +176,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_summarize(args: argparse.Namespace) -> int:
-    from ..rag import Chunker, HashingEmbedder, Loader
-    from ..rag.answer import make_generator, summarize
+    from lmforge.rag import Chunker, HashingEmbedder, Loader
+    from lmforge.rag.answer import make_generator, summarize
 
     docs = Loader().load([args.file])
     if not docs.documents:

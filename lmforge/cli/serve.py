@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     import lmforge
-    from lmforge.serve.app import ServerSettings, serve
+    from lmforge.serve.app import ServerSettings
+    from lmforge.serve.server import serve
 
     cfg = argconf.from_cli(ServeConfig, args, args.config)
     if cfg.threads:

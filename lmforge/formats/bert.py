@@ -9,7 +9,7 @@ both directions: import renames HF -> lmforge, export lmforge -> HF. No tensor n
 `nn.Linear` throughout, unlike GPT-2's Conv1D). Heads have their own table (`HEAD_NAMES`) per family and task, so a
 BertForMaskedLM or DistilBertForQuestionAnswering checkpoint loads its head too (`EncoderLM.heads`).
 
-    lm = load_encoder_dir("all-MiniLM-L6-v2/")                    # -> EncoderLM (lmforge/encoder_lm.py)
+    lm = lmforge.load("all-MiniLM-L6-v2/")                        # -> EncoderLM (lmforge/encoder_lm.py)
     export_encoder_hf(lm, "out/")                                  # loads in transformers and sentence-transformers
 
 What is checked where: tests/test_encoder.py builds random `BertModel`, `RobertaModel` and `DistilBertModel`s in
@@ -26,9 +26,9 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
-from ..models.encoder import Encoder, EncoderConfig
-from ..utils import atomic_dir, atomic_write_json, dtype_name, parse_device, parse_dtype, read_json
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.utils import atomic_dir, atomic_write_json, dtype_name, parse_dtype, read_json
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert")
 
@@ -349,36 +349,10 @@ def is_encoder_dir(d: str | os.PathLike) -> bool:
     return isinstance(raw, dict) and raw.get("model_type") in ENCODER_MODEL_TYPES
 
 
-def load_encoder_dir(path: str | os.PathLike, dtype: str | torch.dtype = "auto",
-                     device: str | torch.device | None = None):
-    """An HF encoder (or sentence-transformers) directory -> `EncoderLM` with model, tokenizer, pooling, heads."""
-    from ..encoder_lm import EncoderLM, read_pooling
-
-    d = Path(path)
-    from .native import read_weights  # the shared weight-file reader (safetensors, shards, weights_only pickles)
-
-    hf = read_json(d / "config.json")
-    try:
-        config = config_from_hf(hf)
-    except (ConfigError, KeyError, TypeError) as e:
-        msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-        raise CheckpointError(f"{d / 'config.json'}: {msg}") from None
-    config.name = d.name if d.name != "model" else d.parent.name  # a package's "./model" says nothing
-    parse_dtype(dtype)
-    sd, stored = read_weights(d)
-    want = parse_dtype(dtype) or parse_dtype(hf.get("torch_dtype") or hf.get("dtype") or stored or "float32")
-    ours, kind, head = state_dict_from_hf(sd, config, str(d), hf.get("architectures"))
-    model = build_encoder(config, ours, want, None if device is None else parse_device(device), str(d))
-    tokenizer = load_encoder_tokenizer(d, config)
-    pooling, normalize, max_seq_length = read_pooling(d, config, tokenizer)
-    return EncoderLM(model, tokenizer, config, pooling=pooling, normalize=normalize, max_seq_length=max_seq_length,
-                     head_kind=kind, head_state=head, path=str(d))
-
-
 def load_encoder_tokenizer(d: Path, config: EncoderConfig):
     """WordPiece for BERT/DistilBERT/MiniLM directories; None when the directory has no tokenizer files."""
-    from ..tokenizers.wordpiece import WordPieceTokenizer
-    from ..errors import TokenizerError
+    from lmforge.tokenizers.wordpiece import WordPieceTokenizer
+    from lmforge.errors import TokenizerError
 
     if not ((d / "tokenizer.json").exists() or (d / "vocab.txt").exists()):
         return None
@@ -395,7 +369,7 @@ def export_encoder_hf(lm, path: str | os.PathLike, dtype: str | torch.dtype | No
                       head_kind: str | None = None, head: torch.nn.Module | None = None) -> Path:
     """Write an HF (and sentence-transformers) directory: config.json, model.safetensors, tokenizer files,
     modules.json + 1_Pooling/config.json + sentence_bert_config.json. Built beside `path`, then swapped in."""
-    from .native import write_safetensors
+    from lmforge.formats.native import write_safetensors
 
     model = lm.model
     config: EncoderConfig = model.config

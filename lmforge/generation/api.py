@@ -104,6 +104,9 @@ def _fit_context(ids: list[int], block_size: int, truncate: bool) -> list[int]:
 
 
 def _prepare(lm, prompts: Sequence[str | Sequence[int]], controls: dict[str, Any], add_bos: bool | None = None):
+    if getattr(lm, "is_encoder", False):
+        raise GenerationError(f"{getattr(lm, 'path', None) or 'this model'} is an encoder (BERT-style): it fills "
+                              "masks and embeds text but does not generate; use a decoder model")
     params = resolve_params(lm, controls)
     truncate = bool(controls.get("truncate", False))
     block_size = lm.model.config.block_size

@@ -19,17 +19,17 @@ the model to answer only from them, citing [n].
 Each module's docstring teaches its step; docs/rag.md walks through them with commands that run offline.
 """
 
-from .answer import Answer, Answerer, LmforgeGenerator, OpenAIGenerator, summarize
-from .bm25 import BM25, bm25_tokenize
-from .chunker import Chunk, Chunker, ChunkerSettings
-from .embedders import (Embedder, EmbedderInfo, HashingEmbedder, LmforgeEmbedder, OpenAIEmbedder, info_of,
+from lmforge.rag.answer import Answer, Answerer, LmforgeGenerator, OpenAIGenerator, summarize
+from lmforge.rag.bm25 import BM25, bm25_tokenize
+from lmforge.rag.chunker import Chunk, Chunker, ChunkerSettings
+from lmforge.rag.embedders import (Embedder, EmbedderInfo, HashingEmbedder, LmforgeEmbedder, OpenAIEmbedder, info_of,
                         make_embedder)
-from .index import open_index, open_store
-from .ingest import Indexer, IngestReport, content_hash
-from .loaders import Document, Loader, LoadResult
-from .retrievers import (BM25Retriever, CrossEncoderReranker, DenseRetriever, HybridRetriever, RerankingRetriever,
+from lmforge.rag.index import open_index, open_store
+from lmforge.rag.ingest import Indexer, IngestReport, content_hash
+from lmforge.rag.loaders import Document, Loader, LoadResult
+from lmforge.rag.retrievers import (BM25Retriever, CrossEncoderReranker, DenseRetriever, HybridRetriever, RerankingRetriever,
                          rrf)
-from .store import EmbeddedStore, Hit, IndexManifest, Store
+from lmforge.rag.store import EmbeddedStore, Hit, IndexManifest, Store
 
 __all__ = [
     "Answer", "Answerer", "LmforgeGenerator", "OpenAIGenerator", "summarize", "BM25", "bm25_tokenize", "Chunk",

@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from ..errors import ConfigError, DataError, NetworkError
-from .retrievers import Retriever
-from .store import Hit
+from lmforge.errors import ConfigError, DataError, NetworkError
+from lmforge.rag.retrievers import Retriever
+from lmforge.rag.store import Hit
 
 NOT_FOUND = "I could not find an answer to this in the indexed documents."
 SYSTEM_PROMPT = (
@@ -176,7 +176,7 @@ class OpenAIGenerator:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_tokens: int = 300,
                  temperature: float = 0.0, timeout: float = 120.0):
-        from .embedders import _httpx
+        from lmforge.rag.embedders import _httpx
 
         self.url = base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions"
         self.model, self.max_tokens, self.temperature = model, max_tokens, temperature

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
+from lmforge.errors import ConfigError
 
 # A short English stop-word list (the common function words of the NLTK and Lucene lists).
 STOPWORDS = frozenset("""

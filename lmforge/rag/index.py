@@ -16,11 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
-from ..utils import atomic_write_json
-from .embedders import Embedder, info_of, make_embedder
-from .retrievers import BM25Retriever, DenseRetriever, HybridRetriever
-from .store import FORMAT, VERSION, EmbeddedStore, IndexManifest, Store
+from lmforge.errors import DataError
+from lmforge.utils import atomic_write_json
+from lmforge.rag.embedders import Embedder, info_of, make_embedder
+from lmforge.rag.retrievers import BM25Retriever, DenseRetriever, HybridRetriever
+from lmforge.rag.store import FORMAT, VERSION, EmbeddedStore, IndexManifest, Store
 
 
 def is_pg_url(location: str) -> bool:
@@ -43,13 +43,13 @@ def open_store(location: str | os.PathLike, manifest: IndexManifest | None = Non
     """Open (or, given `manifest`, create) the index at a directory, optionally backed by PostgreSQL `store_url`."""
     location = str(location)
     if is_pg_url(location):
-        from .pgstore import PgVectorStore
+        from lmforge.rag.pgstore import PgVectorStore
 
         return PgVectorStore(location, manifest=manifest)
     path = Path(location)
     pointer = _pointer(path)
     if store_url and store_url not in ("sqlite", "embedded") or pointer:
-        from .pgstore import PgVectorStore, redact
+        from lmforge.rag.pgstore import PgVectorStore, redact
 
         url = store_url if store_url and is_pg_url(store_url) else (pointer or {}).get("url")
         if not url or not is_pg_url(url):

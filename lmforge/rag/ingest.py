@@ -24,10 +24,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .chunker import Chunk, Chunker
-from .embedders import Embedder, info_of
-from .loaders import Document
-from .store import Store, check_query
+from lmforge.rag.chunker import Chunk, Chunker
+from lmforge.rag.embedders import Embedder, info_of
+from lmforge.rag.loaders import Document
+from lmforge.rag.store import Store, check_query
 
 
 def content_hash(doc: Document) -> str:

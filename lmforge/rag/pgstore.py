@@ -34,9 +34,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, NetworkError
-from .chunker import Chunk
-from .store import FORMAT, VERSION, Hit, IndexManifest, filter_sql
+from lmforge.errors import ConfigError, DataError, NetworkError
+from lmforge.rag.chunker import Chunk
+from lmforge.rag.store import FORMAT, VERSION, Hit, IndexManifest, filter_sql
 
 
 def redact(url: str) -> str:

@@ -22,10 +22,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from .bm25 import BM25, bm25_tokenize
-from .embedders import Embedder, info_of
-from .store import Hit, Store, check_query, top_k
+from lmforge.errors import ConfigError
+from lmforge.rag.bm25 import BM25, bm25_tokenize
+from lmforge.rag.embedders import Embedder, info_of
+from lmforge.rag.store import Hit, Store, check_query, top_k
 
 
 class Retriever(Protocol):

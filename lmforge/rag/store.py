@@ -41,10 +41,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
-from ..utils import atomic_write_json
-from .chunker import Chunk, ChunkerSettings
-from .embedders import EmbedderInfo
+from lmforge.errors import ConfigError, DataError
+from lmforge.utils import atomic_write_json
+from lmforge.rag.chunker import Chunk, ChunkerSettings
+from lmforge.rag.embedders import EmbedderInfo
 
 FORMAT = "lmforge-rag-index"
 VERSION = 1
@@ -82,7 +82,7 @@ class IndexManifest:
 
     @classmethod
     def new(cls, embedder, chunker) -> "IndexManifest":
-        from .embedders import info_of
+        from lmforge.rag.embedders import info_of
 
         return cls(info_of(embedder), getattr(embedder, "source", embedder.name), chunker.settings)
 

@@ -58,7 +58,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation.api import chat_controls, encode_chat, eos_token_ids, chat_prompt
 from lmforge.generation.sampling import SamplingParams
 from lmforge.generation.stops import StopChecker
@@ -1033,10 +1033,9 @@ def create_app(lm, settings: ServerSettings | None = None) -> FastAPI:
     from contextlib import asynccontextmanager
 
     settings = settings or ServerSettings()
-    if getattr(lm, "is_encoder", False):  # BERT-style encoders: /v1/embeddings only, no engine
-        from lmforge.serve.encoder import create_encoder_app
-
-        return create_encoder_app(lm, settings)
+    if getattr(lm, "is_encoder", False):
+        raise ConfigError("an encoder has no decode engine; serve it with lmforge.serve.server.build_app "
+                          "(/v1/embeddings)")
     state = ServerState(lm, settings)
 
     @asynccontextmanager
@@ -1153,10 +1152,3 @@ def create_app(lm, settings: ServerSettings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(GuardMiddleware, settings=settings, metrics=state.metrics)
     return app
-
-
-def serve(lm, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until Ctrl-C (uvicorn, one process: the engine batches requests inside it)."""
-    import uvicorn
-
-    uvicorn.run(create_app(lm, settings), host=host, port=port, log_level="info")

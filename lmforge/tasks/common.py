@@ -145,7 +145,8 @@ def save_task_model(lm: Any, model: TaskModel, path: str | Path, labels: Sequenc
 
 def load_encoder(path: str | Path, dtype: str = "auto", task: str = "this task"):
     """`EncoderLM` from a directory; a decoder directory is a one-line error naming the task."""
-    from lmforge.formats.bert import is_encoder_dir, load_encoder_dir
+    from lmforge.encoder_lm import load_encoder_dir
+    from lmforge.formats.bert import is_encoder_dir
 
     p = Path(path)
     if is_encoder_dir(p):

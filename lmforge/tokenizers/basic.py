@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import regex
 
+from lmforge.tokenizers.batch import BatchCallMixin
 from lmforge.errors import DataError, TokenizerError
 from lmforge.tokenizers.bpe import TOKENIZER_KINDS, AllowedSpecial, Tokenizer, _as_texts, _read_json_file
 
@@ -34,7 +35,7 @@ ENDOFTEXT = "<|endoftext|>"
 WORD_SPLIT = r"""([,.:;?_!"()']|--|\s)"""
 
 
-class _Basic:
+class _Basic(BatchCallMixin):
     """What the word and character tokenizers share: a fixed vocabulary, `<|unk|>`, tiktoken-style specials."""
 
     kind = "basic"

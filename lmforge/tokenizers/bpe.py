@@ -70,6 +70,7 @@ from typing import Any, Collection, Iterable, Literal, Sequence
 import regex
 
 from lmforge.errors import DataError, TokenizerError
+from lmforge.tokenizers.batch import BatchCallMixin
 from lmforge.tokenizers.llama2c import Llama2cTokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def _alternation_cached(tokens: frozenset[str]) -> "regex.Pattern":
 _CONSISTENT: dict[int, bool] = {}  # hash of (merges, vocab) -> result of Tokenizer._check_ranks
 
 
-class Tokenizer:
+class Tokenizer(BatchCallMixin):
     """A byte-level BPE tokenizer (GPT-2 / GPT-4 / Llama 3 style).
 
     Build one with `Tokenizer.train`, `Tokenizer.from_gpt2_files` or `Tokenizer.load` (which also returns the other
@@ -1102,7 +1103,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class HFTokenizer:
+class HFTokenizer(BatchCallMixin):
     """A Hugging Face `tokenizers.Tokenizer` behind lmforge's tokenizer interface.
 
     Used for tokenizer.json files that are not byte-level BPE: SentencePiece-style BPE (Llama 2, Mistral: "▁" marks

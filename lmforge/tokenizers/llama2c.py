@@ -16,12 +16,13 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from lmforge.tokenizers.batch import BatchCallMixin
 from lmforge.errors import TokenizerError
 
 # ----------------------------------------------------------------------------------------------------------------
 # The tokenizer
 # ----------------------------------------------------------------------------------------------------------------
-class Llama2cTokenizer:
+class Llama2cTokenizer(BatchCallMixin):
     """llama2.c's SentencePiece-score BPE tokenizer, behind lmforge's tokenizer interface.
 
     `encode` never adds BOS (lmforge's rule); `add_bos_token` is True because the model was trained with it.

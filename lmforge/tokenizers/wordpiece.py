@@ -46,8 +46,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import TokenizerError
-from ..utils import atomic_write, atomic_write_json
+from lmforge.errors import TokenizerError
+from lmforge.utils import atomic_write, atomic_write_json
 
 # Rust's char::is_whitespace (the Unicode White_Space property), which the `tokenizers` library uses.
 _WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
