@@ -181,7 +181,7 @@ def check_seed(seed: Any, name: str = "seed", error: type[Exception] = ConfigErr
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise error(f"{name} must be an integer, got {seed!r}")
     if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise error(f"{name} {seed} is out of range: use an integer from 0 to 2**64 - 1 = {SEED_RANGE[1]}")
+        raise error(f"{name} {seed} is out of range: a seed is an integer from -2**63 to 2**64 - 1")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -38,7 +38,9 @@ def model_dir(tmp_path_factory) -> Path:
     """A trained model directory (2 steps of a tiny model on a few KB of text)."""
     tmp = tmp_path_factory.mktemp("safety")
     out = tmp / "model"
-    assert main(_pretrain_args(_text(tmp), out, "--max-steps", "2")) == 0
+    args = _pretrain_args(_text(tmp), out, "--max-steps", "2")
+    args[args.index("--block-size") + 1] = "256"  # room for an Alpaca prompt and a chat request
+    assert main(args) == 0
     return out
 
 
@@ -187,3 +189,168 @@ def test_tokenizer_out_under_a_file_is_one_line(tmp_path, capsys):
     assert main(["tokenizer", "train", str(text), "--vocab-size", "260", "--out", str(text / "x")]) == 1
     assert "is a file, not a directory" in _one_line_error(capsys)
     assert text.read_bytes() == before
+
+
+# ---- 4. a command-line flag beats the config file, and the note says so -----------------------------------------------
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
+
+
+@pytest.mark.parametrize("recipe,yaml", [("classify", "sms-spam.yaml"), ("prompt-tune", "prompt-tune.yaml")])
+def test_max_steps_flag_beats_epochs_in_the_config(recipe, yaml, capsys):
+    from lmforge import argconf
+    from lmforge.cli import build_parser
+    from lmforge.cli.finetune import _recipe
+
+    args = build_parser().parse_args(["finetune", recipe, "m", "--config", str(CONFIGS / yaml), "--max-steps", "1"])
+    cls, _ = _recipe(recipe)
+    cfg = argconf.from_cli(cls, args, args.config, model="m")
+    assert cfg.epochs is None and cfg.train_config(steps_per_epoch=500).max_steps == 1
+    err = capsys.readouterr().err
+    assert "--max-steps 1 wins over epochs:" in err and "flag beats the config file" in err
+    # both on the command line: epochs decides, and says so
+    args = build_parser().parse_args(["finetune", recipe, "m", "--epochs", "2", "--max-steps", "1"])
+    cfg = argconf.from_cli(cls, args, None, model="m")
+    assert cfg.train_config(steps_per_epoch=10).max_steps == 20 // cfg.grad_accum_steps
+    assert "--epochs 2 wins over --max-steps 1" in capsys.readouterr().err
+
+
+# ---- 5. the shipped configs fit the demo model; clipping is reported ------------------------------------------------
+@pytest.mark.parametrize("yaml,recipe", [("sft-alpaca.yaml", "sft"), ("dpo-lora.yaml", "dpo"),
+                                         ("prompt-tune.yaml", "prompt-tune"), ("sms-spam.yaml", "classify")])
+def test_shipped_finetune_configs_fit_the_demo_model(yaml, recipe):
+    from lmforge import argconf
+    from lmforge.cli.finetune import _recipe
+    from lmforge.config import ModelConfig
+    from lmforge.finetune.common import max_length
+
+    cls, _ = _recipe(recipe)
+    cfg = argconf.build(cls, {**argconf.load_yaml(CONFIGS / yaml), "model": "m"})
+    demo = ModelConfig.from_name("llama-tiny", block_size=128, n_embd=128, vocab_size=2048)  # configs/pretrain/demo
+
+    class M:
+        config = demo
+
+    assert max_length(cfg, M()) <= 128
+
+
+def test_sft_reports_clipped_examples(model_dir):
+    import lmforge
+    from lmforge.finetune.sft import SFTConfig, sft_batches
+
+    lm = lmforge.load(model_dir)
+    long = {"instruction": "Repeat: " + WORDS * 6, "input": "", "output": "ok"}
+    short = {"instruction": "Say hi", "input": "", "output": "hi"}
+    lines: list[str] = []
+    cfg = SFTConfig(model=str(model_dir), data="x.json", out="o", batch_size=2)
+    sft_batches(cfg, lm, {"train": [long, short, short], "val": []}, None, lines.append)
+    assert any("1 of 3 train examples are longer than 256 tokens (the model's context) and were cut" in ln
+               for ln in lines), lines
+
+
+# ---- 6. the prompt as a positional argument -------------------------------------------------------------------------
+def test_generate_takes_the_prompt_as_an_argument(model_dir, capsys):
+    assert main(["generate", str(model_dir), "The for statement", "-n", "5", "--seed", "0"]) == 0
+    positional = capsys.readouterr().out
+    assert main(["generate", str(model_dir), "--prompt", "The for statement", "-n", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out == positional
+    assert main(["generate", str(model_dir), "a", "--prompt", "b"]) == 1
+    assert "not both" in _one_line_error(capsys)
+
+
+# ---- 7. the same seed on the same machine gives the same run ----------------------------------------------------------
+def test_matmul_pick_is_recorded_once_per_machine(tmp_path, monkeypatch):
+    import lmforge.cores as cores
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    picks = iter(["numpy", "torch", "numpy", "torch"])  # timing noise: each measurement says something else
+    monkeypatch.setattr(cores, "_time_matmuls", lambda n, shapes, rows: next(picks))
+    seen = []
+    for _ in range(3):  # three runs (three processes: the in-memory memo is gone each time)
+        monkeypatch.setattr(cores, "_MATMUL_CHOICE", {})
+        seen.append(cores.pick_matmul(2, [(32, 64), (64, 32)], rows=64))
+    assert seen == ["numpy"] * 3
+    assert json.loads((tmp_path / "cpu_matmul.json").read_text())  # the record a later run reads
+
+
+# ---- 8. a misspelled flag: the subcommand's usage and the closest flag ------------------------------------------------
+@pytest.mark.parametrize("argv,usage,hint", [
+    (["generate", "m", "-p", "hi", "--temprature", "0.5"], "usage: lmforge generate", "did you mean --temperature?"),
+    (["pretrain", "--max-stepz", "3"], "usage: lmforge pretrain", "did you mean --max-steps?"),
+    (["finetune", "sft", "m", "--lora-rr", "4"], "usage: lmforge finetune sft", "did you mean --lora-r?"),
+])
+def test_misspelled_flag_suggests_the_closest(argv, usage, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage) and hint in err and "usage: lmforge [-h]" not in err
+
+
+# ---- 9. seeds are checked everywhere -------------------------------------------------------------------------------
+def test_huge_seed_is_one_line(model_dir, capsys):
+    assert main(["generate", str(model_dir), "-p", "hi", "--seed", "99999999999999999999999"]) == 1
+    assert "seed" in _one_line_error(capsys)
+    assert main(_pretrain_args(Path("x.txt"), Path("never"), "--seed", str(2**64))) == 1
+    assert "seed" in _one_line_error(capsys) and not Path("never").exists()
+
+
+def test_server_answers_400_to_a_huge_seed_and_rejects_boolean_max_tokens(model_dir):
+    import httpx
+
+    from tests.test_serve_helpers import start_server
+
+    srv, _ = start_server(model_dir)
+    try:
+        url = srv.url + "/v1/chat/completions"
+        msgs = [{"role": "user", "content": "hi"}]
+        r = httpx.post(url, json={"model": model_dir.name, "messages": msgs, "seed": 2**64, "max_tokens": 3})
+        assert r.status_code == 400 and "seed" in r.json()["error"]["message"], r.text
+        assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+        r = httpx.post(srv.url + "/v1/completions", json={"model": model_dir.name, "prompt": "hi", "seed": 2**64})
+        assert r.status_code == 400
+        r = httpx.post(url, json={"model": model_dir.name, "messages": msgs, "max_tokens": True})
+        assert r.status_code in (400, 422) and "max_tokens" in r.json()["error"]["message"], r.text
+        r = httpx.post(url, json={"model": model_dir.name, "messages": msgs, "max_tokens": 2, "seed": 5})
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+
+
+# ---- 12, 13. the right message for the wrong input -------------------------------------------------------------------
+def test_sft_names_the_formats_it_reads(model_dir, tmp_path, capsys):
+    text = _text(tmp_path)
+    assert main(["finetune", "sft", str(model_dir), "--data", str(text), "--out", str(tmp_path / "o")]) == 1
+    err = _one_line_error(capsys)
+    assert "Alpaca records" in err and "columns" not in err
+
+
+def test_non_utf8_prompt_on_stdin_is_refused(model_dir, monkeypatch, capsys):
+    import io
+
+    class Stdin(io.TextIOWrapper):
+        def isatty(self):
+            return False
+
+    monkeypatch.setattr("sys.stdin", Stdin(io.BytesIO("caf\xe9".encode("latin-1")), encoding="utf-8"))
+    assert main(["generate", str(model_dir), "-n", "2"]) == 1
+    assert "not UTF-8" in _one_line_error(capsys)
+
+
+def test_prune_has_progress_like_distill():
+    from lmforge.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "m", "--n-layer", "1", "--out", "o", "--progress", "false"])
+    assert args.progress == "false"
+
+
+def test_resume_mismatch_names_the_missing_parameter(model_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    data = _text(tmp_path)
+    args = _pretrain_args(data, run, "--max-steps", "3", "--resume", "--block-size", "256")
+    args[args.index("--n-layer") + 1] = "2"
+    assert main(args) == 1
+    err = _one_line_error(capsys)
+    assert "None" not in err and "no such parameter" in err
