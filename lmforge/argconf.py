@@ -140,7 +140,8 @@ def from_cli(cls: type[T], args: argparse.Namespace, config_path: str | None = N
     flags = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     for decider, decided in getattr(cls, "DECIDES", {}).items():
         where = {n: ("flag", f"--{n.replace('_', '-')} {flags[n]}") if n in flags else
-                 ("file", f"{n}: {values[n]} in {config_path}") for n in (decider, decided) if n in flags or n in values}
+                 ("file", f"{n}: {values[n]} in {config_path}")
+                 for n in (decider, decided) if n in flags or n in values}
         if len(where) < 2:
             continue
         if where[decided][0] == "flag" and where[decider][0] == "file":

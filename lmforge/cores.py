@@ -50,6 +50,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,13 +224,12 @@ def _time_matmuls(n: int, shapes: list[tuple[int, int]], rows: int) -> str:
     return "numpy" if ratios[len(ratios) // 2] > 1.0 else "torch"
 
 
-def matmul_choices_file() -> "Path":
+def matmul_choices_file() -> Path:
     """Where the per-machine picks live: $LMFORGE_CACHE/cpu_matmul.json (default ~/.cache/lmforge)."""
     import os
-    from pathlib import Path
 
-    root = os.environ.get("LMFORGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
-    return Path(root) / "cpu_matmul.json"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("LMFORGE_CACHE") or Path(cache) / "lmforge") / "cpu_matmul.json"
 
 
 def _machine_key(n: int, shapes: list[tuple[int, int]], rows: int) -> str:

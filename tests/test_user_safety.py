@@ -191,7 +191,7 @@ def test_tokenizer_out_under_a_file_is_one_line(tmp_path, capsys):
     assert text.read_bytes() == before
 
 
-# ---- 4. a command-line flag beats the config file, and the note says so -----------------------------------------------
+# ---- 4. a command-line flag beats the config file, and the note says so ----------------------------------------------
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "finetune"
 
 
@@ -257,7 +257,7 @@ def test_generate_takes_the_prompt_as_an_argument(model_dir, capsys):
     assert "not both" in _one_line_error(capsys)
 
 
-# ---- 7. the same seed on the same machine gives the same run ----------------------------------------------------------
+# ---- 7. the same seed on the same machine gives the same run ---------------------------------------------------------
 def test_matmul_pick_is_recorded_once_per_machine(tmp_path, monkeypatch):
     import lmforge.cores as cores
 
@@ -272,7 +272,7 @@ def test_matmul_pick_is_recorded_once_per_machine(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cpu_matmul.json").read_text())  # the record a later run reads
 
 
-# ---- 8. a misspelled flag: the subcommand's usage and the closest flag ------------------------------------------------
+# ---- 8. a misspelled flag: the subcommand's usage and the closest flag -----------------------------------------------
 @pytest.mark.parametrize("argv,usage,hint", [
     (["generate", "m", "-p", "hi", "--temprature", "0.5"], "usage: lmforge generate", "did you mean --temperature?"),
     (["pretrain", "--max-stepz", "3"], "usage: lmforge pretrain", "did you mean --max-steps?"),
