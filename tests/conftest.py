@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from helpers import shared_data_dir
 torch.set_num_threads(int(os.environ.get("LMFORGE_TEST_THREADS", "1")))
 
 DATA = shared_data_dir()
+# Per-machine records (lmforge.training.cores' matmul pick) go to a throwaway directory, not the user's ~/.cache.
+os.environ.setdefault("LMFORGE_CACHE", tempfile.mkdtemp(prefix="lmforge-test-cache-"))
 
 
 def data_file(rel: str) -> Path:

@@ -30,9 +30,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser `argv` selects: `finetune sft ...` -> the `sft` parser."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            break
+        if token in subs[0].choices:
+            parser = subs[0].choices[token]
+    return parser
+
+
+def _reject_unknown(parser: argparse.ArgumentParser, argv: list[str], extras: list[str]) -> None:
+    """Unknown arguments: the subcommand's own usage, and the closest real flag for a misspelled one."""
+    import difflib
+
+    sub = _subparser(parser, argv)
+    flags = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    unknown = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, flags, n=1)) else u
+             for u in unknown]
+    if hints:
+        sub.error(f"unrecognized argument{'s' if len(hints) > 1 else ''}: {', '.join(hints)}")
+    sub.error(f"unrecognized arguments: {' '.join(extras)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _reject_unknown(parser, argv, extras)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import ConfigError
+from lmforge.utils import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--fallback", choices=["int8"], default=None,
                    help="quantize layers whose width the group size does not divide as int8 (default: error)")
     q.add_argument("--out", required=True, type=Path, help="output model directory")
+    _overwrite_arg(q)
     q.set_defaults(func=cmd_quantize)
 
     from lmforge import argconf
@@ -49,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--data", nargs="*", default=["builtin"], help="text files or 'builtin' (the embedded corpus)")
     d.add_argument("--block-size", type=int, default=128, help="tokens per training window")
     d.add_argument("--out", required=True, type=Path, help="output model directory for the student")
+    _overwrite_arg(d)
     argconf.add_arguments(d, DistillConfig)
     d.set_defaults(func=cmd_distill)
 
@@ -64,7 +67,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="healing learning rate")
     p.add_argument("--batch-size", type=int, default=8, help="healing batch size")
     p.add_argument("--out", required=True, type=Path, help="output model directory")
+    p.add_argument("--progress", default=None, nargs="?", const="true", metavar="BOOL",
+                   help="show a progress bar while healing (default: true)")
+    _overwrite_arg(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it already holds a model (which is replaced)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -72,6 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lmforge.compress.quantize import calibration_batches, model_nbytes, quantize_model
     from lmforge.utils import human_bytes
 
+    check_output(args.out, overwrite=args.overwrite)
     lm = lmforge.load(args.model, dtype="float32")
     calib = None
     if args.method == "gptq":
@@ -125,6 +137,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from lmforge.lm import LM
     from lmforge.models.decoder import Transformer
 
+    check_output(args.out, overwrite=args.overwrite)
     teacher = lmforge.load(args.teacher, dtype="float32")
     if args.student in PRESETS:
         over = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd)) if v is not None}
@@ -151,11 +164,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from lmforge.compress.distill import DistillConfig
     from lmforge.compress.prune import prune_and_heal
 
+    check_output(args.out, overwrite=args.overwrite)
     lm = lmforge.load(args.model, dtype="float32")
     batches, val, block = _token_data(lm, args.data, args.block_size, args.batch_size)
     calib = torch.cat([batches(i)["input_ids"] for i in range(4)])  # (4 * batch_size, T)
-    heal = DistillConfig(max_steps=max(args.heal_steps, 1), lr=args.lr, batch_size=args.batch_size,
-                         warmup_steps=min(10, args.heal_steps), eval_every=0)
+    from lmforge import argconf
+
+    heal = argconf.build(DistillConfig, {"max_steps": max(args.heal_steps, 1), "lr": args.lr,
+                                         "batch_size": args.batch_size, "warmup_steps": min(10, args.heal_steps),
+                                         "eval_every": 0, **({"progress": args.progress} if args.progress else {})})
     targets = {k: v for k, v in (("n_kv_head", args.n_kv_head), ("intermediate_size", args.intermediate_size),
                                  ("n_layer", args.n_layer)) if v is not None}
     if not targets:

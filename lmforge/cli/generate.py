@@ -1,6 +1,6 @@
 """`lmforge generate` and `lmforge chat`: run a model from the terminal.
 
-    lmforge generate runs/demo --prompt "The def statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
+    lmforge generate runs/demo "The def statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
     lmforge generate stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --temperature 0 --stream
     echo "Hello" | lmforge generate runs/demo --seed 0             # the prompt from stdin
     lmforge chat runs/chat-model --system "You are terse."          # /reset clears history, /exit quits
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = subparsers.add_parser("generate", help="complete a prompt with a model",
                               description="Complete a prompt; prints only the completion.")
     _model_args(g)
+    g.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt text (or --prompt; default: stdin)")
     g.add_argument("--prompt", "-p", help="the prompt text (default: read stdin)")
     g.add_argument("--stream", action="store_true", help="print the completion as it is generated")
     g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
@@ -85,11 +86,20 @@ def _load(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.generation.api import generate, stream
 
-    prompt = args.prompt
+    if args.prompt is not None and args.prompt_arg is not None:
+        raise GenerationError("give the prompt once: as the argument after the model or as --prompt, not both")
+    prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt is None:
         if sys.stdin.isatty():
-            raise GenerationError("give --prompt TEXT or pipe the prompt on stdin")
-        prompt = sys.stdin.read()
+            raise GenerationError("give a prompt (lmforge generate MODEL \"TEXT\" or --prompt TEXT) or pipe it on "
+                                  "stdin")
+        raw = getattr(sys.stdin, "buffer", None)  # (None when stdin is already text, as in tests)
+        data = raw.read() if raw is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+        try:  # as strict as a prompt file: a wrong encoding is named, not turned into U+FFFD
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"the prompt on stdin is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                                  f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
     controls = _controls(args)
     if "stop" in controls:
         controls["stop"] = [_unescape(s) for s in controls["stop"]]

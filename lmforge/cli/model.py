@@ -18,7 +18,7 @@ import torch
 
 from lmforge.models.config import PRESETS, ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.utils import human_bytes
+from lmforge.utils import check_output, human_bytes
 
 # bytes per parameter of each storage type (course tables: fp32 4 B, bf16 2 B, int8 1 B, int4 half a byte)
 BYTES_PER_PARAM = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     im.add_argument("--out", required=True, type=Path, help="the lmforge model directory to write")
     im.add_argument("--dtype", default="auto", help="auto (keep the checkpoint's), float32, bfloat16, float16")
     im.add_argument("--tokenizer", type=Path, default=None, help="llama2.c only: the tokenizer .bin")
+    im.add_argument("--overwrite", action="store_true", help="write into --out even if it already holds a model")
     im.set_defaults(func=cmd_import)
 
     ex = subparsers.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file",
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", required=True, type=Path, help="output directory (hf) or .gguf file (gguf)")
     ex.add_argument("--dtype", default=None,
                     help="hf: float32, bfloat16, float16 (default: as loaded); gguf: the GGUF tensor type")
+    ex.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     ex.set_defaults(func=cmd_export)
 
     am = subparsers.add_parser("attention-map", help="plot one head's attention weights for a prompt (PNG)",
@@ -149,6 +151,7 @@ def cmd_info(args) -> int:
 def cmd_import(args) -> int:
     from lmforge.loader import load
 
+    check_output(args.out, overwrite=args.overwrite)
     lm = load(str(args.src), dtype=args.dtype, tokenizer=args.tokenizer)
     lm.save(args.out)
     print(f"wrote {args.out} ({lm!r}, tokenizer: {type(lm.tokenizer).__name__ if lm.tokenizer else 'none'})")
@@ -159,6 +162,7 @@ def cmd_export(args) -> int:
     from lmforge.formats.hf import export_hf
     from lmforge.loader import load
 
+    check_output(args.out, overwrite=args.overwrite, kind="dir" if args.format == "hf" else "file")
     lm = load(str(args.model))
     if args.format == "hf":
         export_hf(lm, args.out, dtype=args.dtype)

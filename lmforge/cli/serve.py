@@ -3,6 +3,7 @@
     lmforge serve runs/demo                                  # http://127.0.0.1:8000  (chat page at /)
     lmforge serve runs/demo --port 9000 --api-key s3cret --max-batch 16 --model-name demo
     lmforge serve runs/demo --config serve.yaml              # the same fields in YAML
+    lmforge serve runs/demo --rag-index idx --rag-k 4        # chat answers grounded in `lmforge rag index` output
 
 Then any OpenAI client works against it:
 
@@ -17,6 +18,7 @@ on a network. The served model id is the model directory's name unless `--model-
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +47,19 @@ class ServeConfig:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     device: str | None = field(default=None, metadata={"help": "cpu (default), auto, cuda, mps"})
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: torch's)"})
+    rag_index: str | None = field(default=None, metadata={"help": "ground chat answers in this index (a directory "
+                                                                  "made by `lmforge rag index`, or a postgres:// "
+                                                                  "URL): numbered sources, checked citations"})
+    rag_k: int = field(default=4, metadata={"help": "sources retrieved per chat request (with --rag-index)"})
+    rag_min_score: float | None = field(default=None, metadata={"help": "refuse when the best hit scores below "
+                                                                        "this (hybrid retriever's scale)"})
+    rag_embedder: str | None = field(default=None, metadata={"help": "embedder for --rag-index (default: the one "
+                                                                       "the index records; another is an error)"})
 
     def __post_init__(self):
         if not 0 < int(self.port) < 65536:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
-        for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
+        for name in ("max_batch", "max_queue", "max_tokens_limit", "max_body_bytes", "rag_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -73,13 +83,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = argconf.from_cli(ServeConfig, args, args.config)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    rag = None
+    if cfg.rag_index:  # before the model loads: a bad index or embedder is a one-line error at once
+        from lmforge.serve.rag import RagChat
+
+        rag = RagChat.open(cfg.rag_index, k=cfg.rag_k, min_score=cfg.rag_min_score, embedder=cfg.rag_embedder,
+                           api_key=os.environ.get("OPENAI_API_KEY"))
     lm = lmforge.load(args.model, dtype=cfg.dtype, device=cfg.device)
+    if rag is not None and getattr(lm, "is_encoder", False):
+        raise ConfigError(f"--rag-index needs a decoder to answer with; {args.model} is an encoder")
     name = cfg.model_name or Path(str(args.model).rstrip("/")).name
     settings = ServerSettings(model_name=name, api_key=cfg.api_key, max_batch=cfg.max_batch,
                               max_queue=cfg.max_queue, max_len=cfg.max_len, max_body_bytes=cfg.max_body_bytes,
-                              max_tokens_limit=cfg.max_tokens_limit, cors_origins=list(cfg.cors_origins))
+                              max_tokens_limit=cfg.max_tokens_limit, cors_origins=list(cfg.cors_origins), rag=rag)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print(f"warning: listening on {cfg.host} without --api-key: anyone who can reach it can use the model")
-    print(f"serving {name!r} ({lm}) on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1)")
+    print(f"serving {name!r} ({lm}) on http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1)"
+          + (f", answers grounded in {cfg.rag_index}" if rag is not None else ""))
     serve(lm, settings, host=cfg.host, port=cfg.port)
     return 0

@@ -85,6 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lmforge.tokenizers.bpe import ENDOFTEXT, Tokenizer
     from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer
 
+    from lmforge.utils import check_parents
+
+    check_parents(args.out if args.out.suffix == ".json" else args.out / "tokenizer.json")  # before training
     sources = list(args.files) if args.files else [builtin_corpus()]
     label = ", ".join(str(f) for f in args.files) if args.files else "the embedded corpus"
     specials = args.special if args.special is not None else [ENDOFTEXT]

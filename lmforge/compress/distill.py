@@ -70,6 +70,9 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        from lmforge.utils import check_seed
+
+        check_seed(self.seed)
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -708,7 +708,7 @@ def calibration_batches(tokenizer, text: str, n_samples: int = 32, seq_len: int 
 
 
 def quantize(lm, scheme: str = "int8", group_size: int = 32, calibration=None, inplace: bool = False, **kwargs):
-    """`lmforge.quantize(lm, "int8")`: an `LM` whose linear layers hold quantized weights (see `quantize_model` for
+    """`lmforge.compress.quantize(lm, "int8")`: an `LM` whose linear layers hold quantized weights (see `quantize_model` for
     the options). The original is left as it was unless `inplace=True`; tokenizer and settings are shared."""
     model = lm.model if inplace else copy.deepcopy(lm.model)
     q = quantize_model(model, scheme, group_size, calibration=calibration, **kwargs)

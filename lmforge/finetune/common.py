@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch.nn as nn
 
@@ -25,6 +25,8 @@ class FinetuneConfig(TrainConfig):
     model: str = field(default="", metadata={"help": "base model: an lmforge or Hugging Face model directory"})
     data: str = field(default="", metadata={"help": "training data file (.json, .jsonl, .tsv, .csv)"})
     out: str = field(default="", metadata={"help": "output directory"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into `out` even if it already holds a model or other files (they are replaced)"})
     val_data: str = field(default="", metadata={"help": "validation file (default: split off `data`)"})
     test_data: str = field(default="", metadata={"help": "test file (default: split off `data`)"})
     split: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2], metadata={
@@ -42,8 +44,14 @@ class FinetuneConfig(TrainConfig):
         "help": "QLoRA: quantize the frozen base (nf4, int4 or int8) before adding LoRA adapters"})
     quant_group_size: int = field(default=32, metadata={"help": "QLoRA: group size of nf4/int4 quantization"})
 
+    DECIDES: ClassVar[dict[str, str]] = {"epochs": "max_steps"}  # for argconf.from_cli: which field sets which
+
     def __post_init__(self):
         super().__post_init__()
+        from lmforge.utils import check_seed
+
+        check_seed(self.seed)
+        check_seed(self.split_seed, "split_seed")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.lora_r < 0:
@@ -61,6 +69,9 @@ class FinetuneConfig(TrainConfig):
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"no {name} given: pass --{name} (or set `{name}` in the config)")
+        from lmforge.utils import check_output
+
+        check_output(self.out, overwrite=self.overwrite)  # never replace a model the user did not ask to
 
     def train_config(self, steps_per_epoch: int) -> TrainConfig:
         """The loop's settings; `epochs` (if set) decides max_steps from the number of batches per epoch."""

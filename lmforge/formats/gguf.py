@@ -229,6 +229,11 @@ def export_gguf(lm, path: str | os.PathLike, dtype: str = "f32") -> Path:
     if lm.tokenizer is None:
         raise ConfigError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; a GGUF export is one file (e.g. {path / 'model.gguf'})")
+    from lmforge.utils import check_parents
+
+    check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -132,6 +132,11 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], **controls: Any) -
     same static-shape step, not compiled). Defaults come from
     `lm.generation_config`. The returned strings are `Completion`s: `.token_ids`, `.logprobs`, `.finish_reason`.
     """
+    if controls.keys() & {"num_beams", "num_return_sequences", "length_penalty", "early_stopping",
+                          "no_repeat_ngram_size"}:
+        from lmforge.generation.beam import generate_beams  # beam search; num_beams=1 comes back here
+
+        return generate_beams(lm, prompt, **controls)
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
     if batch and not all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):

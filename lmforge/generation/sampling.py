@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import GenerationError
+from lmforge.utils import check_seed
 
 
 @dataclass
@@ -94,8 +95,7 @@ class SamplingParams:
             raise GenerationError(f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
         if self.top_logprobs:
             self.logprobs = True
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed, error=GenerationError)  # an int torch can seed with (the server answers 400)
         if any(not isinstance(s, str) for s in self.stop):
             raise GenerationError(f"stop must be a string or a list of strings, got {self.stop!r}")
 

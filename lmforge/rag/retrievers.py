@@ -11,6 +11,7 @@
   chunk ranked high by either retriever rises. It is the fusion Elasticsearch, OpenSearch and Vespa ship.
 - `RerankingRetriever`: fetch many candidates cheaply, then re-order them with a cross-encoder, a model that reads
   question and passage *together* (more accurate than comparing two separate vectors, too slow for a whole corpus).
+  `CrossEncoderReranker` runs one with lmforge's own encoder (no transformers needed).
 
 All return `Hit`s (store.py), best first. `filter` restricts results to chunks whose metadata match
 (e.g. {"source": "/docs/a.md"} or {"title": "Normans"}).
@@ -111,34 +112,37 @@ class Reranker(Protocol):
 
 
 class CrossEncoderReranker:
-    """A Hugging Face cross-encoder directory (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2), run with transformers.
+    """A cross-encoder directory (a BertForSequenceClassification, e.g. cross-encoder/ms-marco-MiniLM-L-6-v2) run
+    by lmforge's own encoder: `lmforge.load(dir)` gives an EncoderLM, and each (query, passage) pair is read as one
+    input "[CLS] query [SEP] passage [SEP]" by `lmforge.tasks.text_classification`.
 
-    The score is the model's single relevance logit for the pair (query, passage); higher is more relevant.
+    The score is the model's raw relevance logit for the pair (no sigmoid; sentence-transformers' CrossEncoder
+    gives the same numbers); higher is more relevant. A head with several labels is scored by its last label's
+    logit (the "relevant" class of a 2-way classifier).
     """
 
-    def __init__(self, model_dir: str, batch_size: int = 32, max_length: int = 512):
-        try:
-            import torch
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        except ImportError:
-            raise ConfigError("a cross-encoder reranker needs transformers (pip install transformers)") from None
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{model_dir}: not a cross-encoder directory ({str(e).splitlines()[0]})") from None
-        self._torch, self.batch_size, self.max_length = torch, batch_size, max_length
+    def __init__(self, model_dir: str, batch_size: int = 32):
+        import lmforge  # lmforge.rag itself stays free of torch until a model is used (as LmforgeEmbedder)
+        from lmforge.tasks.common import labels_of, task_model
+
+        self.lm = lmforge.load(model_dir)
+        if not getattr(self.lm, "is_encoder", False):
+            raise ConfigError(f"{model_dir}: a cross-encoder must be an encoder with a sequence-classification head, "
+                              f"not a decoder")
+        self.model = task_model(self.lm, "sequence_classification")  # one-line error when there is no such head
+        head = self.model.head
+        n_labels = (head.classifier if hasattr(head, "classifier") else head.out_proj).out_features
+        self.label = (labels_of(self.lm) or [f"LABEL_{i}" for i in range(n_labels)])[n_labels - 1]
+        self.batch_size = int(batch_size)
 
     def score(self, query: str, passages: Sequence[str]) -> list[float]:
-        out: list[float] = []
-        with self._torch.inference_mode():
-            for i in range(0, len(passages), self.batch_size):
-                part = list(passages[i:i + self.batch_size])
-                enc = self.tokenizer([query] * len(part), part, truncation=True, max_length=self.max_length,
-                                     padding=True, return_tensors="pt")
-                logits = self.model(**enc).logits  # (B, n_labels)
-                out += (logits[:, 0] if logits.shape[1] == 1 else logits[:, -1]).float().tolist()
-        return out
+        from lmforge.tasks.text_classification import text_classification
+
+        if not passages:
+            return []
+        results = text_classification(self.lm, [query] * len(passages), list(passages), top_k=None,
+                                      function_to_apply="none", batch_size=self.batch_size, model=self.model)
+        return [next(r["score"] for r in ranked if r["label"] == self.label) for ranked in results]
 
 
 class RerankingRetriever:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmforge.errors import ConfigError
 from lmforge.training.loop import TrainConfig, train
-from lmforge.utils import atomic_write_json
+from lmforge.utils import atomic_write_json, check_output
 
 
 @dataclass
@@ -40,6 +40,8 @@ class MLMConfig(TrainConfig):
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (RoBERTa's 0.98 for small-batch MLM)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (matrices only)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into `out` even if it already holds a model or other files (they are replaced)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,6 +84,7 @@ def run_mlm(cfg: MLMConfig, log=print) -> dict:
 
     if not cfg.out:
         raise ConfigError("no out given: pass --out (or set `out` in the config)")
+    check_output(cfg.out, overwrite=cfg.overwrite)  # never replace a model the user did not ask to
     docs, piece = [], []
     for text, last in read_documents(cfg.data):
         piece.append(text)

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.training.loop import TrainConfig
@@ -67,9 +67,16 @@ class PretrainConfig(TrainConfig):
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default, one per core)"})
     out: str = field(default="", metadata={"help": "output model directory"})
     resume: bool = field(default=False, metadata={"help": "continue the run in `out` from its train_state/"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start a fresh run in `out` even if it already holds a model (which is replaced)"})
+
+    DECIDES: ClassVar[dict[str, str]] = {"epochs": "max_steps"}  # for argconf.from_cli: which field sets which
 
     def __post_init__(self):
         super().__post_init__()
+        from lmforge.utils import check_seed
+
+        check_seed(self.seed)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.sampling not in ("packed", "sliding"):
@@ -146,11 +153,11 @@ def run_pretrain(cfg: PretrainConfig):
     from lmforge.models.decoder import Transformer
     from lmforge.tokenizers.bpe import Tokenizer
     from lmforge.training.loop import read_train_state, setup_distributed, train
-    from lmforge.utils import atomic_write_json, parse_device
+    from lmforge.utils import atomic_write_json, check_output, parse_device
 
     if not cfg.out:
         raise ConfigError("no output directory: pass --out DIR (or set `out` in the config)")
-    out = Path(expand_path(cfg.out))
+    out = check_output(expand_path(cfg.out), overwrite=cfg.overwrite, resume=cfg.resume)
     sources = [expand_path(s) for s in cfg.data]
     shards_dir = Path(expand_path(cfg.shards_dir)) if cfg.shards_dir else out.with_name(out.name + ".shards")
 

@@ -51,6 +51,9 @@ def run_prompt_tune(cfg: PromptTuneConfig, log=print) -> dict:
     if room < 2:
         raise ConfigError(f"num_virtual_tokens={cfg.num_virtual_tokens} leaves no room in a context of "
                           f"{lm.model.config.block_size} tokens")
+    if cfg.max_length > room:
+        log(f"note: max_length {cfg.max_length} is cut to {room}: the model's context of "
+            f"{lm.model.config.block_size} tokens minus {cfg.num_virtual_tokens} virtual tokens")
     cfg = dataclasses.replace(cfg, max_length=min(cfg.max_length or room, room))
     batches, val = sft_batches(cfg, lm, parts, template, log)
     init = lm.tokenizer.encode(cfg.init_text) if cfg.init_text else None

@@ -41,11 +41,23 @@ class SFTConfig(common.FinetuneConfig):
     eval_at_start: bool = field(default=True, metadata={"help": "held-out loss before the first step"})
 
 
+RECORD_FORMATS = ("a .json list (or .jsonl lines) of Alpaca records (instruction, input, output), chat records "
+                  "(messages) or, for DPO, preference records (instruction, input, chosen, rejected)")
+
+
+def _read(path: str) -> list[dict]:
+    """Records of an instruction/chat/preference file; a TSV, CSV or text file is named as the wrong format."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".jsonl") and Path(path).is_file():
+        raise DataError(f"{path}: this recipe reads {RECORD_FORMATS}, not a {suffix or 'plain'} file")
+    return D.read_records(path)
+
+
 def load_splits(cfg: common.FinetuneConfig) -> dict[str, list[dict]]:
-    records = D.read_records(cfg.data)
+    records = _read(cfg.data)
     if cfg.val_data or cfg.test_data:
-        return {"train": records, "val": D.read_records(cfg.val_data) if cfg.val_data else [],
-                "test": D.read_records(cfg.test_data) if cfg.test_data else []}
+        return {"train": records, "val": _read(cfg.val_data) if cfg.val_data else [],
+                "test": _read(cfg.test_data) if cfg.test_data else []}
     return dict(zip(("train", "val", "test"), D.split(records, cfg.split, cfg.split_seed)))
 
 
@@ -61,8 +73,13 @@ def sft_batches(cfg: SFTConfig, lm, parts: dict[str, list[dict]], template: str 
     pad = common.pad_id(lm.tokenizer)
     ex: dict[str, list[D.Example]] = {}
     for split in ("train", "val"):
-        items = [D.truncate(D.sft_example(lm.tokenizer, r, i, template, f"{split} data"), L)
-                 for i, r in enumerate(parts[split])]
+        full = [D.sft_example(lm.tokenizer, r, i, template, f"{split} data") for i, r in enumerate(parts[split])]
+        long = sum(len(e.ids) > L + 1 for e in full)
+        if long:
+            why = "the model's context" if L == lm.model.config.block_size else f"--max-length {L}"
+            log(f"note: {long} of {len(full)} {split} examples are longer than {L} tokens ({why}) and were cut "
+                f"to {L}")
+        items = [D.truncate(e, L) for e in full]
         kept = [e for e in items if any(e.target[1:])]
         if len(kept) < len(items):
             log(f"note: {len(items) - len(kept)} {split} examples have no response token within max_length={L}")

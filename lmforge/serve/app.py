@@ -55,7 +55,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import ConfigError, LmforgeError
@@ -85,6 +85,7 @@ class ServerSettings:
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     max_n: int = 8  # the most choices per prompt
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers (browsers block other origins)
+    rag: Any = None  # a lmforge.serve.rag.RagChat (--rag-index): chat answers grounded in an index, with sources
 
 
 class APIError(Exception):
@@ -119,7 +120,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (logit_bias, ...) are accepted and ignored
 
     model: str
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: StrictInt | None = Field(None, ge=0)  # strict: `true` is not 1 token
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extensions (vLLM names)
@@ -129,7 +130,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
@@ -144,7 +145,7 @@ class CompletionRequest(_Common):
 
 class ChatRequest(_Common):
     messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: StrictInt | None = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
@@ -343,15 +344,10 @@ class ServerState:
 
     def token_bytes(self) -> list[bytes]:
         """bytes of every id (b"" for special tokens: a constraint never lets them through)."""
-        if self._token_bytes is None:
-            specials = set((getattr(self.tok, "special_tokens", None) or {}).values())
-            out = []
-            for i in range(self.lm.model.config.vocab_size):
-                try:
-                    out.append(b"" if i in specials else self.tok.decode_bytes([i]))
-                except LmforgeError:  # model vocab larger than the tokenizer's (padded embeddings)
-                    out.append(b"")
-            self._token_bytes = out
+        if self._token_bytes is None:  # what each id adds after other text (SentencePiece keeps its space)
+            from lmforge.serve.constrain import vocabulary_bytes
+
+            self._token_bytes = vocabulary_bytes(self.tok, self.lm.model.config.vocab_size)
         return self._token_bytes
 
     def check_model(self, name: str) -> None:
@@ -1106,6 +1102,8 @@ def create_app(lm, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
+        if settings.rag is not None:
+            return await settings.rag.chat(state, body, request)
         return await create_chat_completion(state, body, request)
 
     @app.post("/v1/embeddings")

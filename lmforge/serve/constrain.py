@@ -15,7 +15,7 @@ the supported subset). Runs of whitespace are capped (at most 2 bytes) so a mode
 stream of spaces. Strings have no length limit unless the schema sets `maxLength`, so a model that never closes
 its string runs until max_tokens (finish_reason "length", the same as OpenAI).
 
-    c = JsonConstraint.for_tokens(token_bytes)        # token_bytes[i] = the bytes token i decodes to
+    c = json_constraint(vocabulary_bytes(tok, V))     # token_bytes[i] = the bytes token i adds to a text
     c.allows(tid); c.advance(tid); c.is_complete()    # the `TokenConstraint` protocol of the engine
 
 `tool_call_constraint(token_bytes, {name: parameters_schema})` forces `{"name": ..., "arguments": {...}}` with
@@ -469,6 +469,36 @@ def _first_byte_index(token_bytes: list[bytes]) -> dict[int, list[int]]:
         _FIRST_BYTE_CACHE.clear()  # one server, one vocabulary: keep only the latest table
         _FIRST_BYTE_CACHE[key] = idx
     return idx
+
+
+def vocabulary_bytes(tokenizer, vocab_size: int) -> list[bytes]:
+    """token_bytes for the constraints: id -> the bytes that token adds when it follows other text.
+
+    That is what the server's decoder shows (it decodes each new token after the tokens before it), and not
+    always what the token decodes to alone: a SentencePiece tokenizer (llama2.c's, or Llama 2's and Mistral's
+    tokenizer.json with byte fallback) drops the "▁" space of the first token of a text, so "▁me" alone is b"me"
+    but adds b" me" after "na". A constraint that read b"me" would let `{"na` + `▁me"` spell `"na me"`. So each
+    token is decoded after a reference token and the reference's own bytes are cut off; for byte-level BPE this
+    equals decoding it alone. Special tokens (and ids past the tokenizer's vocabulary) get b"": a constraint never
+    lets them through.
+    """
+    from lmforge.errors import LmforgeError
+
+    specials = set((getattr(tokenizer, "special_tokens", None) or {}).values())
+    ref = next((i for i in reversed(tokenizer.encode("a")) if i not in specials), None)
+    before = tokenizer.decode_bytes([ref]) if ref is not None else b""
+    out = []
+    for i in range(vocab_size):
+        if i in specials:
+            out.append(b"")
+            continue
+        try:
+            both = tokenizer.decode_bytes([ref, i]) if ref is not None else tokenizer.decode_bytes([i])
+        except LmforgeError:  # the model's vocabulary is larger than the tokenizer's (padded embeddings)
+            out.append(b"")
+            continue
+        out.append(both[len(before):] if both.startswith(before) else tokenizer.decode_bytes([i]))
+    return out
 
 
 def json_constraint(token_bytes: list[bytes], schema: dict | None = None) -> ByteConstraint:

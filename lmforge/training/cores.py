@@ -50,6 +50,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -178,18 +179,29 @@ def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
 def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
     """"numpy" if numpy's BLAS runs these linear layers' products faster than torch's, else "torch".
 
-    Measured as the shards use them: n threads at once, each single-threaded, each running the forward and
-    backward (three products) of a `rows`-row batch through a linear layer of every (in, out) shape. The two
-    libraries take turns, 7 timed rounds each after a warm-up, and the median of the 7 ratios of neighbouring
-    rounds decides (neighbours see the same load from anything else on the machine). When the two are within
-    noise of each other the pick may differ between runs, which costs nothing; a resumed run reuses the pick its
-    checkpoint recorded. Once per process and shape set: about 4 s for a 20M-parameter model, a fraction of a
-    second for a small one (the custom op's first use also imports torch._dynamo, ~2 s)."""
+    Measured once per machine and remembered (`matmul_choices_file`): the two libraries round differently, so a
+    pick that flipped between runs would make two runs with the same seed give different weights. The first run
+    on a machine times them; every later run, in any process, reuses that pick (delete the file to time again).
+    Timed as the shards use them: n threads at once, each single-threaded, each running the forward and backward
+    (three products) of a `rows`-row batch through a linear layer of every (in, out) shape. The two libraries
+    take turns, 7 timed rounds each after a warm-up, and the median of the 7 ratios of neighbouring rounds decides
+    (neighbours see the same load from anything else on the machine): about 4 s for a 20M-parameter model, a
+    fraction of a second for a small one (the custom op's first use also imports torch._dynamo, ~2 s)."""
     key = (n, tuple(shapes), rows)
     if key in _MATMUL_CHOICE:
         return _MATMUL_CHOICE[key]
     if not shapes:
         return "torch"
+    name = _machine_key(n, shapes, rows)
+    choice = _recorded_matmul(name)
+    if choice is None:
+        choice = _record_matmul(name, _time_matmuls(n, shapes, rows))
+    _MATMUL_CHOICE[key] = choice
+    return choice
+
+
+def _time_matmuls(n: int, shapes: list[tuple[int, int]], rows: int) -> str:
+    """The faster library for these shapes, measured now (see `pick_matmul`)."""
     from threadpoolctl import threadpool_limits
 
     tensors = [(torch.randn(rows, i, requires_grad=True), torch.randn(o, i, requires_grad=True),
@@ -209,8 +221,63 @@ def pick_matmul(n: int, shapes: list[tuple[int, int]], rows: int = 512) -> str:
                 if i:  # the first round warms both up
                     times[name].append(time.perf_counter() - t0)
     ratios = sorted(t / n for t, n in zip(times["torch"], times["numpy"]))  # neighbours in time: same load
-    choice = "numpy" if ratios[len(ratios) // 2] > 1.0 else "torch"
-    _MATMUL_CHOICE[key] = choice
+    return "numpy" if ratios[len(ratios) // 2] > 1.0 else "torch"
+
+
+def matmul_choices_file() -> Path:
+    """Where the per-machine picks live: $LMFORGE_CACHE/cpu_matmul.json (default ~/.cache/lmforge)."""
+    import os
+
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("LMFORGE_CACHE") or Path(cache) / "lmforge") / "cpu_matmul.json"
+
+
+def _machine_key(n: int, shapes: list[tuple[int, int]], rows: int) -> str:
+    """What the pick depends on: the CPU, the two libraries' versions, the thread count and the layer shapes."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} | torch {torch.__version__} | numpy {np.__version__} | {n} threads | {rows} rows | {sorted(shapes)}"
+
+
+def _recorded_matmul(name: str) -> str | None:
+    import json
+
+    try:
+        choice = json.loads(matmul_choices_file().read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return choice if choice in ("torch", "numpy") else None
+
+
+def _record_matmul(name: str, choice: str) -> str:
+    """Store `choice` unless another process stored one first (then that one is used: every run agrees)."""
+    import fcntl
+    import json
+
+    from lmforge.utils import atomic_write_json
+
+    path = matmul_choices_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                table = json.loads(path.read_text(encoding="utf-8"))
+                table = table if isinstance(table, dict) else {}
+            except (OSError, ValueError):
+                table = {}
+            if table.get(name) in ("torch", "numpy"):
+                return table[name]
+            table[name] = choice
+            atomic_write_json(path, table)
+    except OSError:  # a read-only home: this process still uses one pick throughout
+        pass
     return choice
 
 

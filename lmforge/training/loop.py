@@ -493,8 +493,9 @@ def load_checkpoint(out_dir: str | os.PathLike, model: nn.Module, optimizer: tor
     want, have = model_signature(model), state.get("model_signature", {})
     if want != have:
         bad = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have.get(k))
+        shape = lambda s: "no such parameter" if s is None else f"shape {tuple(s)}"  # noqa: E731
         raise CheckpointError(f"{out_dir}: checkpoint was written for a different model (parameter {bad[0]!r}: "
-                              f"model has {want.get(bad[0])}, checkpoint has {have.get(bad[0])})")
+                              f"the model has {shape(want.get(bad[0]))}, the checkpoint {shape(have.get(bad[0]))})")
     weights = load_file(str(ts / "trainable.safetensors"))
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
