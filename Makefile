@@ -29,7 +29,7 @@ test: install $(T4)/.stamp
 	LMFORGE_TRANSFORMERS4=$(abspath $(T4)) $(PY) -m pytest -q -n $(JOBS) --timeout 600 tests
 
 demo: install
-	$(PY) -m lmforge.demo
+	$(PY) -m lmforge.demo --overwrite  # the demo owns runs/demo: a rerun replaces it
 
 bench: install
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
