@@ -22,6 +22,7 @@ import difflib
 from typing import Any, Iterator, Sequence
 
 from lmforge.errors import GenerationError
+from lmforge.generation import beam
 from lmforge.generation.loop import Score, _eval_mode, _new_checker, decode_steps, generate_ids, token_logprobs
 from lmforge.generation.sampling import SamplingParams
 
@@ -134,9 +135,7 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], **controls: Any) -
     """
     if controls.keys() & {"num_beams", "num_return_sequences", "length_penalty", "early_stopping",
                           "no_repeat_ngram_size"}:
-        from lmforge.generation.beam import generate_beams  # beam search; num_beams=1 comes back here
-
-        return generate_beams(lm, prompt, **controls)
+        return generate_beams(lm, prompt, **controls)  # beam search; num_beams=1 comes back here
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
     if batch and not all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):
@@ -279,3 +278,23 @@ def score(lm, prompt: str, continuation: str) -> Score:
     """log p(continuation | prompt): the sum and the per-token log-probs (the text is tokenized as a whole and split
     where the prompt's tokens end, as lm-evaluation-harness does; BOS first when the model expects it)."""
     return score_batch(lm, [(prompt, continuation)])[0]
+
+
+def generate_beams(lm, prompt, **controls):
+    """`lm.generate(prompt, num_beams=4, ...)` for a decoder-only `LM`: one str per prompt (a list of
+    num_return_sequences strs when that is > 1); a list of prompts gives a list. num_beams=1 is the ordinary
+    loop (greedy or sampling), except with no_repeat_ngram_size, which runs a one-beam search (greedy + the ban). Each prompt is searched on its
+    own (num_beams cache rows), so a batch returns exactly what each prompt returns alone."""
+    controls = dict(controls)
+    bp = beam.BeamParams.pop_from(controls)
+    if bp.num_beams == 1 and bp.num_return_sequences == 1 and not bp.no_repeat_ngram_size:
+        return generate(lm, prompt, **controls)  # one beam is greedy search: the ordinary loop
+    batch = _is_batch(prompt)
+    params, ids, _, block_size = _prepare(lm, list(prompt) if batch else [prompt], controls)
+    outs = []
+    for p in ids:
+        hyps = beam.decoder_beam_search(lm.model, p, bp, params.max_new_tokens, params.stop_token_ids, params,
+                                   max_len=block_size)
+        comps = [beam.hypothesis_completion(lm.tokenizer, h.token_ids, params, len(p)) for h in hyps]
+        outs.append(comps if bp.num_return_sequences > 1 else comps[0])
+    return outs if batch else outs[0]

@@ -266,27 +266,3 @@ def hypothesis_completion(tokenizer, token_ids: Sequence[int], params: SamplingP
         at, s = min(hits)
         text, reason, stop_reason = text[:at], "stop", s
     return Completion(text, ids, finish_reason=reason, stop_reason=stop_reason, prompt_tokens=prompt_tokens)
-
-
-def generate_beams(lm, prompt, **controls):
-    """`lm.generate(prompt, num_beams=4, ...)` for a decoder-only `LM`: one str per prompt (a list of
-    num_return_sequences strs when that is > 1); a list of prompts gives a list. num_beams=1 is the ordinary
-    loop (greedy or sampling), except with no_repeat_ngram_size, which runs a one-beam search (greedy + the ban). Each prompt is searched on its
-    own (num_beams cache rows), so a batch returns exactly what each prompt returns alone."""
-    from lmforge.generation.api import _is_batch, _prepare  # the text API sits above this module
-
-    controls = dict(controls)
-    beam = BeamParams.pop_from(controls)
-    if beam.num_beams == 1 and beam.num_return_sequences == 1 and not beam.no_repeat_ngram_size:
-        from lmforge.generation.api import generate  # one beam is greedy search: the ordinary loop
-
-        return generate(lm, prompt, **controls)
-    batch = _is_batch(prompt)
-    params, ids, _, block_size = _prepare(lm, list(prompt) if batch else [prompt], controls)
-    outs = []
-    for p in ids:
-        hyps = decoder_beam_search(lm.model, p, beam, params.max_new_tokens, params.stop_token_ids, params,
-                                   max_len=block_size)
-        comps = [hypothesis_completion(lm.tokenizer, h.token_ids, params, len(p)) for h in hyps]
-        outs.append(comps if beam.num_return_sequences > 1 else comps[0])
-    return outs if batch else outs[0]
