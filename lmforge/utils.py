@@ -91,9 +91,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def _json_default(o: Any) -> Any:
+    if isinstance(o, os.PathLike):  # recipe configs built in Python may hold Path fields
+        return os.fspath(o)
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serializable")
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON at `path`, atomically; paths are written as strings."""
     with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
         f.write("\n")
 
 
