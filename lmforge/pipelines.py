@@ -37,7 +37,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.loader import load
-from lmforge.tasks.common import check_encoder, is_encoder, labels_of
+from lmforge.tasks.common import is_encoder, labels_of
 from lmforge.tasks.fill_mask import fill_mask
 from lmforge.tasks.question_answering import question_answering
 from lmforge.tasks.text_classification import text_classification
@@ -73,7 +73,6 @@ def _one_or_many(inputs: Any, what: str) -> tuple[list, bool]:
 # The tasks
 # ----------------------------------------------------------------------------------------------------------------
 def _text_generation(lm, inputs, return_full_text: bool = True, **controls):
-    _require(lm, "text-generation", "decoder")
     texts, many = _one_or_many(inputs, "text-generation")
     outs = lm.generate(texts, **controls)
     res = [[{"generated_text": (t + o) if return_full_text else str(o)}] for t, o in zip(texts, outs)]
@@ -82,7 +81,6 @@ def _text_generation(lm, inputs, return_full_text: bool = True, **controls):
 
 def _seq2seq(key: str, task: str):
     def run(lm, inputs, **controls):
-        _require(lm, task, "encoder-decoder")
         texts, many = _one_or_many(inputs, task)
         prefix = getattr(lm, "task_prefixes", {}).get(task, "")
         outs = lm.generate([prefix + t for t in texts], **controls)
@@ -92,7 +90,6 @@ def _seq2seq(key: str, task: str):
 
 
 def _text_classification(lm, inputs, text_pair=None, top_k: int | None = 1, function_to_apply=None, **kw):
-    _require(lm, "text-classification", "encoder")
     texts, many = _one_or_many(inputs, "text-classification")
     pairs = None if text_pair is None else (_one_or_many(text_pair, "text-classification")[0])
     out = text_classification(lm, texts, pairs, top_k=top_k, function_to_apply=function_to_apply, **kw)
@@ -114,7 +111,6 @@ def _zero_shot(lm, inputs, candidate_labels: str | Sequence[str] = (), hypothesi
                multi_label: bool = False, batch_size: int = 16):
     """NLI as a classifier (Yin et al. 2019): each candidate label becomes a hypothesis ("This example is sports.")
     scored against the text as premise; the entailment logits rank the labels."""
-    _require(lm, "zero-shot-classification", "encoder")
     texts, many = _one_or_many(inputs, "zero-shot-classification")
     labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
     if not labels:
@@ -143,14 +139,12 @@ def _zero_shot(lm, inputs, candidate_labels: str | Sequence[str] = (), hypothesi
 
 
 def _token_classification(lm, inputs, aggregation_strategy: str = "none", **kw):
-    _require(lm, "token-classification", "encoder")
     texts, many = _one_or_many(inputs, "token-classification")
     out = token_classification(lm, texts, aggregation_strategy=aggregation_strategy, **kw)
     return out if many else out[0]
 
 
 def _question_answering(lm, question=None, context=None, **kw):
-    _require(lm, "question-answering", "encoder")
     if isinstance(question, dict):  # pipeline({"question": ..., "context": ...})
         question, context = question.get("question"), question.get("context")
     if question is None or context is None:
@@ -159,7 +153,6 @@ def _question_answering(lm, question=None, context=None, **kw):
 
 
 def _fill_mask(lm, inputs, top_k: int = 5, targets=None, **kw):
-    _require(lm, "fill-mask", "encoder")
     texts, many = _one_or_many(inputs, "fill-mask")
     out = fill_mask(lm, texts, top_k=top_k, targets=targets, **kw)
     return out if many else out[0]
@@ -167,9 +160,7 @@ def _fill_mask(lm, inputs, top_k: int = 5, targets=None, **kw):
 
 def _feature_extraction(lm, inputs, **kw):
     """The encoder's last hidden states, one vector per token ([CLS] and [SEP] included), as nested lists."""
-    _require(lm, "feature-extraction", "encoder")
     texts, many = _one_or_many(inputs, "feature-extraction")
-    check_encoder(lm, "feature-extraction")
     out = []
     with torch.inference_mode():
         for t in texts:
@@ -184,7 +175,6 @@ def _feature_extraction(lm, inputs, **kw):
 def _sentence_similarity(lm, inputs=None, *, source_sentence: str | None = None,
                          sentences: Sequence[str] | None = None, **kw):
     """Cosine similarity of `source_sentence` to each of `sentences` (the Hub's sentence-similarity task)."""
-    _require(lm, "sentence-similarity", "encoder")
     if isinstance(inputs, dict):
         source_sentence, sentences = inputs.get("source_sentence"), inputs.get("sentences")
     if not isinstance(source_sentence, str) or not sentences:
@@ -208,6 +198,11 @@ TASKS: dict[str, Callable] = {
     "feature-extraction": _feature_extraction,
     "sentence-similarity": _sentence_similarity,
 }
+
+
+# the model family each task needs (every other task: an encoder)
+FAMILY = {"text-generation": "decoder", "text2text-generation": "encoder-decoder",
+          "summarization": "encoder-decoder", "translation": "encoder-decoder"}
 
 
 class Pipeline:
@@ -238,7 +233,5 @@ def pipeline(task: str, model: str | os.PathLike | Any, device: str | torch.devi
     lm = load(model, dtype=dtype, device=device) if isinstance(model, (str, os.PathLike)) else model
     if device is not None and not isinstance(model, (str, os.PathLike)):
         lm.model.to(device)
-    want = {"text-generation": "decoder", "text2text-generation": "encoder-decoder", "summarization":
-            "encoder-decoder", "translation": "encoder-decoder"}.get(task, "encoder")
-    _require(lm, task, want)
+    _require(lm, task, FAMILY.get(task, "encoder"))  # once, here: the task functions trust it
     return Pipeline(task, lm, defaults)
