@@ -242,7 +242,23 @@ def test_32_parallel_streams_equal_solo_and_cancellation_frees_slots(server):
         await ac.close()
         return out
 
+    # Hold the engine thread until all 32 requests are queued, so the batching figure below does not depend on
+    # how fast a loaded CI box delivers the HTTP requests.
+    gate = threading.Event()
+    held = threading.Event()
+    engine.call(lambda: (held.set(), gate.wait(60)))
+    assert held.wait(60)  # the engine thread is parked: nothing is admitted until the gate opens
+
+    def release():
+        deadline = time.time() + 60
+        while engine.queue_depth() < 32 and time.time() < deadline:
+            time.sleep(0.01)
+        gate.set()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
     out = asyncio.run(main())
+    releaser.join()
     assert {i: t for i, t in enumerate(out) if i not in cancel} == solo
     deadline = time.time() + 10
     while (engine.num_active() or engine.queue_depth()) and time.time() < deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -52,9 +53,19 @@ def test_concurrent_requests_equal_solo_generation(family):
         def run(i):
             results[i] = engine.generate(*jobs[i], timeout=120)
 
+        # Hold the engine thread until every request is queued, so batching does not depend on thread timing
+        # (on a loaded 2-core CI box the first requests could finish before the last ones arrived).
+        gate = threading.Event()
+        held = threading.Event()
+        engine.call(lambda: (held.set(), gate.wait(60)))
+        assert held.wait(60)  # the engine thread is parked: nothing is admitted until the gate opens
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 60
+        while engine.queue_depth() < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
         for t in threads:
             t.join()
         assert results == solo
