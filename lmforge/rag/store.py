@@ -405,13 +405,15 @@ class EmbeddedStore:
             new_row += len(kept)
 
     def _remove_strays(self, keep: set[str]) -> None:
-        """Delete generation files that index.json does not name (left by an earlier commit or a crash)."""
+        """Delete generation files that index.json does not name (left by an earlier commit or a crash), and the
+        temporary file of an index.json switch that a killed writer never finished."""
         named = {self.raw.get("vectors"), self.raw.get("meta")} | keep
         for f in self.path.iterdir():
             n = f.name
             is_gen = (n.startswith(("vectors-", "meta-", ".vectors-", ".meta-")) and
                       n.endswith((".npy", ".sqlite", ".tmp", "-journal")))
-            if is_gen and n not in named:
+            half_switch = n.startswith(".index.json.") and n.endswith(".tmp")  # killed inside atomic_write_json
+            if (is_gen or half_switch) and n not in named:
                 f.unlink(missing_ok=True)
 
     def close(self) -> None:
