@@ -35,7 +35,7 @@ from lmforge.generation.api import generate  # noqa: E402
 from lmforge.formats.hf import from_hf_model  # noqa: E402
 from tests.helpers import to_hf_model  # noqa: E402
 from lmforge.lm import LM  # noqa: E402
-from lmforge.models.decoder import decode_product  # noqa: E402
+from lmforge.generation.decode import decode_product  # noqa: E402
 from tests.helpers import shared_data_dir  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def weight_streaming_floor(model, repeats: int = 10) -> float:
     none of its other work. Decoding is bound by it once the weights no longer fit in the CPU caches.
 
     Each matrix is timed three ways: (out, in) as nn.Linear stores it, (in, out) as GPT-2's Conv1D does, and
-    (in, out) split across torch's threads (`lmforge.models.decoder.decode_product`; the same as the second on one thread),
+    (in, out) split across torch's threads (`lmforge.generation.decode.decode_product`; the same as the second on one thread),
     and for each matrix the fastest way's best time counts: a lower bound for any implementation that reads every
     weight once per token with these kernels."""
     mats = _matrices(model)
