@@ -2,6 +2,7 @@
 tokenizer.json trained here (no T5 file is available offline), on fixed and hypothesis-generated strings."""
 
 import json
+import re
 
 import pytest
 
@@ -125,3 +126,115 @@ def test_bad_files_are_one_line_errors(tmp_path):
     with pytest.raises(TokenizerError, match="normalizer 'Bogus'"):
         UnigramTokenizer.from_tokenizer_json({"model": {"type": "Unigram", "vocab": [["a", 0.0]]},
                                               "normalizer": {"type": "Bogus"}})
+
+
+# ---- SentencePiece's Precompiled normalizer (T5, mT5, XLM-R files) ------------------------------------------------
+NFKC_TEXTS = ["Ｈｅｌｌｏ，ｗｏｒｌｄ！ １２３ ＡＢＣ", "ﬁne ﬂow eﬀort oﬃce ﬆ", "① ⅻ ㎏ ㍻ ™ ½ x² ℌ ſ µ Ǆ … ‥ ℃ ㈱",
+              "odd\u00a0spaces\u2003and\u3000more\u2009here\u202fx", "zero\u200bwidth\ufeffbom\u2028line\u2029par",
+              "ctl\x01\x07\x7fchars", "e\u0301te\u0301 A\u030a Å", "ｶﾞｷﾞ ﾊﾟﾝ", "a\r\nb\tc\x0bd\x0ce", "Ａ\u0301 ﬁ\u0301 ｅ\u0308",
+              "ﻼ ﷺ 각", "  many   spaces  ", "plain ASCII, nothing to do.", "", "\u00a0", "Ⅷ. ㋿ 🄰 ℡"]
+_nfkc_chars = st.one_of(st.sampled_from(sorted(set("".join(NFKC_TEXTS)) | set("abc XYZ.,"))),
+                        st.characters(blacklist_categories=("Cs", "Cn", "Co")))
+
+
+def test_precompiled_charsmap_rules():
+    from lmforge.tokenizers.unigram import PrecompiledCharsmap
+
+    m = PrecompiledCharsmap.from_rules({"ﬁ": "fi", "e": "E", "e\u0301": "é", "\r": " ", "\r\n": "\n", "x": ""})
+    assert m.normalize("ﬁx") == "fi"
+    # SentencePiece: the longest key at each position; tokenizers: a short grapheme cluster is replaced whole by
+    # the value of the shortest key it begins with ("e" + combining acute is one cluster; "\r\n" is one too)
+    assert m.normalize_longest("e\u0301e\r\n") == "éE\n"
+    assert m.normalize("e\u0301e\r\n") == "EE "
+    with pytest.raises(TokenizerError, match="precompiled_charsmap"):
+        PrecompiledCharsmap(b"\x08\x00\x00\x00\x00")
+
+
+@pytest.fixture(scope="module")
+def spm_t5(tmp_path_factory):
+    """A SentencePiece Unigram model trained with nmt_nfkc, converted by transformers to a T5 tokenizer.json."""
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    path = shared_data_dir() / "the-verdict.txt"
+    if not path.exists():
+        pytest.skip("the-verdict.txt is not in the shared data folder")
+    d = tmp_path_factory.mktemp("spm")
+    spm.SentencePieceTrainer.train(input=str(path), model_prefix=str(d / "spiece"), vocab_size=300,
+                                   model_type="unigram", normalization_rule_name="nmt_nfkc",
+                                   character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    try:
+        hf = transformers.T5Tokenizer.from_pretrained(str(d), extra_ids=3)  # transformers 5: converted from spm
+    except Exception as e:  # noqa: BLE001 - an older transformers needs T5TokenizerFast for the conversion
+        pytest.skip(f"this transformers cannot convert spiece.model here ({type(e).__name__})")
+    if not hasattr(hf, "backend_tokenizer"):
+        hf = transformers.T5TokenizerFast.from_pretrained(str(d), extra_ids=3, from_slow=True)
+    out = d / "fast"
+    hf.save_pretrained(str(out))
+    data = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert "Precompiled" in json.dumps(data["normalizer"])  # the table under test is in the file
+    return spm.SentencePieceProcessor(model_file=str(d / "spiece.model")), hf, UnigramTokenizer.load(out), d
+
+
+def test_precompiled_ids_equal_transformers(spm_t5):
+    _, hf, ours, _ = spm_t5
+    for s in NFKC_TEXTS:
+        assert ours.encode(s) == hf(s)["input_ids"], repr(s)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=_nfkc_chars, max_size=24))
+def test_hypothesis_precompiled_ids_equal_transformers(spm_t5, s):
+    _, hf, ours, _ = spm_t5
+    assert ours.encode(s) == hf(s)["input_ids"]
+
+
+def _spm_whitespace(s: str) -> str:
+    """SentencePiece's steps after the table: strip and collapse spaces, a dummy "▁" prefix, spaces as "▁"."""
+    s = re.sub(" +", " ", s.strip(" "))
+    return "▁" + s.replace(" ", "▁") if s else ""
+
+
+def _charsmap(ours):
+    return next(n for n in [ours.data["normalizer"], *ours.data["normalizer"].get("normalizers", [])]
+                if n["type"] == "Precompiled")["precompiled_charsmap"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.sampled_from(NFKC_TEXTS), st.text(alphabet=_nfkc_chars, max_size=24)))
+def test_longest_match_equals_sentencepiece(spm_t5, s):
+    from lmforge.tokenizers.unigram import PrecompiledCharsmap
+
+    sp, _, ours, _ = spm_t5
+    table = PrecompiledCharsmap.from_base64(_charsmap(ours))
+    assert _spm_whitespace(table.normalize_longest(s)) == sp.normalize(s)
+
+
+_T5_CONVERT = """
+import json, sys
+from transformers import T5Tokenizer, T5TokenizerFast
+d, texts = sys.argv[1], json.loads(sys.argv[2])
+slow = T5Tokenizer(d + "/spiece.model", extra_ids=3, legacy=True)
+fast = T5TokenizerFast(vocab_file=d + "/spiece.model", extra_ids=3, legacy=True, from_slow=True)
+fast.save_pretrained(d + "/fast4")
+print(json.dumps([[fast(t).input_ids, slow(t).input_ids] for t in texts]))
+"""
+
+
+def test_transformers4_t5_file_equals_its_fast_tokenizer(spm_t5):
+    """The T5 layout real checkpoints ship (transformers 4's T5Converter: Precompiled, Strip, Replace), when a
+    transformers 4 install is named by LMFORGE_TRANSFORMERS4."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.environ.get("LMFORGE_TRANSFORMERS4")
+    if not path:
+        pytest.skip("set LMFORGE_TRANSFORMERS4 to a transformers 4 install to compare with its T5 conversion")
+    d = spm_t5[3]
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", _T5_CONVERT, str(d), json.dumps(NFKC_TEXTS)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ours = UnigramTokenizer.load(d / "fast4")
+    for s, (fast, _slow) in zip(NFKC_TEXTS, json.loads(res.stdout.strip().splitlines()[-1])):
+        assert ours.encode(s) == fast, repr(s)

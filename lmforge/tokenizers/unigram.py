@@ -16,17 +16,27 @@ A character no piece covers becomes <unk> with score (lowest score - 10), and ru
 Encoding a text is the four stages a tokenizer.json names, as in `lmforge.tokenizers.wordpiece`:
 
     0. special tokens        "</s>", "<extra_id_0>" written in the text are cut out first and kept whole
-    1. normalize             T5's file: NFKC-like Unicode folding (`Precompiled`, see below), runs of spaces -> one
+    1. normalize             T5's file: SentencePiece's NFKC table (`Precompiled`, see below), runs of spaces -> one
     2. pre-tokenize          Metaspace: " " -> "▁", a "▁" prepended, split before each "▁": "▁Hello", "▁world"
     3. model (Unigram)       Viterbi over the piece scores, per pre-token
     4. post-process          Template: T5 appends "</s>"
 
 Decoding turns "▁" back into spaces (dropping it at the very start) and byte pieces back into bytes.
 
-`Precompiled` is SentencePiece's normalization table compiled into the file (a trie of character rewrites). For
-T5 it is NFKC plus a few whitespace/control rules (`nmt_nfkc`); lmforge applies those rules (the `Nmt` and `NFKC`
-normalizers, as `tokenizers.SentencePieceUnigramTokenizer` does) instead of reading the trie. The two agree on
-ordinary text; rare characters whose SentencePiece table entry differs from Unicode's NFKC may not.
+`Precompiled` is SentencePiece's normalization table compiled into the file (`precompiled_charsmap`, base64): the
+rules of `nmt_nfkc` (NFKC, odd spaces -> " ", control characters dropped) or of any custom rule set, as a list of
+(UTF-8 key -> replacement) rewrites. Its bytes are
+
+    u32 n (little-endian) | n bytes: a double-array trie over the keys' bytes | replacements, each ending in \0
+
+The trie (darts-clone's layout) is an array of u32 units; from node p, byte c leads to p' = p ^ offset(unit[p]) ^ c,
+valid when label(unit[p']) == c; a key ends where a unit has its leaf bit, and the leaf unit's value is the offset of
+the replacement in the string part. `PrecompiledCharsmap` reads the array and walks it. SentencePiece applies it by
+longest match (at each position the longest key that starts there, else the character as is); Hugging Face's
+`tokenizers` (whose ids lmforge matches) applies it per grapheme cluster: a cluster shorter than 6 bytes is replaced
+whole by the value of the *shortest* key it starts with, otherwise each character is looked up on its own. The two
+agree except on rare clusters (a combining mark after a rewritten character); both are here and tested against
+`tokenizers` and against `sentencepiece` itself (`tests/test_unigram.py`).
 
     tok = UnigramTokenizer.load("t5-dir/")         # reads tokenizer.json
     tok.encode("Translate English to German: hi")  # [ ... , 1]   (1 = </s>)
@@ -35,12 +45,17 @@ ordinary text; rare characters whose SentencePiece table entry differs from Unic
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import sys
 import unicodedata
+from array import array
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+import regex
 
 from lmforge.errors import TokenizerError
 from lmforge.utils import atomic_write, atomic_write_json
@@ -65,6 +80,163 @@ def nmt_normalize(text: str) -> str:
         else:
             out.append(c)
     return "".join(out)
+
+
+_GRAPHEME = regex.compile(r"\X")  # extended grapheme clusters (UAX #29), as the `unicode-segmentation` crate
+
+
+class PrecompiledCharsmap:
+    """SentencePiece's compiled normalization table (see the module docstring for the byte layout).
+
+    `normalize(text)` applies it as Hugging Face's `tokenizers` does (per grapheme cluster); `normalize_longest`
+    as SentencePiece does (longest match at each position). Both cache what they computed per cluster/character.
+    >>> m = PrecompiledCharsmap.from_rules({"ﬁ": "fi", "Ａ": "A"})
+    >>> m.normalize("ﬁne Ａ"), m.normalize_longest("ﬁne Ａ")
+    ('fine A', 'fine A')
+    """
+
+    def __init__(self, blob: bytes):
+        if len(blob) < 4:
+            raise TokenizerError("tokenizer.json: precompiled_charsmap is too short")
+        n = int.from_bytes(blob[:4], "little")
+        if n % 4 or n == 0 or 4 + n > len(blob):
+            raise TokenizerError(f"tokenizer.json: precompiled_charsmap's trie size {n} does not fit its "
+                                 f"{len(blob)} bytes")
+        self.units = array("I", blob[4:4 + n])
+        if sys.byteorder == "big":
+            self.units.byteswap()
+        self.strings = bytes(blob[4 + n:])
+        self._replacements: dict[int, str] = {}
+        self._clusters: dict[str, str] = {}
+        root = self.units[0]
+        self._root = (root >> 10) << ((root & 512) >> 6)
+        # bytes that can begin a key: text made of other bytes is copied through without walking the trie
+        starts = [c for c in range(1, 256) if self._step(self._root, c) is not None]
+        self._plain = re.compile(b"[^" + b"".join(re.escape(bytes([c])) for c in starts) + b"]+") if starts else None
+
+    @classmethod
+    def from_base64(cls, text: str) -> "PrecompiledCharsmap":
+        try:
+            return cls(base64.b64decode(text, validate=True))
+        except (ValueError, TypeError):
+            raise TokenizerError("tokenizer.json: precompiled_charsmap is not base64") from None
+
+    @classmethod
+    def from_rules(cls, rules: dict[str, str]) -> "PrecompiledCharsmap":
+        """A table from {key: replacement}, with a naive (sparse but valid) double array: for small tests and
+        docs; real tables come from SentencePiece's trainer."""
+        strings, at = b"", {}
+        for key in sorted(rules):
+            at[key] = len(strings)
+            strings += rules[key].encode("utf-8") + b"\0"
+        keys = {k.encode("utf-8"): at[k] for k in rules}
+        children: dict[bytes, set[int]] = {}
+        for key in keys:  # the key trie: each prefix's next bytes
+            for i in range(len(key)):
+                children.setdefault(key[:i], set()).add(key[i])
+        units = [0]  # unit 0 is the root
+
+        def place(prefix: bytes, node: int) -> None:
+            base = (len(units) + 255) // 256 * 256  # a fresh block: children at base ^ c = base + c, leaf at base
+            units.extend([0] * (base + 256 - len(units)))
+            units[node] |= (base ^ node) << 10
+            if prefix in keys:
+                units[node] |= 1 << 8
+                units[base] = keys[prefix] | (1 << 31)
+            for c in sorted(children.get(prefix, ())):
+                units[base ^ c] = c
+                place(prefix + bytes([c]), base ^ c)
+
+        place(b"", 0)
+        blob = b"".join(u.to_bytes(4, "little") for u in units)
+        return cls(len(blob).to_bytes(4, "little") + blob + strings)
+
+    # ---- the trie -------------------------------------------------------------------------------------------------
+    def _step(self, pos: int, c: int) -> int | None:
+        """From node `pos` (already xored with its offset) along byte c: the next such node, or None."""
+        nxt = pos ^ c
+        if nxt >= len(self.units):
+            return None
+        unit = self.units[nxt]
+        if unit & 0x800000FF != c:
+            return None
+        return nxt ^ ((unit >> 10) << ((unit & 512) >> 6))
+
+    def _match(self, data: bytes, start: int, end: int, shortest: bool) -> tuple[int, int] | None:
+        """(byte length, replacement offset) of the shortest or longest key that data[start:end] begins with."""
+        units, pos, found = self.units, self._root, None
+        for i in range(start, end):
+            c = data[i]
+            if c == 0:
+                break
+            nxt = pos ^ c
+            if nxt >= len(units):
+                break
+            unit = units[nxt]
+            if unit & 0x800000FF != c:
+                break
+            pos = nxt ^ ((unit >> 10) << ((unit & 512) >> 6))
+            if (unit >> 8) & 1:
+                found = (i + 1 - start, units[pos] & 0x7FFFFFFF)
+                if shortest:
+                    break
+        return found
+
+    def _replacement(self, offset: int) -> str:
+        r = self._replacements.get(offset)
+        if r is None:
+            end = self.strings.find(b"\0", offset)
+            r = self.strings[offset:end if end >= 0 else len(self.strings)].decode("utf-8", errors="replace")
+            self._replacements[offset] = r
+        return r
+
+    # ---- applying it ----------------------------------------------------------------------------------------------
+    def _cluster(self, g: str) -> str:
+        b = g.encode("utf-8", errors="surrogatepass")
+        if len(b) < 6:  # short clusters: replaced whole by the shortest key they begin with
+            hit = self._match(b, 0, len(b), shortest=True)
+            if hit is not None:
+                return self._replacement(hit[1])
+        out = []
+        for c in g:
+            cb = c.encode("utf-8", errors="surrogatepass")
+            hit = self._match(cb, 0, len(cb), shortest=True)
+            out.append(c if hit is None else self._replacement(hit[1]))
+        return "".join(out)
+
+    def normalize(self, text: str) -> str:
+        """The table applied as Hugging Face's `tokenizers` applies it: per grapheme cluster."""
+        cache, out = self._clusters, []
+        for g in _GRAPHEME.findall(text):
+            r = cache.get(g)
+            if r is None:
+                r = self._cluster(g)
+                if len(cache) < 100_000:
+                    cache[g] = r
+            out.append(r)
+        return "".join(out)
+
+    def normalize_longest(self, text: str) -> str:
+        """The table applied as SentencePiece applies it: at each position the longest key that starts there is
+        replaced; where none does, one character is copied."""
+        data = text.encode("utf-8", errors="surrogatepass")
+        out, i, n = bytearray(), 0, len(data)
+        while i < n:
+            m = self._plain.match(data, i) if self._plain is not None else None
+            if m is not None:
+                out += m.group()
+                i = m.end()
+                continue
+            hit = self._match(data, i, n, shortest=False)
+            if hit is not None:
+                out += self._replacement(hit[1]).encode("utf-8", errors="surrogatepass")
+                i += hit[0]
+            else:
+                lead = data[i]
+                step = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                out += data[i:i + step]
+                i += step
+        return out.decode("utf-8", errors="surrogatepass")
 
 
 def _strip_accents(text: str) -> str:
@@ -98,8 +270,10 @@ def build_normalizer(spec: dict[str, Any] | None):
         return run
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda s: unicodedata.normalize(kind, s)
-    if kind == "Precompiled":  # SentencePiece's nmt_nfkc table (see the module docstring)
-        return lambda s: unicodedata.normalize("NFKC", nmt_normalize(s))
+    if kind == "Precompiled":  # SentencePiece's compiled table (see the module docstring)
+        if not spec.get("precompiled_charsmap"):
+            return lambda s: s
+        return PrecompiledCharsmap.from_base64(spec["precompiled_charsmap"]).normalize
     if kind == "Nmt":
         return nmt_normalize
     if kind == "Lowercase":
