@@ -1,7 +1,14 @@
 """Token classification: entity grouping equals transformers' token-classification pipeline under every
-aggregation strategy on the same weights; label alignment, BIO entity metrics, bad input."""
+aggregation strategy on the same weights; long texts read in `stride` windows equal transformers 4's pipeline (a
+subprocess), truncation without stride warns; label alignment, BIO entity metrics, bad input."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -112,3 +119,94 @@ def test_token_classification_bad_input(ner_dir):
         token_classification(load_encoder_dir(MINILM), "Angela Merkel")
     with pytest.raises(DataError, match="whitespace"):
         encode_words(lm.tokenizer, ["New York"], 32)
+
+
+# ---- long texts: stride windows against transformers 4's pipeline ----------------------------------------------------
+_STRIDE_ORACLE = """
+import json, sys
+from transformers import pipeline
+args = json.loads(sys.argv[1])
+out = {}
+for strategy in args["strategies"]:
+    for stride in args["strides"]:
+        p = pipeline("token-classification", model=args["model"], aggregation_strategy=strategy, stride=stride,
+                     device="cpu")
+        out[f"{strategy}/{stride}"] = [{k: (float(v) if k == "score" else v) for k, v in e.items()}
+                                      for e in p(args["text"])]
+print(json.dumps(out))
+"""
+LONG = " ".join(TEXTS[:3] * 6)  # over 5x the 64-piece limit of the model below
+STRIDE_STRATEGIES = [s for s in AGGREGATIONS if s != "none"]  # transformers refuses stride with "none"
+STRIDES = [16, 0]
+
+
+@pytest.fixture(scope="module")
+def short_ner_dir(tmp_path_factory, ner_dir):
+    """The NER model of `ner_dir` with a 64-piece limit (tokenizer model_max_length), so LONG needs windows."""
+    d = tmp_path_factory.mktemp("tiny-ner-64")
+    transformers.BertForTokenClassification.from_pretrained(ner_dir).save_pretrained(d)
+    transformers.AutoTokenizer.from_pretrained(MINILM, model_max_length=64).save_pretrained(d)
+    return d
+
+
+def _stride_oracle(model_dir) -> dict:
+    """transformers 4's token-classification pipeline in a subprocess (LMFORGE_TRANSFORMERS4 first on the path)."""
+    path = os.environ.get("LMFORGE_TRANSFORMERS4")
+    if not path:
+        pytest.skip("set LMFORGE_TRANSFORMERS4 to a directory holding transformers 4 (pip install --target DIR "
+                    "'transformers<5' 'huggingface_hub<1' 'tokenizers<0.23' --no-deps) to compare stride with it")
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRANSFORMERS_VERBOSITY="error")
+    args = json.dumps({"model": str(model_dir), "text": LONG, "strategies": STRIDE_STRATEGIES, "strides": STRIDES})
+    res = subprocess.run([sys.executable, "-c", _STRIDE_ORACLE, args], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_stride_equals_transformers4_pipeline_on_a_long_text(short_ner_dir):
+    lm = load_encoder_dir(short_ner_dir)
+    n_pieces = len(lm.tokenizer.encode(LONG))
+    assert min(lm.max_seq_length, lm.tokenizer.model_max_length) == 64 and n_pieces > 5 * 64
+    theirs = _stride_oracle(short_ner_dir)
+    for strategy in STRIDE_STRATEGIES:
+        for stride in STRIDES:
+            mine, ref = token_classification(lm, LONG, aggregation_strategy=strategy, stride=stride), \
+                theirs[f"{strategy}/{stride}"]
+            assert [(e["entity_group"], e["word"], e["start"], e["end"]) for e in mine] == \
+                   [(e["entity_group"], e["word"], e["start"], e["end"]) for e in ref], (strategy, stride)
+            assert [e["score"] for e in mine] == pytest.approx([e["score"] for e in ref], abs=1e-5)
+            assert max(e["end"] for e in mine) > len(LONG) * 0.9  # the end of the text was read
+    # in a batch, a text that fits gets one window: the same entities as without stride
+    batch = token_classification(lm, [LONG, TEXTS[0]], aggregation_strategy="simple", stride=16)
+    assert batch[1] == token_classification(lm, TEXTS[0], aggregation_strategy="simple")
+    assert batch[0] == token_classification(lm, LONG, aggregation_strategy="simple", stride=16)
+
+
+def test_long_text_without_stride_is_truncated_loudly(short_ner_dir):
+    from lmforge.encoder_lm import TruncationWarning
+
+    lm = load_encoder_dir(short_ner_dir)
+    with pytest.warns(TruncationWarning, match="1 of 2 texts .* pass stride"):
+        ents = token_classification(lm, [LONG, "Short."], aggregation_strategy="simple")
+    assert max(e["end"] for e in ents[0]) < len(LONG) // 3
+    with pytest.raises(DataError, match="longer than max_seq_length=64"):
+        token_classification(lm, LONG, aggregation_strategy="simple", on_truncation="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token_classification(lm, TEXTS[0], aggregation_strategy="simple")  # fits: no warning
+        token_classification(lm, LONG, aggregation_strategy="simple", on_truncation="ignore")
+    with pytest.raises(ConfigError, match="aggregation_strategy='none'"):
+        token_classification(lm, LONG, stride=16)
+    with pytest.raises(ConfigError, match="smaller than the 62 pieces"):
+        token_classification(lm, LONG, aggregation_strategy="first", stride=62)
+    with pytest.raises(ConfigError, match="non-negative"):
+        token_classification(lm, LONG, aggregation_strategy="first", stride=-1)
+
+
+def test_pipeline_passes_stride(short_ner_dir):
+    from lmforge import pipeline
+
+    pipe = pipeline("token-classification", str(short_ner_dir), aggregation_strategy="max", stride=8)
+    lm = load_encoder_dir(short_ner_dir)
+    assert pipe(LONG) == token_classification(lm, LONG, aggregation_strategy="max", stride=8)

@@ -2,7 +2,7 @@
 
     lmforge pretrain-mlm --config configs/pretrain/mlm-demo.yaml --out runs/mlm-demo
     lmforge fill-mask runs/mlm-demo "The [MASK] statement repeats a block of code." --top-k 5
-    lmforge ner runs/ner "Angela Merkel visited New York." --aggregation simple
+    lmforge ner runs/ner "Angela Merkel visited New York." --aggregation simple [--stride 32]
     lmforge qa runs/qa --question "Where is Normandy?" --context "Normandy is a region in France."
 
 Masked-LM pretraining is its own verb rather than a mode of `lmforge pretrain`: its settings (masking rate,
@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n.add_argument("model", metavar="MODEL", help="encoder directory with a token-classification head")
     n.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to tag")
     n.add_argument("--aggregation", default="simple", help="none, simple, first, average or max (default: simple)")
+    n.add_argument("--stride", type=int, default=None,
+                   help="tag a text longer than the model's limit whole, in windows sharing this many pieces "
+                        "(default: cut it at the limit, with a warning)")
     n.add_argument("--json", action="store_true", help="print transformers-shaped JSON")
     n.set_defaults(func=cmd_ner)
 
@@ -90,7 +93,7 @@ def cmd_ner(args: argparse.Namespace) -> int:
     from lmforge.tasks.token_classification import token_classification
 
     lm = load_encoder(args.model, task="token classification (NER)")
-    results = token_classification(lm, list(args.texts), aggregation_strategy=args.aggregation)
+    results = token_classification(lm, list(args.texts), aggregation_strategy=args.aggregation, stride=args.stride)
     for text, ents in zip(args.texts, results):
         if args.json:
             print(json.dumps(ents))

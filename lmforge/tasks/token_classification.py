@@ -26,20 +26,38 @@ every one against it on the same weights):
 can. A piece continues a word when its text in the input is shorter than the piece (the "##" is not in the
 text), so "New York" stays two words and "Merkel" one. Labels in `ignore_labels` ("O") are dropped.
 
+Long texts and `stride`. The encoder reads at most max_seq_length pieces ([CLS] and [SEP] included). Without
+`stride` a longer text is cut there (as transformers does), and the cut is reported: a `TruncationWarning` naming
+how many texts lost pieces (`on_truncation="error"` makes it a DataError). With `stride=k` the whole text is read,
+in overlapping windows, the way transformers' pipeline does it with a fast tokenizer
+(`return_overflowing_tokens=True, stride=k`):
+
+    pieces          0 .................................................. 300        (max_seq_length 64: 62 a window)
+    window 1        [CLS] 0 ........ 62 [SEP]
+    window 2        [CLS]       46 ........ 108 [SEP]            next start = previous + (62 - k), k = 16
+    ...
+
+Each window is classified and grouped on its own (offsets stay those of the whole text), the windows' entities
+are pooled, and where two overlap (an entity in the shared k pieces is found twice) the longer one wins, the
+higher score on equal lengths. "none" has nothing to merge, so `stride` needs one of the grouping strategies.
+
 `entities_from_tags` / `ner_metrics` score predictions at the entity level as conlleval (and seqeval's default
 mode) do: an entity counts only when its type and both boundaries are right.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmforge.encoder_lm import TruncationWarning
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.tasks.common import check_texts, forward_batches, labels_of, task_model
+from lmforge.tokenizers.wordpiece import Encoding
 from lmforge.training.batch import token_mean
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
@@ -157,31 +175,104 @@ def _plain(entity: dict) -> dict:
             for k, v in entity.items()}
 
 
+def aggregate_overlapping_entities(entities: list[dict]) -> list[dict]:
+    """Entities of overlapping windows -> one list: sorted by start; of two that overlap, the longer one stays
+    (the higher score on equal lengths). transformers' TokenClassificationPipeline.aggregate_overlapping_entities."""
+    if not entities:
+        return entities
+    entities = sorted(entities, key=lambda x: x["start"])
+    out, prev = [], entities[0]
+    for e in entities:
+        if prev["start"] <= e["start"] < prev["end"]:
+            length, prev_length = e["end"] - e["start"], prev["end"] - prev["start"]
+            if length > prev_length or (length == prev_length and e["score"] > prev["score"]):
+                prev = e
+        else:
+            out.append(prev)
+            prev = e
+    out.append(prev)
+    return out
+
+
+def stride_windows(tokenizer, pieces: Encoding, max_length: int, stride: int) -> list[Encoding]:
+    """[CLS] window [SEP] encodings over a text's pieces (encoded without special tokens): windows of
+    max_length - 2 pieces, each starting (max_length - 2 - stride) after the previous one, the last ending at the
+    text's end; equal to a fast tokenizer's `return_overflowing_tokens=True, stride=stride` encodings."""
+    budget = max_length - tokenizer.num_special_tokens()
+    if not 0 <= stride < budget:
+        raise ConfigError(f"stride={stride} must be at least 0 and smaller than the {budget} pieces a window holds "
+                          f"(max_seq_length {max_length} minus [CLS] and [SEP])")
+    n, spans = len(pieces), []
+    for a in range(0, max(n, 1), budget - stride):
+        spans.append((a, min(a + budget, n)))
+        if a + budget >= n:
+            break
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    cls_t, sep_t = tokenizer.id_to_token(cls), tokenizer.id_to_token(sep)
+    return [Encoding(ids=[cls] + pieces.ids[a:b] + [sep], tokens=[cls_t] + pieces.tokens[a:b] + [sep_t],
+                     offsets=[(0, 0)] + list(pieces.offsets[a:b]) + [(0, 0)],
+                     word_ids=[None] + list(pieces.word_ids[a:b]) + [None],
+                     sequence_ids=[None] + [0] * (b - a) + [None], type_ids=[0] * (b - a + 2))
+            for a, b in spans]
+
+
 def token_classification(lm: Any, texts: str | Sequence[str], aggregation_strategy: str = "none",
-                         ignore_labels: Sequence[str] = ("O",), batch_size: int = 16) -> list:
+                         ignore_labels: Sequence[str] = ("O",), batch_size: int = 16, stride: int | None = None,
+                         on_truncation: str = "warn") -> list:
     """Entities of each text, as transformers' token-classification pipeline returns them (see module docstring).
 
-    One text -> a list of entity dicts; a list of texts -> one such list per text. Texts longer than the model's
-    length are truncated (as in transformers without `stride`).
+    One text -> a list of entity dicts; a list of texts -> one such list per text.
+    stride: None cuts a text at the model's max_seq_length pieces (reported as `on_truncation` says: "warn", a
+        TruncationWarning; "error", a DataError; "ignore"); an int reads the whole text in windows that share
+        `stride` pieces (needs aggregation_strategy simple, first, average or max, as in transformers).
     """
     strategy = str(aggregation_strategy).lower()
     if strategy not in AGGREGATIONS:
-        raise ConfigError(f"unknown aggregation_strategy {aggregation_strategy!r}; use one of {', '.join(AGGREGATIONS)}")
+        raise ConfigError(f"unknown aggregation_strategy {aggregation_strategy!r}; "
+                          f"use one of {', '.join(AGGREGATIONS)}")
+    if on_truncation not in ("warn", "error", "ignore"):
+        raise ConfigError(f"on_truncation={on_truncation!r}; use 'warn', 'error' or 'ignore'")
+    if stride is not None:
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise ConfigError(f"stride={stride!r} must be a non-negative integer (pieces shared by two windows)")
+        if strategy == "none":
+            raise ConfigError("stride reads a long text in overlapping windows whose entities must be merged; "
+                              "aggregation_strategy='none' cannot merge them: use simple, first, average or max")
     items, single = check_texts(texts)
     model = task_model(lm, "token_classification")
     labels = labels_of(lm) or [f"LABEL_{i}" for i in range(model.head.classifier.out_features)]
     tok = lm.tokenizer
-    encs = tok.encode_batch(items, truncation=True, max_length=min(lm.max_seq_length, tok.model_max_length))
-    logits = [row for out in forward_batches(model, tok, encs, batch_size) for row in out]  # each (T, L)
+    max_length = min(lm.max_seq_length, tok.model_max_length)
+    if stride is None:
+        windows = [[e] for e in tok.encode_batch(items, truncation=True, max_length=max_length)]
+        cut = [i for i, w in enumerate(windows) if w[0].num_truncated]
+        if cut and on_truncation != "ignore":
+            msg = (f"{len(cut)} of {len(items)} texts are longer than max_seq_length={max_length} word pieces; "
+                   f"only their first {max_length - 2} were tagged (first: text {cut[0]}, "
+                   f"{windows[cut[0]][0].num_truncated} pieces cut); pass stride (lmforge ner --stride) to tag "
+                   "whole texts")
+            if on_truncation == "error":
+                raise DataError(msg)
+            warnings.warn(msg, TruncationWarning, stacklevel=2)
+    else:
+        pieces = tok.encode_batch(items, add_special_tokens=False)
+        windows = [stride_windows(tok, e, max_length, stride) for e in pieces]
+    flat = [e for w in windows for e in w]
+    logits = iter(row for out in forward_batches(model, tok, flat, batch_size) for row in out)  # each (T, L)
     prefix = getattr(tok, "prefix", "##")
     results = []
-    for text, enc, lg in zip(items, encs, logits):
-        lg = lg[:len(enc)].numpy()  # (n, L) float32
-        exp = np.exp(lg - lg.max(axis=-1, keepdims=True))
-        scores = exp / exp.sum(axis=-1, keepdims=True)
-        ents = aggregate(pre_entities(text, enc, scores, tok), strategy, labels, prefix)
-        results.append([_plain(e) for e in ents
-                        if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels])
+    for text, encs in zip(items, windows):
+        found = []
+        for enc in encs:
+            lg = next(logits)[:len(enc)].numpy()  # (n, L) float32
+            exp = np.exp(lg - lg.max(axis=-1, keepdims=True))
+            scores = exp / exp.sum(axis=-1, keepdims=True)
+            ents = aggregate(pre_entities(text, enc, scores, tok), strategy, labels, prefix)
+            found += [e for e in ents
+                      if e.get("entity") not in ignore_labels and e.get("entity_group") not in ignore_labels]
+        if len(encs) > 1:
+            found = aggregate_overlapping_entities(found)
+        results.append([_plain(e) for e in found])
     return results[0] if single else results
 
 
