@@ -350,19 +350,16 @@ def is_encoder_dir(d: str | os.PathLike) -> bool:
 
 
 def load_encoder_tokenizer(d: Path, config: EncoderConfig):
-    """WordPiece for BERT/DistilBERT/MiniLM directories; None when the directory has no tokenizer files."""
+    """WordPiece for BERT/DistilBERT/MiniLM directories, byte-level BPE for RoBERTa's (tokenizer.json with a
+    ByteLevel pre-tokenizer, or vocab.json + merges.txt); None when the directory has no tokenizer files."""
+    from lmforge.tokenizers.roberta import RobertaTokenizer, is_roberta_tokenizer_dir
     from lmforge.tokenizers.wordpiece import WordPieceTokenizer
-    from lmforge.errors import TokenizerError
 
+    if is_roberta_tokenizer_dir(d):
+        return RobertaTokenizer.load(d)
     if not ((d / "tokenizer.json").exists() or (d / "vocab.txt").exists()):
         return None
-    try:
-        return WordPieceTokenizer.load(d)
-    except TokenizerError as e:
-        if config.family == "roberta":
-            raise CheckpointError(f"{d}: RoBERTa's byte-level BPE tokenizer is not supported for encoders yet "
-                                  f"({e})") from None
-        raise
+    return WordPieceTokenizer.load(d)
 
 
 def export_encoder_hf(lm, path: str | os.PathLike, dtype: str | torch.dtype | None = None,

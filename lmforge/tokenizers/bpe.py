@@ -654,18 +654,20 @@ class Tokenizer(BatchCallMixin):
             ids = out
         return ids
 
+    def encode_piece(self, piece: bytes) -> list[int]:
+        """The ids of one pre-token's bytes (`_bpe`, remembered: natural text repeats words a lot)."""
+        ids = self._cache.get(piece)
+        if ids is None:
+            ids = self._bpe(piece)
+            if len(self._cache) > 200_000:
+                self._cache.clear()
+            self._cache[piece] = ids
+        return ids
+
     def _encode_ordinary_py(self, text: str) -> list[int]:
         out: list[int] = []
-        cache = self._cache
         for piece in self._re.findall(text):
-            b = piece.encode("utf-8")
-            ids = cache.get(b)
-            if ids is None:
-                ids = self._bpe(b)
-                if len(cache) > 200_000:
-                    cache.clear()
-                cache[b] = ids
-            out.extend(ids)
+            out.extend(self.encode_piece(piece.encode("utf-8")))
         return out
 
     def _fast(self):
