@@ -1,5 +1,5 @@
-"""The static-shape decode step (lmforge.generation.decode.StaticDecoder): eager it is token-for-token the default cache
-path (batched, padded, finished rows, sampling, GQA + RoPE and learned positions), and compiled with
+"""The decode step with static shapes (lmforge.generation.decode.Decoder, what compile=True runs): eager it is
+token-for-token the default path (batched, padded, finished rows, sampling, GQA + RoPE and learned positions), and compiled with
 torch.compile it still is. The compile test uses one tiny model and one shape so it stays within seconds once
 Inductor's kernels are built (skipped when no C++ compiler is present)."""
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.generation.api import generate, stream
-from lmforge.generation.decode import static_decoder
+from lmforge.generation.decode import decoder_for
 from lmforge.generation.loop import generate_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.models.config import ModelConfig
@@ -41,7 +41,7 @@ def test_static_step_logits_and_cache_state_equal_model_forward():
     model = lm.model
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    dec = static_decoder(model)
+    dec = decoder_for(model)  # no span: the whole cache, masked (the compiled step's static shapes), eager
     a, b = model.new_cache(2, 16), model.new_cache(2, 16)
     with torch.inference_mode():
         model(ids, attention_mask=mask, kv_cache=a)

@@ -1,22 +1,22 @@
-"""The fast decode steps: speed code kept beside the readable model, chosen explicitly by the decode loop.
+"""The fast decode step: speed code kept beside the readable model, chosen explicitly by the decode loop.
 
-`Transformer.forward` (lmforge.models.decoder) is the reference: every step here computes what
-`model(ids, kv_cache=cache)` computes for one new token per row, to float rounding, and tests/test_decode_fused.py
-and tests/test_generate_compile.py hold them to it. Two steps, for two situations:
+`Transformer.forward` (lmforge.models.decoder) is the reference: `decode_step` computes what
+`model(ids, kv_cache=cache)` computes for one new token per row, to float rounding, and tests/test_decode_step.py
+and tests/test_generate_compile.py hold it to that. There is one step, and two things make it fast:
 
-* `fused_step`: eager, a dense cache (every row holds the same number of tokens: one prompt, or equal-length
-  prompts). A one-token step multiplies one row of activations by every weight matrix. For a small model that is
-  bound by how many tensor ops it launches, not by arithmetic; for a large one by reading the weights from memory.
-  `fused_weights(model)` lays the weights out for the step (`DecodeWeights`): a small model's q/k/v (and gate/up)
-  projections fused into one matrix (about half the ops), a large model's weights re-laid out in place as
-  (in, out) with each product spread over all threads. The step is a flat loop: no module calls, no (B, T, ...)
-  reshapes, q and k rotated together.
-* `static_decode_step` / `StaticDecoder`: shapes that never change (per-row slots, a validity mask, the whole
-  pre-allocated cache attended with a mask), so one `torch.compile` graph serves every step of every request of the
-  same (B, cache size); cache sizes are bucketed so a chat or server does not recompile for every new length.
+* `DecodeWeights` (`fused_weights(model)`): the weights laid out for a one-token step. A one-token step multiplies
+  one row of activations by every weight matrix. For a small model that is bound by how many tensor ops it
+  launches, not by arithmetic; for a large one by reading the weights from memory. So a small model's q/k/v (and
+  gate/up) projections are fused into one matrix (about half the ops), and a large model's weights are re-laid out
+  in place as (in, out) with each product spread over all threads. Laying weights out is an explicit call
+  (`Decoder.begin`), never a side effect of `forward`.
+* `Decoder(model, compile=True)`: the same step with shapes that never change (per-row slots, a validity mask, the
+  whole pre-allocated cache attended with a mask), so one `torch.compile` graph serves every step of every request
+  of the same (B, cache size); cache sizes are bucketed so a chat or server does not recompile for every new length.
 
-The two differ in what they assume of the cache (dense and eager vs. per-row and compilable), which is why both
-exist; merging them into one step is future work (it needs the fused products to compile well).
+Eager, the step takes what the caller knows (every row has written the same number of slots; no padding) to attend
+to the written slots only and skip the mask; compiled, it takes the model's own modules and static shapes. It is
+the same function either way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lmforge.models.decoder import _SDPA_GQA, Block, KVCache, Transformer, apply
 
 
 # ================================================================================================================
-# The fused eager step
+# The weights, laid out for the step
 # ================================================================================================================
 FUSED_DECODE_MAX_PARAMS = 16_000_000  # block weights up to this many elements get fused decode copies
 SPLIT_PRODUCT_MIN_WEIGHTS = 1 << 18  # decode products over matrices this large (1 MB in fp32) use every thread
@@ -81,7 +81,7 @@ def _column_major_(p: nn.Parameter) -> None:
 
 
 class DecodeWeights:
-    """The weights a one-token decode step multiplies, laid out for it: `fused_step` runs on these.
+    """The weights a one-token decode step multiplies, laid out for it: `decode_step` runs on these.
 
     A decode step multiplies one row of activations by every weight matrix: (1, C) x (C, N) products. Two
     regimes, so two forms:
@@ -98,7 +98,8 @@ class DecodeWeights:
 
     Per block: (qkv, o, mlp_in, down), each a list of (w, b) with w (in, out): one fused entry for the copies, or
     one per projection in place. `head` is the output layer's (w, b) in place, None for the copies (the step calls
-    lm_head).
+    lm_head). Models the step cannot lay out (LoRA-wrapped or quantized projections) run it through their own
+    modules instead (`decode_step` with weights=None).
     """
 
     def __init__(self, model: "Transformer", form: str):
@@ -158,75 +159,18 @@ def fused_weights(model: nn.Module) -> DecodeWeights | None:
         model._decode_weights = dw
     return dw
 
-def fused_step_ok(model: nn.Module, cache: KVCache) -> bool:
-    """`fused_step` covers the next step of this cache: every row holds the same L tokens (a dense cache), after
-    a prefill, inside the cache and the learned positions, every cached token inside the sliding window (if any),
-    the cache in the model's dtype, and no dropout to apply."""
-    cfg, L = model.config, cache.dense_len
-    return (L is not None and 0 < L < cache.max_len and (model.wpe is None or L < cfg.block_size)
-            and cache.k.dtype == model.norm_f.weight.dtype
-            and not (cfg.sliding_window and L >= cfg.sliding_window) and not (model.training and cfg.dropout))
-
-def fused_step(model: nn.Module, input_ids: torch.Tensor, cache: KVCache, weights: DecodeWeights) -> torch.Tensor:
-    """One new token per row on a dense cache, through `weights` (from `fused_weights(model)`): (B, 1) ids ->
-    (B, 1, V) logits; the cache gains the new keys and values, exactly as `model(ids, kv_cache=cache)` adds them.
-
-    The same computation as `forward` (the numbers differ only by float rounding: fused products sum in
-    another order), written as a flat loop: no module calls, no (B, T, ...) reshapes, q and k rotated together.
-    """
-    cfg = model.config
-    B, nh, nkv, hd = input_ids.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    nq, nk = nh * hd, nkv * hd
-    L = cache.dense_len
-    S = L + 1
-    x = model.wte(input_ids[:, 0])  # (B, C)
-    if model.wpe is not None:
-        x = x + model.wpe.weight[L]
-    else:
-        cos, sin = model.rope_table(S, x.dtype)
-        cos, sin = cos[L], sin[L]  # (hd,) the new position's angles
-    gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
-    rep = 1 if gqa or nkv == nh else nh // nkv
-    for i, (block, (qkv_w, o_w, in_w, down_w)) in enumerate(zip(model.blocks, weights.blocks)):
-        h = block.norm_1(x)
-        qkv = _products(h, qkv_w)  # (B, nq + 2 nk)
-        qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
-        if model.wpe is None:
-            qk = apply_rope(qk, cos, sin)
-        ck, cv = cache.k[i], cache.v[i]  # (B, nkv, max_len, hd)
-        ck[:, :, L] = qk[:, nh:]
-        cv[:, :, L] = qkv[:, nq + nk:].view(B, nkv, hd)
-        k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(qk[:, :nh].view(B, nh, 1, hd), k, v, **gqa)  # (B, nh, 1, hd)
-        x = x + decode_product(y.view(B, nq), *o_w[0])
-        h = block.norm_2(x)
-        if block.mlp.swiglu:  # [gate | up] fused, or gate and up apart
-            gate, up = (_products(h, in_w).chunk(2, dim=1) if len(in_w) == 1 else
-                        (decode_product(h, *wb) for wb in in_w))  # (B, H) each
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(decode_product(h, *in_w[0]), approximate="tanh")  # (B, H)
-        x = x + decode_product(h, *down_w[0])
-    cache.key_mask[:, L] = True
-    cache.lengths += 1
-    cache.positions += 1
-    cache.dense_len = S
-    x = model.norm_f(x)
-    head = weights.head
-    return (model.lm_head(x) if head is None else decode_product(x, *head))[:, None]  # (B, 1, V)
-
-
 # ================================================================================================================
-# The static-shape step (one graph for every step, optionally compiled)
+# The decode step: one function, eager or compiled
 # ================================================================================================================
 #
 # Why eager decoding is slow for small models: a decode step of stories260K is ~300 tiny ops (norms, projections,
 # rope, attention per layer), each costing a few microseconds of Python and dispatcher overhead while its actual
-# arithmetic takes less. The cure (gpt-fast, Fu et al. 2023) is to hand the whole step to a compiler that fuses
-# the elementwise work into a few loops and drops the per-op overhead. A compiler needs the step to look the same
-# every time, so the step is written with *static shapes*:
+# arithmetic takes less. Two cures, and the step below takes both:
+#
+# * fewer ops: the weights laid out for the step (`DecodeWeights`), a flat loop with no module calls and no
+#   (B, T, ...) reshapes, q and k rotated together;
+# * a compiler (gpt-fast, Fu et al. 2023) that fuses the elementwise work into a few loops and drops the per-op
+#   overhead. A compiler needs the step to look the same every time, so the step can run with *static shapes*:
 #
 #     input ids      (B, 1)                  always one new token per row
 #     keys/values    (B, nkv, max_len, hd)   the whole pre-allocated cache, not the first S slots of it
@@ -234,77 +178,124 @@ def fused_step(model: nn.Module, input_ids: torch.Tensor, cache: KVCache, weight
 #                                            masked out, so attending over all max_len slots == attending over S
 #     rope cos/sin   table[position]         a (max_positions, hd) table computed once, indexed per step
 #
-# Nothing depends on Python integers read back from tensors (no `int(lengths.max())`), so one compiled graph
-# (`torch.compile(fullgraph=True, dynamic=False)`) serves every step of every request with the same (B, max_len).
-# The cache size is rounded up to a multiple of `STATIC_BUCKET` so requests of similar length share a graph.
-# Prefill (T new tokens at once) stays in the eager model: it runs once per request.
+#   Nothing depends on Python integers read back from tensors (no `int(lengths.max())`), so one compiled graph
+#   (`torch.compile(fullgraph=True, dynamic=False)`) serves every step of every request with the same (B, max_len).
+#   The cache size is rounded up to a multiple of `STATIC_BUCKET` so requests of similar length share a graph.
+#
+# Eager, the caller usually knows more than the tensors say: in `generate` every row has written the same number of
+# slots, so the step attends to slots [0, span) only (`span`), and with no padding and no finished row no mask is
+# needed at all (`dense`). Prefill (T new tokens at once) stays in the model's forward: it runs once per request.
 
-STATIC_BUCKET = 128  # cache sizes are rounded up to this, so few distinct shapes (graphs) exist
+STATIC_BUCKET = 128  # compiled steps: cache sizes are rounded up to this, so few distinct shapes (graphs) exist
 
 
-def static_decode_step(model: torch.nn.Module, ids: torch.Tensor, valid: torch.Tensor, k_all: torch.Tensor,
-                       v_all: torch.Tensor, key_mask: torch.Tensor, lengths: torch.Tensor, positions: torch.Tensor,
-                       cos_table: torch.Tensor | None, sin_table: torch.Tensor | None) -> torch.Tensor:
-    """One decode step with shapes that never change: (B, 1) ids -> (B, V) logits; updates the cache in place.
+def _group(h: torch.Tensor, parts: list) -> torch.Tensor:
+    """The outputs of one projection group side by side, (B, sum of N): `parts` are (w, b) pairs laid out for
+    `decode_product`, or the model's own modules (LoRA-wrapped, quantized, or under torch.compile)."""
+    if len(parts) == 1:
+        p = parts[0]
+        return p(h) if isinstance(p, nn.Module) else decode_product(h, *p)
+    return torch.cat([p(h) if isinstance(p, nn.Module) else decode_product(h, *p) for p in parts], dim=-1)
 
-    ids (B, 1) the new token of each row; valid (B,) bool, False for a finished row fed padding (it takes no
-    position and no later token sees it). k_all/v_all (n_layer, B, nkv, S, hd), key_mask (B, S), lengths (B,),
-    positions (B,) are a `KVCache`'s tensors, updated exactly as `Transformer.forward(kv_cache=...)` updates them.
+
+def decode_step(model: nn.Module, weights: DecodeWeights | None, ids: torch.Tensor, valid: torch.Tensor,
+                k_all: torch.Tensor, v_all: torch.Tensor, key_mask: torch.Tensor, lengths: torch.Tensor,
+                positions: torch.Tensor, cos_table: torch.Tensor | None, sin_table: torch.Tensor | None,
+                span: int | None = None, dense: bool = False) -> torch.Tensor:
+    """One new token per row: (B, 1) ids -> (B, V) logits. The cache gains the new keys and values exactly as
+    `model(ids, attention_mask=valid[:, None], kv_cache=cache)` adds them, and the logits are that forward's, to
+    float rounding (fused products sum in another order).
+
+    weights: the model's `DecodeWeights` (fused copies, or in-place (in, out) views), or None for the model's own
+    projection modules. valid (B,): False for a finished row fed padding (it takes no position, and no later token
+    sees it). k_all/v_all (n_layer, B, nkv, max_len, hd), key_mask (B, max_len), lengths (B,), positions (B,) are a
+    `KVCache`'s tensors. span: attend to slots [0, span) only, when the caller knows every row has written
+    span - 1 slots (None: the whole cache, static shapes). dense: every slot in [0, span) holds a real token that
+    every row may see (no padding, no finished row, no sliding window cut), so no mask is built.
     """
     cfg = model.config
-    B = ids.shape[0]
-    S = key_mask.shape[1]
-    nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    slot = lengths  # (B,) the slot each row writes this step
-    slots = torch.arange(S, device=ids.device)[None, :]  # (1, S)
-    key_mask.scatter_(1, slot[:, None], valid[:, None])
-    here = slots == slot[:, None]  # (B, S)
-    mask = key_mask & (slots <= slot[:, None])  # (B, S) real tokens up to this one
-    if cfg.sliding_window:
-        mask = mask & (slots > slot[:, None] - cfg.sliding_window)
-    mask = (mask | here)[:, None, None, :]  # (B, 1, 1, S); a padding query sees only itself (no NaN)
-    pos = positions[:, None]  # (B, 1) position of the new token
-    x = model.wte(ids)  # (B, 1, C)
-    if model.wpe is not None:
-        x = x + model.wpe(pos)
-        cos = sin = None
+    B, nh, nkv, hd = ids.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    nq, nk = nh * hd, nkv * hd
+    S = key_mask.shape[1] if span is None else span
+    # where each row writes this step: eager, the caller's plain int (every row writes slot span - 1, cheap
+    # slicing); static, each row's own `lengths` (index tensors, no Python value read back from a tensor)
+    L = None if span is None else span - 1
+    if L is None:
+        slot = lengths[:, None]  # (B, 1)
+        key_mask.scatter_(1, slot, valid[:, None])
+        rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
+        heads = torch.arange(nkv, device=ids.device)[None, :]  # (1, nkv)
     else:
-        cos, sin = cos_table[pos][:, None], sin_table[pos][:, None]  # (B, 1, 1, hd)
-    rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
-    heads = torch.arange(nkv, device=ids.device)[None, :]  # (1, nkv)
-    slot_idx = slot[:, None]  # (B, 1)
-    gqa = {"enable_gqa": True} if nkv != nh else {}
+        slot = torch.full((B, 1), L, dtype=torch.long, device=ids.device) if not dense else None
+        key_mask[:, L] = True if dense else valid
+    mask = None
+    if not dense:
+        slots = torch.arange(S, device=ids.device)[None, :]  # (1, S)
+        here = slots == slot  # (B, S)
+        mask = key_mask[:, :S] & (slots <= slot)  # (B, S) real tokens up to this one
+        if cfg.sliding_window:
+            mask = mask & (slots > slot - cfg.sliding_window)
+        mask = (mask | here)[:, None, None, :]  # (B, 1, 1, S); a padding query sees only itself (no NaN)
+    x = model.wte(ids[:, 0])  # (B, C)
+    if model.wpe is not None:
+        x = x + (model.wpe.weight[L] if dense else model.wpe(positions))
+    elif dense:  # no padding: every row's position is its slot
+        cos, sin = cos_table[L], sin_table[L]  # (hd,)
+    else:
+        cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (B, 1, hd) each row's angles
+    cast = k_all.dtype != x.dtype
+    gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
+    rep = 1 if gqa or nkv == nh else nh // nkv
     for i, block in enumerate(model.blocks):
-        attn = block.attn
+        qkv_p, o_p, in_p, down_p = weights.blocks[i] if weights is not None else _projection_groups(block)
         h = block.norm_1(x)
-        q = attn.q_proj(h).view(B, 1, nh, hd).transpose(1, 2)  # (B, nh, 1, hd)
-        k = attn.k_proj(h).view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
-        v = attn.v_proj(h).view(B, 1, nkv, hd).transpose(1, 2)  # (B, nkv, 1, hd)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # one index_put_ on the whole cache tensor (not a scatter into a per-layer view, which the compiler turns
-        # into a copy of the whole cache per layer): write k/v at [layer i, row b, head h, slot[b]]
-        where = (torch.full((), i, dtype=torch.long, device=ids.device), rows, heads, slot_idx)
-        k_all.index_put_(where, k[:, :, 0].to(k_all.dtype))  # values (B, nkv, hd)
-        v_all.index_put_(where, v[:, :, 0].to(v_all.dtype))
-        y = torch.nn.functional.scaled_dot_product_attention(
-            q, k_all[i].to(q.dtype), v_all[i].to(q.dtype), attn_mask=mask, **gqa)  # (B, nh, 1, hd)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, 1, nh * hd))
-        x = x + block.mlp(block.norm_2(x))
+        qkv = _group(h, qkv_p)  # (B, nq + 2 nk)
+        qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
+        if model.wpe is None:
+            qk = apply_rope(qk, cos, sin)
+        k_new, v_new = qk[:, nh:], qkv[:, nq + nk:].view(B, nkv, hd)  # (B, nkv, hd)
+        ck, cv = k_all[i], v_all[i]  # (B, nkv, max_len, hd)
+        if L is not None:
+            ck[:, :, L] = k_new
+            cv[:, :, L] = v_new
+        else:  # one index_put_ on the whole cache tensor (not a scatter into a per-layer view, which the compiler
+            # turns into a copy of the whole cache per layer): write k/v at [layer i, row b, head h, slot[b]]
+            where = (torch.full((), i, dtype=torch.long, device=ids.device), rows, heads, slot)
+            k_all.index_put_(where, k_new.to(k_all.dtype))
+            v_all.index_put_(where, v_new.to(v_all.dtype))
+        k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
+        if cast:
+            k, v = k.to(x.dtype), v.to(x.dtype)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(qk[:, :nh].reshape(B, nh, 1, hd), k, v, attn_mask=mask, **gqa)
+        x = x + _group(y.view(B, nq), o_p)  # (B, C)
+        h = block.norm_2(x)
+        if block.mlp.swiglu:  # [gate | up] side by side
+            gate, up = _group(h, in_p).chunk(2, dim=-1)  # (B, H) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(_group(h, in_p), approximate="tanh")  # (B, H)
+        x = x + _group(h, down_p)
     lengths.add_(1)
-    positions.add_(valid.long())
-    return model.lm_head(model.norm_f(x))[:, -1]  # (B, V)
+    positions.add_(1 if dense else valid.long())
+    x = model.norm_f(x)
+    head = None if weights is None else weights.head
+    return model.lm_head(x) if head is None else decode_product(x, *head)  # (B, V)
 
 
-class StaticDecoder:
-    """Runs `static_decode_step` for one model, eagerly or compiled; compiled graphs are kept per (B, max_len).
+class Decoder:
+    """Runs `decode_step` for one model, eagerly (through its `DecodeWeights` where it has them) or compiled with
+    torch.compile (static shapes; graphs are kept per (B, max_len)).
 
-        dec = StaticDecoder(model, compile=True)
+        dec = decoder_for(model)                     # or decoder_for(model, compile=True)
+        dec.begin()                                  # once per generation: (re)lays out the weights if needed
         cache = model.new_cache(B, dec.cache_len(T + steps)); model(prompt, kv_cache=cache)   # eager prefill
-        logits = dec.step(next_ids, valid, cache)                                               # (B, V)
+        logits = dec.step(next_ids, valid, cache, span=T + 1, dense=True)                     # (B, V)
 
     compile=True costs a one-time compile (seconds for a tiny model, about a minute or more for a 124M model on a
-    slow CPU; a C++ compiler is needed for torch.compile on CPU). `mode` is passed to torch.compile.
+    slow CPU; a C++ compiler is needed for torch.compile on CPU). `mode` is passed to torch.compile. The compiled
+    step always runs static shapes through the model's own modules (`span`/`dense` are ignored).
     """
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, mode: str | None = None):
@@ -312,41 +303,58 @@ class StaticDecoder:
         # strong one would keep every model that ever generated alive
         self._model = weakref.ref(model)
         self.compiled = compile
+        self.weights: DecodeWeights | None = None
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         ref = self._model
 
-        def fn(*tensors):
-            return static_decode_step(ref(), *tensors)
+        def static_step(*tensors):
+            return decode_step(ref(), None, *tensors)
 
-        self._fn = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode) if compile else fn
+        self._compiled = torch.compile(static_step, fullgraph=True, dynamic=False, mode=mode) if compile else None
 
     @property
     def model(self) -> torch.nn.Module:
         return self._model()
 
+    def begin(self) -> "Decoder":
+        """Before a generation: the eager step takes the model's decode weights, remade if the weights changed since
+        (see `fused_weights`; this may re-lay a large model's weights out in place, once)."""
+        if not self.compiled:
+            self.weights = fused_weights(self.model)
+        return self
+
     def cache_len(self, needed: int) -> int:
-        """The cache size to allocate for `needed` slots: rounded up to STATIC_BUCKET, at most the context window."""
+        """The cache size to allocate for `needed` slots: compiled, rounded up to STATIC_BUCKET (at most the context
+        window) so similar lengths share a graph; eager, exactly `needed`."""
+        if not self.compiled:
+            return needed
         bs = self.model.config.block_size
         return max(needed, min(bs, -(-needed // STATIC_BUCKET) * STATIC_BUCKET))
 
     def _rope(self, n: int):
-        if self.model.wpe is not None:
+        model = self.model
+        if model.wpe is not None:
             return None, None
+        if not self.compiled:
+            return model.rope_table(n, model.norm_f.weight.dtype)
         if self._table is None or self._table[0].shape[0] < n:
             size = self.cache_len(n)  # a fixed size per cache size: the compiled graph sees stable shapes
-            cos, sin = self.model.rope_table(size, self.model.wte.weight.dtype)
+            cos, sin = model.rope_table(size, model.norm_f.weight.dtype)
             self._table = (cos[:size], sin[:size])
         return self._table
 
-    def step(self, ids: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
-        """(B, 1) ids, (B,) bool valid -> (B, V) logits; the cache gains one slot per row."""
+    def step(self, ids: torch.Tensor, valid: torch.Tensor, cache: KVCache, span: int | None = None,
+             dense: bool = False) -> torch.Tensor:
+        """(B, 1) ids, (B,) bool valid -> (B, V) logits; the cache gains one slot per row (see `decode_step`)."""
         cos, sin = self._rope(cache.max_len)
-        cache.dense_len = None  # the step keeps per-row lengths only
         args = (ids, valid, cache.k, cache.v, cache.key_mask, cache.lengths, cache.positions, cos, sin)
         if not self.compiled:
-            return self._fn(*args)
+            out = decode_step(self.model, self.weights, *args, span=span, dense=dense)
+            cache.dense_len = cache.dense_len + 1 if dense and cache.dense_len is not None else None
+            return out
+        cache.dense_len = None  # the static step keeps per-row lengths only
         try:
-            return self._fn(*args)
+            return self._compiled(*args)
         except Exception as e:  # e.g. no C++ compiler for Inductor: one line, and how to run without it
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise GenerationError(f"torch.compile of the decode step failed ({type(e).__name__}: {first}); "
@@ -356,17 +364,16 @@ class StaticDecoder:
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def static_decoder(model: torch.nn.Module, compile: bool = False, mode: str | None = None) -> StaticDecoder:
-    """The model's StaticDecoder (kept with the model, so compiled graphs are reused across generate calls)."""
+def decoder_for(model: torch.nn.Module, compile: bool = False, mode: str | None = None) -> Decoder | None:
+    """The model's `Decoder` (kept with the model, so compiled graphs are reused across generate calls), or None
+    when the step does not apply: not lmforge's `Transformer` (a wrapper with another forward, e.g. a fake), or a
+    model in training mode with dropout (the step applies none)."""
+    if not (isinstance(model, Transformer) and type(model).forward is Transformer.forward):
+        return None
+    if model.training and model.config.dropout:
+        return None
     per_model = _DECODERS.setdefault(model, {})
     key = (compile, mode)
     if key not in per_model:
-        per_model[key] = StaticDecoder(model, compile=compile, mode=mode)
+        per_model[key] = Decoder(model, compile=compile, mode=mode)
     return per_model[key]
-
-
-def supports_static_decode(model: torch.nn.Module) -> bool:
-    """The static step needs lmforge's Transformer (not a wrapper with a different forward, e.g. a fake)."""
-    return type(model).forward is Transformer.forward and isinstance(model, Transformer)
-
-

@@ -21,7 +21,6 @@ import torch
 
 from lmforge.errors import GenerationError
 from lmforge.generation import decode
-from lmforge.generation.decode import static_decoder, supports_static_decode
 from lmforge.generation.sampling import SamplingParams, make_generators, sample_next_token, token_counts
 from lmforge.generation.stops import StopChecker
 
@@ -87,8 +86,9 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     prompts: token id lists (B rows, any lengths >= 1); one `StopChecker` per row records tokens, logprobs and
     decides when the row is finished. `max_len` caps prompt + generated tokens (the context window).
     Finished rows keep being fed a padding token (their cache rows are simply ignored) until all rows are done.
-    compile: decode steps run through `torch.compile` (`StaticDecoder`; a string is the torch.compile mode);
-    static: use the static-shape step without compiling (None: only when compiling). Prefill is always eager.
+    compile: decode steps run through `torch.compile` (`decode.Decoder`; a string is the torch.compile mode);
+    static: run the eager step with the compiled step's static shapes (whole cache, masked; a check of what
+    compile runs). Prefill is always the model's forward.
     """
     B = len(prompts)
     if B == 0:
@@ -120,22 +120,20 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         if n <= 0:  # this row's prompt already fills the context window
             checkers[i].flush("length")
             alive[i] = False
-    decoder = None
-    if use_cache and (compile or static) and supports_static_decode(model):
-        decoder = static_decoder(model, compile=bool(compile), mode=compile if isinstance(compile, str) else None)
+    # the one-token decode step (lmforge.generation.decode), compiled or eager; None: the model's forward decodes
+    decoder = decode.decoder_for(model, compile=bool(compile), mode=compile if isinstance(compile, str) else None) \
+        if use_cache else None
     padded = not bool(mask.all())
     cache = None
-    fused = None  # the weights laid out for the fused one-token step, when this batch can take it
     if use_cache:
-        if decoder is None:
-            cache = model.new_cache(B, T + steps)
-            if not padded:  # a left-padded batch never has a dense cache: no decode weights for it
-                fused = decode.fused_weights(model)  # may re-lay a large model's weights out, once
-        else:  # the static step keeps per-row lengths
-            cache = model.new_cache(B, decoder.cache_len(T + steps))
-    valid = torch.ones(B, dtype=torch.bool, device=device) if decoder is not None else None  # (B,) alive rows
+        if decoder is not None:
+            decoder.begin()  # may re-lay a large model's weights out, once
+        needed = T + steps
+        cache = model.new_cache(B, needed if decoder is None else decoder.cache_len(needed))
+    valid = torch.ones(B, dtype=torch.bool, device=device)  # (B,) alive rows
+    window = model.config.sliding_window if decoder is not None else None
 
-    def feed_step(next_ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    def feed_step(next_ids: torch.Tensor, tokens: list[int], step: int) -> torch.Tensor:
         """Feed each row's new token; (B, V) logits of the next position. Runs inside inference mode."""
         nonlocal ids, mask, valid
         if seen is not None:
@@ -147,13 +145,14 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
         else:  # a finished row's token is padding: it takes no position and no other token sees it
             feed = torch.tensor([t if alive[i] else pad_id for i, t in enumerate(tokens)], device=device)[:, None]
             feed_mask = torch.tensor(alive, dtype=torch.long, device=device)[:, None]
-        if decoder is not None:  # static shapes: one (compiled) graph for every step
-            if feed_mask is not None:
-                valid = torch.tensor(alive, dtype=torch.bool, device=device)
-            return decoder.step(feed, valid, cache)  # (B, 1) -> (B, V)
+            valid = feed_mask[:, 0].bool()
+        if decoder is not None:
+            if static or decoder.compiled:  # static shapes: one (compiled) graph for every step
+                return decoder.step(feed, valid, cache)  # (B, 1) -> (B, V)
+            span = T + step  # every row has written T + step - 1 slots; this token takes the next one
+            dense = not padded and feed_mask is None and not (window and span > window)
+            return decoder.step(feed, valid, cache, span=span, dense=dense)
         if use_cache:
-            if fused is not None and feed_mask is None and decode.fused_step_ok(model, cache):
-                return decode.fused_step(model, feed, cache, fused)[:, -1]  # same numbers, about half the ops
             return model(feed, attention_mask=feed_mask, kv_cache=cache)[:, -1]  # decode: (B, 1) -> (B, V)
         # reference path: re-run the whole (left-padded) sequence every step
         ids = torch.cat([ids, feed], dim=1)  # (B, T + step + 1)
@@ -169,7 +168,7 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
                 logits = model(ids, attention_mask=mask if padded else None, kv_cache=cache,
                                logits_to_keep=1)[:, -1]  # (B, V)
             else:
-                logits = feed_step(next_ids, tokens)
+                logits = feed_step(next_ids, tokens, step)
             next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
             if params.logprobs:
                 logp = logits.float().log_softmax(dim=-1)  # (B, V) the model's own distribution

@@ -1,7 +1,8 @@
-"""The one-token decode step (`lmforge.generation.decode.fused_step`, `DecodeWeights`) against the module-by-module forward:
-same logits and same cache contents for every architecture variant it covers, in both forms (a small model's fused
-copies; a large model's weights re-laid out in place, with products split across threads), rebuilt after the
-weights change, and never used where it does not apply (LoRA, quantized layers, past a sliding window)."""
+"""The one-token decode step (`lmforge.generation.decode.decode_step` through a `Decoder`) against the module-by-module
+forward: same logits and same cache contents for every architecture variant, through every form of weights (a small
+model's fused copies; a large model's weights re-laid out in place, with products split across threads; the model's
+own modules for LoRA and quantized layers), dense or masked (padding, finished rows, past a sliding window), and
+weights remade after they change."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import lmforge.generation.decode as model_mod
-from lmforge.generation.decode import DecodeWeights, decode_product, fused_step, fused_step_ok, fused_weights
+from lmforge.generation.decode import DecodeWeights, decode_product, decoder_for, fused_weights
 from lmforge.models.config import ModelConfig
 from lmforge.models.decoder import Transformer
 
@@ -38,20 +39,23 @@ def make(kind: str, seed: int = 0) -> Transformer:
 
 
 def decode(model: Transformer, prompt: torch.Tensor, steps: int, fused: bool, calls: list | None = None):
-    """Greedy decode, through the fused step where it applies (fused=True) or the forward only; returns the
-    (steps, B, V) logits and the cache."""
-    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + steps)
-    weights = fused_weights(model) if fused else None
-    assert (weights is not None) == fused
+    """Greedy decode, through the decode step as `generate` drives it (fused=True: span and dense from what the
+    caller knows) or the forward only; returns the (steps, B, V) logits and the cache."""
+    B, T = prompt.shape
+    cache = model.new_cache(B, T + steps)
+    dec = decoder_for(model).begin() if fused else None
+    window = model.config.sliding_window
     out = []
     with torch.inference_mode():
         logits = model(prompt, kv_cache=cache)[:, -1]
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             nxt = logits.argmax(-1, keepdim=True)
-            if weights is not None and fused_step_ok(model, cache):
-                logits = fused_step(model, nxt, cache, weights)[:, -1]
+            if dec is not None:
+                span = T + step
+                dense = not (window and span > window)
+                logits = dec.step(nxt, torch.ones(B, dtype=torch.bool), cache, span=span, dense=dense)
                 if calls is not None:
-                    calls.append(1)
+                    calls.append(dense)
             else:
                 logits = model(nxt, kv_cache=cache)[:, -1]
             out.append(logits)
@@ -71,7 +75,7 @@ def in_place(monkeypatch):
 
 @pytest.mark.parametrize("form", ["copies", "in_place"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_fused_steps_equal_the_module_forward(kind, form, request):
+def test_dense_steps_equal_the_module_forward(kind, form, request):
     if form == "in_place":
         request.getfixturevalue("in_place")
     model = make(kind)
@@ -81,16 +85,45 @@ def test_fused_steps_equal_the_module_forward(kind, form, request):
     got, cache_f = decode(model, prompt, 12, fused=True, calls=calls)
     want, cache_m = decode(model, prompt, 12, fused=False)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    n = cache_m.dense_len
-    assert cache_f.dense_len == n == 17
+    n = int(cache_m.lengths[0])
+    assert n == 17 and torch.equal(cache_f.lengths, cache_m.lengths)
+    if kind == "mistral-window":  # dense (no mask) while the window covers every cached token, masked after
+        assert cache_f.dense_len is None and 0 < sum(calls) < 12
+    else:
+        assert cache_f.dense_len == cache_m.dense_len == n and all(calls)
     torch.testing.assert_close(cache_f.k[:, :, :, :n], cache_m.k[:, :, :, :n], atol=1e-5, rtol=0)
     torch.testing.assert_close(cache_f.v[:, :, :, :n], cache_m.v[:, :, :, :n], atol=1e-5, rtol=0)
     assert torch.equal(cache_f.key_mask, cache_m.key_mask) and torch.equal(cache_f.lengths, cache_m.lengths)
     assert torch.equal(cache_f.positions, cache_m.positions)
-    if kind == "mistral-window":  # fused only while the window still covers every cached token (5 + 1 < 6 ... )
-        assert 0 < len(calls) < 12
-    else:
-        assert len(calls) == 12
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_masked_step_with_padding_and_finished_rows_equals_the_forward(kind):
+    """A left-padded batch with a row that finishes: the step through the masked path (per-row slots, positions and
+    validity) gives the forward's logits for the live rows and the same cache bookkeeping, with each form of weights
+    (fused copies, or the model's own modules: weights=None)."""
+    model = make(kind)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    for own_modules in (False, True):
+        dec = decoder_for(model).begin()
+        if own_modules:
+            dec.weights = None
+        a, b = model.new_cache(2, 16), model.new_cache(2, 16)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, kv_cache=a)
+            model(ids, attention_mask=mask, kv_cache=b)
+            for step, feed in enumerate(([[9], [10]], [[11], [12]], [[0], [13]], [[0], [14]]), start=1):
+                feed = torch.tensor(feed)
+                alive = torch.tensor([step < 3, True])
+                want = model(feed, attention_mask=alive.long()[:, None], kv_cache=a)[:, -1]
+                got = dec.step(feed, alive, b, span=5 + step)
+                torch.testing.assert_close(got[alive], want[alive], rtol=1e-5, atol=1e-5)
+                assert torch.equal(a.lengths, b.lengths) and torch.equal(a.positions, b.positions)
+                assert torch.equal(a.key_mask, b.key_mask)
+                real = a.key_mask[None, :, None, :, None].expand_as(a.k)
+                torch.testing.assert_close(a.k[real], b.k[real])
+                torch.testing.assert_close(a.v[real], b.v[real])
 
 
 def test_fused_copies_are_remade_after_the_weights_change():
@@ -115,17 +148,24 @@ def test_fused_copies_are_remade_after_the_weights_change():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_not_used_for_lora_quantized_or_large_models(monkeypatch):
+def test_lora_and_quantized_models_step_through_their_own_modules(monkeypatch):
     from lmforge.finetune.lora import add_lora
+    from lmforge.compress.quantize import quantize_model
 
     model = make("llama-gqa")
     add_lora(model, ("q_proj", "v_proj"), r=2)
-    assert fused_weights(model) is None  # a LoRA-wrapped projection is not a plain nn.Linear
-
-    from lmforge.compress.quantize import quantize_model
-
+    with torch.no_grad():  # a non-zero adapter, so leaving it out would show
+        for name, p in model.named_parameters():
+            if "lora_b" in name.lower():
+                p.normal_(0, 0.5)
+    assert fused_weights(model) is None  # a LoRA-wrapped projection is not a plain nn.Linear: no laid-out copies
     q = quantize_model(make("gpt2"), "int8", progress=False)
     assert fused_weights(q) is None
+    prompt = torch.randint(0, 97, (2, 5))
+    for m in (model, q):
+        got, _ = decode(m, prompt, 6, fused=True)  # the step with weights=None: the model's own modules
+        want, _ = decode(m, prompt, 6, fused=False)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
     monkeypatch.setattr(model_mod, "FUSED_DECODE_MAX_PARAMS", 100)  # large: in place on a CPU, nothing elsewhere
     assert DecodeWeights.form(make("gpt2")) == "in_place"
@@ -213,17 +253,18 @@ def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
         lora_model(prompt)
 
 
-def test_padded_batches_make_no_decode_weights(monkeypatch):
-    """A left-padded batch never takes the dense one-token step, so generate does not ask for decode weights."""
+def test_generate_lays_weights_out_once_per_call_and_decodes_padded_batches(monkeypatch):
+    """generate asks for the decode weights once per call (remade only when the weights changed), and a left-padded
+    batch also decodes through the step: same tokens as each prompt alone."""
     from lmforge.generation.api import generate
-    from lmforge.generation import loop
+    from lmforge.generation import decode
     from lmforge.lm import LM
 
     model = make("llama-gqa")
     calls = []
-    monkeypatch.setattr(loop.decode, "fused_weights", lambda m: calls.append(1) or fused_weights(m))
+    monkeypatch.setattr(decode, "fused_weights", lambda m: calls.append(1) or fused_weights(m))
     lm = LM(model, None)
-    generate(lm, [[5, 6, 7], [8, 9]], temperature=0, max_new_tokens=3, ignore_eos=True)
-    assert calls == []
-    generate(lm, [[5, 6, 7], [8, 9, 10]], temperature=0, max_new_tokens=3, ignore_eos=True)
+    both = generate(lm, [[5, 6, 7], [8, 9]], temperature=0, max_new_tokens=6, ignore_eos=True)
     assert calls == [1]
+    alone = [generate(lm, [p], temperature=0, max_new_tokens=6, ignore_eos=True)[0] for p in ([5, 6, 7], [8, 9])]
+    assert [o.token_ids for o in both] == [o.token_ids for o in alone]
