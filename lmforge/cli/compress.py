@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from lmforge.errors import ConfigError
-from lmforge.utils import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,118 +75,35 @@ def _overwrite_arg(p: argparse.ArgumentParser) -> None:
                    help="write into --out even if it already holds a model (which is replaced)")
 
 
+def _print(report: dict) -> None:
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) and k != "ratio" else v for k, v in report.items()}))
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import lmforge
-    from lmforge.compress.quantize import calibration_batches, model_nbytes, quantize_model
-    from lmforge.utils import human_bytes
+    from lmforge.recipes.compress import run_quantize
 
-    check_output(args.out, overwrite=args.overwrite)
-    lm = lmforge.load(args.model, dtype="float32")
-    calib = None
-    if args.method == "gptq":
-        if lm.tokenizer is None:
-            raise ConfigError(f"{args.model} has no tokenizer; GPTQ needs one to encode calibration text")
-        if args.calib_data is not None:
-            from lmforge.tokenizers.bpe import read_text_file
-
-            text = read_text_file(args.calib_data)
-        else:
-            from lmforge.training.data import builtin_corpus
-
-            text = builtin_corpus()
-        seq_len = min(args.calib_len, lm.config.block_size)
-        calib = calibration_batches(lm.tokenizer, text, args.calib_samples, seq_len)
-        calib = list(calib.split(8))  # batches of 8 sequences
-    before = model_nbytes(lm.model)
-    quantize_model(lm.model, args.scheme, args.group_size, calibration=calib, method=args.method,
-                   embeddings=args.embeddings, fallback=args.fallback)
-    after = model_nbytes(lm.model)
-    lm.save(args.out)
-    disk = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
-    print(json.dumps({"out": str(args.out), "scheme": args.scheme, "method": args.method,
-                      "group_size": None if args.scheme == "int8" else args.group_size,
-                      "weights_before": human_bytes(before), "weights_after": human_bytes(after),
-                      "ratio": round(after / before, 4), "safetensors_on_disk": human_bytes(disk)}), file=sys.stdout)
+    _print(run_quantize(args.model, args.out, scheme=args.scheme, group_size=args.group_size, method=args.method,
+                        calib_data=args.calib_data, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                        embeddings=args.embeddings, fallback=args.fallback, overwrite=args.overwrite))
     return 0
 
 
-def _token_data(lm, sources: list[str], block_size: int, batch_size: int, seed: int = 0):
-    """Encode the text with the model's tokenizer: (training batches, validation tokens) (last 10% held out)."""
-    import numpy as np
-
-    from lmforge.training.data import PackedBatches, builtin_corpus
-    from lmforge.tokenizers.bpe import read_text_file
-
-    if lm.tokenizer is None:
-        raise ConfigError("the model has no tokenizer to encode the training text")
-    text = "\n\n".join(builtin_corpus() if s == "builtin" else read_text_file(s) for s in sources)
-    ids = np.asarray(lm.tokenizer.encode(text), dtype=np.int64)
-    cut = int(len(ids) * 0.9)
-    block_size = min(block_size, lm.config.block_size)
-    return PackedBatches(ids[:cut], batch_size, block_size, seed=seed), ids[cut:], block_size
-
-
 def cmd_distill(args: argparse.Namespace) -> int:
-    import lmforge
     from lmforge import argconf
-    from lmforge.models.config import PRESETS, ModelConfig
-    from lmforge.compress.distill import DistillConfig, distill
-    from lmforge.lm import LM
-    from lmforge.models.decoder import Transformer
+    from lmforge.compress.distill import DistillConfig
+    from lmforge.recipes.compress import run_distill
 
-    check_output(args.out, overwrite=args.overwrite)
-    teacher = lmforge.load(args.teacher, dtype="float32")
-    if args.student in PRESETS:
-        over = {k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd)) if v is not None}
-        cfg = ModelConfig.from_name(args.student, vocab_size=teacher.config.vocab_size,
-                                    block_size=teacher.config.block_size, **over)
-        student = LM(Transformer(cfg), teacher.tokenizer, cfg, teacher.generation_config, teacher.chat_template)
-    else:
-        student = lmforge.load(args.student, dtype="float32")
-    values = {k: v for k, v in vars(args).items() if v is not None}
-    config = argconf.build(DistillConfig, {k: v for k, v in values.items()
-                                           if k in DistillConfig.__dataclass_fields__})
-    batches, val, block = _token_data(teacher, args.data, args.block_size, config.batch_size, config.seed)
-    result = distill(teacher, student, batches, config, val_tokens=val[: 64 * block])
-    student.save(args.out)
-    print(json.dumps({"out": str(args.out), "steps": result.train.step,
-                      **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.report.items()}}))
+    values = {k: v for k, v in vars(args).items() if v is not None and k in DistillConfig.__dataclass_fields__}
+    config = argconf.build(DistillConfig, values)
+    _print(run_distill(args.teacher, args.student, args.out, config, data=args.data, block_size=args.block_size,
+                       n_layer=args.n_layer, n_embd=args.n_embd, overwrite=args.overwrite))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    import torch
+    from lmforge.recipes.compress import run_prune
 
-    import lmforge
-    from lmforge.compress.distill import DistillConfig
-    from lmforge.compress.prune import prune_and_heal
-
-    check_output(args.out, overwrite=args.overwrite)
-    lm = lmforge.load(args.model, dtype="float32")
-    batches, val, block = _token_data(lm, args.data, args.block_size, args.batch_size)
-    calib = torch.cat([batches(i)["input_ids"] for i in range(4)])  # (4 * batch_size, T)
-    from lmforge import argconf
-
-    heal = argconf.build(DistillConfig, {"max_steps": max(args.heal_steps, 1), "lr": args.lr,
-                                         "batch_size": args.batch_size, "warmup_steps": min(10, args.heal_steps),
-                                         "eval_every": 0, **({"progress": args.progress} if args.progress else {})})
-    targets = {k: v for k, v in (("n_kv_head", args.n_kv_head), ("intermediate_size", args.intermediate_size),
-                                 ("n_layer", args.n_layer)) if v is not None}
-    if not targets:
-        raise ConfigError("say what to prune: --n-kv-head, --intermediate-size and/or --n-layer")
-    if args.heal_steps == 0:
-        from lmforge.training.eval import perplexity
-        from lmforge.lm import LM
-        from lmforge.compress.prune import prune_model
-
-        small = prune_model(lm.model, calib, **targets)
-        out = LM(small, lm.tokenizer, small.config, lm.generation_config, lm.chat_template)
-        report = {"params_before": lm.model.num_params(), "params_after": small.num_params(),
-                  "ppl_before": perplexity(lm.model, val[: 64 * block], block)["perplexity"],
-                  "ppl_pruned": perplexity(small, val[: 64 * block], block)["perplexity"]}
-    else:
-        out, report = prune_and_heal(lm, calib, batches, heal, val_tokens=val[: 64 * block], **targets)
-    out.save(args.out)
-    print(json.dumps({"out": str(args.out), **{k: round(v, 3) if isinstance(v, float) else v
-                                               for k, v in report.items()}}))
+    _print(run_prune(args.model, args.out, n_kv_head=args.n_kv_head, intermediate_size=args.intermediate_size,
+                     n_layer=args.n_layer, data=args.data, block_size=args.block_size, heal_steps=args.heal_steps,
+                     lr=args.lr, batch_size=args.batch_size, progress=args.progress, overwrite=args.overwrite))
     return 0
