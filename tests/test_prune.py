@@ -11,7 +11,8 @@ from lmforge.models.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.lm import LM
 from lmforge.models.decoder import Transformer
-from lmforge.compress.prune import importance_scores, prune_and_heal, prune_model
+from lmforge.compress.prune import importance_scores, prune_model
+from lmforge.recipes.compress import prune_and_heal
 
 
 def model_of(preset, **kw):

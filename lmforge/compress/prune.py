@@ -16,7 +16,8 @@ activation magnitudes because they need only forward passes:
   Men et al. 2024: layers that barely rotate the hidden state matter least).
 
 Pruning hurts; a short distillation from the unpruned model ("heal", `lmforge.compress.distill`) recovers much of it at a
-fraction of the cost of training the small model from scratch.
+fraction of the cost of training the small model from scratch; `lmforge.recipes.compress.prune_and_heal` composes
+the two.
 """
 
 from __future__ import annotations
@@ -156,24 +157,3 @@ def _copy_inputs(src: torch.nn.Linear, dst: torch.nn.Linear, cols: torch.Tensor)
     dst.weight.copy_(src.weight[:, cols])
     if src.bias is not None:
         dst.bias.copy_(src.bias)
-
-
-def prune_and_heal(lm, calibration, data, heal_config=None, val_tokens=None, **targets) -> tuple[Any, dict]:
-    """Prune `lm` (an `LM`) to `targets` (n_kv_head / intermediate_size / n_layer), then heal the pruned model by
-    distilling from the original on `data`. Returns (pruned LM, report with sizes and perplexities)."""
-    from lmforge.compress.distill import DistillConfig, distill
-    from lmforge.training.eval import perplexity
-    from lmforge.lm import LM
-
-    teacher = lm.model
-    small = prune_model(teacher, calibration, **targets)
-    report: dict[str, Any] = {"params_before": teacher.num_params(), "params_after": small.num_params()}
-    if val_tokens is not None:
-        report["ppl_before"] = perplexity(teacher, val_tokens)["perplexity"]
-        report["ppl_pruned"] = perplexity(small, val_tokens)["perplexity"]
-    result = distill(teacher, small, data, heal_config or DistillConfig(max_steps=100, lr=1e-3, warmup_steps=10))
-    if val_tokens is not None:
-        report["ppl_healed"] = perplexity(small, val_tokens)["perplexity"]
-    report["heal_steps"] = result.train.step
-    out = LM(small, lm.tokenizer, small.config, lm.generation_config, lm.chat_template)
-    return out, report

@@ -12,13 +12,14 @@ directory that already holds a model unless `overwrite` is set, before any work 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from lmforge import argconf
 from lmforge.compress.distill import DistillConfig, distill
-from lmforge.compress.prune import prune_and_heal, prune_model
+from lmforge.compress.prune import prune_model
 from lmforge.compress.quantize import calibration_batches, model_nbytes, quantize_model
 from lmforge.errors import ConfigError
 from lmforge.lm import LM
@@ -45,6 +46,23 @@ def token_data(lm: LM, sources: list[str], block_size: int, batch_size: int, see
     cut = int(len(ids) * 0.9)
     block_size = min(block_size, lm.config.block_size)
     return PackedBatches(ids[:cut], batch_size, block_size, seed=seed), ids[cut:], block_size
+
+
+def prune_and_heal(lm, calibration, data, heal_config=None, val_tokens=None, **targets) -> tuple[Any, dict]:
+    """Prune `lm` (an `LM`) to `targets` (n_kv_head / intermediate_size / n_layer), then heal the pruned model by
+    distilling from the original on `data`. Returns (pruned LM, report with sizes and perplexities)."""
+    teacher = lm.model
+    small = prune_model(teacher, calibration, **targets)
+    report: dict[str, Any] = {"params_before": teacher.num_params(), "params_after": small.num_params()}
+    if val_tokens is not None:
+        report["ppl_before"] = perplexity(teacher, val_tokens)["perplexity"]
+        report["ppl_pruned"] = perplexity(small, val_tokens)["perplexity"]
+    result = distill(teacher, small, data, heal_config or DistillConfig(max_steps=100, lr=1e-3, warmup_steps=10))
+    if val_tokens is not None:
+        report["ppl_healed"] = perplexity(small, val_tokens)["perplexity"]
+    report["heal_steps"] = result.train.step
+    out = LM(small, lm.tokenizer, small.config, lm.generation_config, lm.chat_template)
+    return out, report
 
 
 def run_quantize(model: str, out: Path, *, scheme: str = "int8", group_size: int = 32, method: str = "rtn",

@@ -64,6 +64,8 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.generation.loop import generate_ids
+from lmforge.generation.sampling import SamplingParams
 from lmforge.training.batch import count_tokens, next_token_loss, to_device, unique_trainable
 from lmforge.training.heap import retain_freed_memory
 from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_device
@@ -347,22 +349,26 @@ def evaluate(model: nn.Module, val_data: Any, loss_fn: Callable | None = None, m
 @torch.no_grad()
 def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40,
                 device: torch.device | str = "cpu") -> str:
-    """Greedy continuation of `prompt` (via `lmforge.generation.api`), used to watch a model learn.
+    """Greedy continuation of `prompt` (the token-id decode loop of `lmforge.generation.loop`), used to watch a
+    model learn. BOS first when the tokenizer says the model expects it; a long prompt keeps its end.
 
     Runs inside `torch.random.fork_rng`, so sampling during training never shifts the RNG stream that dropout
     draws from: a run with samples and one without (or a resumed one) see the same random numbers.
     """
-    from lmforge.generation.api import generate
-    from lmforge.lm import LM
-
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    if not prompt:  # start from the document separator
+        ids = [bos if bos is not None else eos]
+    else:
+        ids = list(tokenizer.encode(prompt))
+        if getattr(tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
+    block = model.config.block_size
+    ids = ids[-(block - 1):]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=[eos] if eos is not None else [])
     was_training = model.training
     with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
-        start = prompt
-        if not prompt:  # start from the document separator
-            bos = getattr(tokenizer, "bos_token_id", None)
-            start = [bos if bos is not None else tokenizer.eos_token_id]
-        text = generate(LM(model, tokenizer, model.config), start, temperature=0.0,
-                        max_new_tokens=max_new_tokens, truncate=True)
+        text = generate_ids(model, [ids], params, tokenizer, max_len=block)[0]
     model.train(was_training)
     return prompt + str(text)
 
