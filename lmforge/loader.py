@@ -142,7 +142,7 @@ def load(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "auto", devic
                 from lmforge.encoder_lm import load_encoder_dir
 
                 return load_encoder_dir(p, dtype, device)
-            if raw.get("model_type") in ("t5", "mt5"):  # encoder-decoders: Seq2SeqLM, not LM
+            if raw.get("model_type") in ("t5", "mt5", "bart", "mbart"):  # encoder-decoders: Seq2SeqLM, not LM
                 from lmforge.seq2seq_lm import load_seq2seq
 
                 return load_seq2seq(p, dtype, device)

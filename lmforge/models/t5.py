@@ -168,19 +168,21 @@ class RelativePositionBias(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Attention, feed-forward, blocks
 # ----------------------------------------------------------------------------------------------------------------
-class T5Attention(nn.Module):
-    """Multi-head attention without biases and without the 1/sqrt(hd) scale. Self-attention when `kv` is None;
-    cross-attention otherwise (queries from the decoder, keys/values from the encoder output)."""
+class Seq2SeqAttention(nn.Module):
+    """Multi-head attention for encoder-decoders. Self-attention when `k`/`v` are not given; cross-attention
+    otherwise (queries from the decoder, keys/values from the encoder output). T5 has no biases and no 1/sqrt(hd)
+    scale (`T5Attention`); BART has both (`lmforge.models.bart`)."""
 
-    def __init__(self, config: T5Config):
+    def __init__(self, d_model: int, num_heads: int, head_dim: int, bias: bool = False, scale: float = 1.0,
+                 dropout: float = 0.0):
         super().__init__()
-        self.nh, self.hd = config.num_heads, config.d_kv
+        self.nh, self.hd, self.scale = num_heads, head_dim, scale
         inner = self.nh * self.hd
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
-        self.dropout = config.dropout_rate
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.k = nn.Linear(d_model, inner, bias=bias)
+        self.v = nn.Linear(d_model, inner, bias=bias)
+        self.o = nn.Linear(inner, d_model, bias=bias)
+        self.dropout = dropout
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -191,16 +193,35 @@ class T5Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, k: torch.Tensor | None = None,
                 v: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C) queries' input; bias: (B or 1, nh, T, S) position bias + mask (-large where hidden);
+        """x: (B, T, C) queries' input; bias: (B or 1, nh or 1, T, S) position bias + mask (-large where hidden);
         k, v: (B, nh, S, hd) precomputed keys/values (cache or cross-attention), else projected from x."""
         B, T, _ = x.shape
         q = self.heads(self.q(x))  # (B, nh, T, hd)
         if k is None:
             k, v = self.heads(self.k(x)), self.heads(self.v(x))  # (B, nh, T, hd)
-        # softmax(q k^T + bias) v, with no 1/sqrt(hd): T5 folds that scale into q's initialisation
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))  # (B, T, C)
+
+    def cached(self, h: torch.Tensor, bias: torch.Tensor, self_kv) -> torch.Tensor:
+        """Self-attention of a decoder block while decoding: write this call's keys/values into the cache
+        (self_kv = (cache_k, cache_v, L), each (B, nh, max_len, hd) with L tokens already there) and attend to
+        all L + T of them. Without a cache (training), plain self-attention."""
+        if self_kv is None:
+            return self(h, bias)
+        cache_k, cache_v, L = self_kv
+        T = h.shape[1]
+        cache_k[:, :, L:L + T] = self.heads(self.k(h))
+        cache_v[:, :, L:L + T] = self.heads(self.v(h))
+        return self(h, bias, cache_k[:, :, :L + T], cache_v[:, :, :L + T])
+
+
+class T5Attention(Seq2SeqAttention):
+    """T5's attention: no biases and no 1/sqrt(hd): T5 folds that scale into the initialisation of q."""
+
+    def __init__(self, config: T5Config):
+        super().__init__(config.d_model, config.num_heads, config.d_kv, bias=False, scale=1.0,
+                         dropout=config.dropout_rate)
 
 
 class T5FeedForward(nn.Module):
@@ -240,15 +261,7 @@ class T5Block(nn.Module):
         self.drop = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, self_bias, self_kv=None, cross_bias=None, cross_kv=None):
-        h = self.norm_attn(x)
-        if self_kv is not None:  # decoding with a cache: write this call's keys/values, attend to all of them
-            cache_k, cache_v, L = self_kv  # (B, nh, max_len, hd) each, L tokens already there
-            T = x.shape[1]
-            cache_k[:, :, L:L + T] = self.self_attn.heads(self.self_attn.k(h))
-            cache_v[:, :, L:L + T] = self.self_attn.heads(self.self_attn.v(h))
-            x = x + self.drop(self.self_attn(h, self_bias, cache_k[:, :, :L + T], cache_v[:, :, :L + T]))
-        else:
-            x = x + self.drop(self.self_attn(h, self_bias))
+        x = x + self.drop(self.self_attn.cached(self.norm_attn(x), self_bias, self_kv))
         if cross_kv is not None:
             x = x + self.drop(self.cross_attn(self.norm_cross(x), cross_bias, *cross_kv))
         return x + self.drop(self.mlp(self.norm_mlp(x)))  # (B, T, C)
@@ -280,14 +293,14 @@ class Seq2SeqCache:
     `reorder(index)` keeps rows `index` (beam search: each surviving beam continues from its parent's state).
     """
 
-    def __init__(self, model: "T5", memory: torch.Tensor, memory_mask: torch.Tensor | None, max_len: int):
-        cfg = model.config
+    def __init__(self, model: nn.Module, memory: torch.Tensor, memory_mask: torch.Tensor | None, max_len: int):
+        blocks = model.decoder.blocks  # T5 or BART: each block has self_attn and cross_attn (Seq2SeqAttention)
         B, S, _ = memory.shape
-        n = cfg.num_decoder_layers
-        shape = (n, B, cfg.num_heads, max_len, cfg.d_kv)
+        attn = blocks[0].self_attn
+        shape = (len(blocks), B, attn.nh, max_len, attn.hd)
         self.self_k = torch.zeros(shape, dtype=memory.dtype, device=memory.device)
         self.self_v = torch.zeros(shape, dtype=memory.dtype, device=memory.device)
-        kv = [blk.cross_attn.project_kv(memory) for blk in model.decoder.blocks]  # n x 2 x (B, nh, S, hd)
+        kv = [blk.cross_attn.project_kv(memory) for blk in blocks]  # n x 2 x (B, nh, S, hd)
         self.cross_k = torch.stack([k for k, _ in kv])  # (n, B, nh, S, hd)
         self.cross_v = torch.stack([v for _, v in kv])
         self.memory_mask = (memory_mask.bool() if memory_mask is not None
