@@ -249,7 +249,7 @@ def test_incremental_ingest_add_update_delete(tmp_path):
     assert sorted(reopened.doc_hashes()) == [f"doc{i}" for i in range(5)]
     assert reopened.count() == len(reopened.chunks()) == reopened.vectors.shape[0]
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == sorted(
-        ["index.json", reopened.raw["vectors"], reopened.raw["meta"]])
+        ["index.json", "write.lock", reopened.raw["vectors"], reopened.raw["meta"]])
 
 
 def test_filters_and_hybrid(tmp_path):
@@ -270,6 +270,16 @@ def test_rrf_formula():
     fused = rrf([[a, b], [b, c]], k=3, k_rrf=60)
     assert [h.chunk.doc_id for h in fused] == ["b", "a", "c"]
     assert fused[0].score == pytest.approx(1 / 62 + 1 / 61)
+    # Weights: the second list counts 0.2 as much; a (1st in list 1 only) now beats b (2nd in 1, 1st in 2) at k 1.
+    fused = rrf([[a, b], [b, c]], k=3, k_rrf=1, weights=[1.0, 0.2])
+    assert [h.chunk.doc_id for h in fused] == ["a", "b", "c"]
+    assert [h.score for h in fused] == pytest.approx([1 / 2, 1 / 3 + 0.2 / 2, 0.2 / 3])
+    with pytest.raises(ConfigError, match="2 rankings but 1 weights"):
+        rrf([[a], [b]], k=1, weights=[1.0])
+    with pytest.raises(ConfigError, match="one non-negative weight per retriever"):
+        HybridRetriever([object(), object()], weights=[1.0, -1.0])
+    h = HybridRetriever.default(object(), object())
+    assert (h.k_rrf, h.weights, h.fetch_k) == (30.0, [0.2, 1.0], 20)
 
 
 def test_top_k_ties_and_order():

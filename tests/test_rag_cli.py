@@ -252,4 +252,5 @@ def test_kill_9_during_ingest_leaves_index_whole(tmp_path):
     subprocess.run([sys.executable, str(script), str(idx), "0", "1", "100000"], check=True, env=env,
                    capture_output=True, timeout=120)
     store = EmbeddedStore.open(idx)
-    assert sorted(p.name for p in idx.iterdir()) == sorted(["index.json", store.raw["vectors"], store.raw["meta"]])
+    assert sorted(p.name for p in idx.iterdir()) == sorted(["index.json", "write.lock", store.raw["vectors"],
+                                                            store.raw["meta"]])

@@ -6,11 +6,14 @@
     lmforge rag query "who founded it?" --index idx -k 5 --json  # one JSON object per hit
     lmforge rag ask "who founded it?" --index idx --model runs/chat            # any lmforge model ...
     lmforge rag ask "who founded it?" --index idx --model http://127.0.0.1:8000/v1#demo   # ... or endpoint
+    lmforge rag ask "who founded it?" --index idx --reader runs/minilm-qa    # extractive: quote a span
     lmforge rag delete --index idx /abs/path/old.md              # by document id
     lmforge rag summarize report.pdf --model runs/chat           # map-reduce over chunks
 
 Ingest is incremental: run `index` again and unchanged documents are skipped by content hash; `--prune` also removes
 documents that are no longer there. Files that cannot be read are listed and skipped; the rest are indexed.
+Two `index` (or `delete`) runs on one embedded index take turns: the second waits for the first's writer lock up to
+--lock-timeout seconds, then stops with a one-line error naming the writer. Queries never wait.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                        help="key for http(s) embedders/models (default: $OPENAI_API_KEY)")
 
+    def lock_timeout(q):
+        q.add_argument("--lock-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="when another process is writing the index, wait this long for it (default 60; 0: fail "
+                            "at once)")
+
     q = sub.add_parser("index", help="load, chunk, embed and store documents (incremental)")
     q.add_argument("docs", nargs="+", help="files and folders (txt, md, html, pdf, jsonl, SQuAD json)")
     common(q)
@@ -44,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--overlap", type=int, default=None, help="overlap between chunks, in tokens (default 32)")
     q.add_argument("--batch-size", type=int, default=64, help="chunks embedded per batch")
     q.add_argument("--prune", action="store_true", help="delete indexed documents not seen in this run")
+    lock_timeout(q)
     q.set_defaults(func=cmd_index)
 
     q = sub.add_parser("query", help="retrieve the chunks nearest to a question")
@@ -59,7 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = sub.add_parser("ask", help="answer a question from the index, citing sources as [n]")
     q.add_argument("question")
     common(q)
-    q.add_argument("--model", required=True, help="lmforge model directory, or http(s)://host/v1#MODEL")
+    q.add_argument("--model", default=None, help="lmforge model directory, or http(s)://host/v1#MODEL")
+    q.add_argument("--reader", default=None, metavar="DIR",
+                   help="instead of --model: an encoder with a question-answering head (lmforge finetune qa); the "
+                        "answer is a span quoted from the best source, or a refusal when no source holds one")
     q.add_argument("-k", type=int, default=4, help="sources given to the model")
     q.add_argument("--retriever", default="hybrid", choices=["hybrid", "dense", "bm25"])
     q.add_argument("--min-score", type=float, default=None,
@@ -72,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q = sub.add_parser("delete", help="delete documents from an index by id")
     q.add_argument("ids", nargs="+")
     q.add_argument("--index", required=True)
+    lock_timeout(q)
     q.set_defaults(func=cmd_delete)
 
     q = sub.add_parser("summarize", help="summarize a long document by map-reduce over its chunks")
@@ -93,6 +106,12 @@ def _filters(items: list[str]) -> dict | None:
     return out or None
 
 
+def _lock_timeout(args: argparse.Namespace) -> float:
+    if not args.lock_timeout >= 0:  # also refuses nan
+        raise ConfigError(f"--lock-timeout must be >= 0 seconds, got {args.lock_timeout}")
+    return args.lock_timeout
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -102,6 +121,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from lmforge.rag.index import open_store
     from lmforge.rag.store import is_index_dir
 
+    lock_timeout = _lock_timeout(args)
     loaded = Loader().load(args.docs)
     for path, why in loaded.skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
@@ -115,7 +135,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             overlap = raw["chunker"]["overlap_tokens"] if overlap is None else overlap
     embedder = make_embedder(spec, api_key=args.api_key)
     chunker = Chunker.for_embedder(embedder, max_tokens=size, overlap_tokens=32 if overlap is None else overlap)
-    store = open_store(args.index, manifest=IndexManifest.new(embedder, chunker), store_url=args.store)
+    store = open_store(args.index, manifest=IndexManifest.new(embedder, chunker), store_url=args.store,
+                       lock_timeout=lock_timeout, on_wait=_progress)
     report = Indexer(store, embedder, chunker, batch_size=args.batch_size, progress=_progress).index(
         loaded.documents, prune=args.prune)
     report.skipped = loaded.skipped
@@ -145,9 +166,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from lmforge.rag import Answerer, open_index
     from lmforge.rag.answer import make_generator
 
+    if (args.model is None) == (args.reader is None):
+        raise ConfigError("rag ask needs exactly one of --model (a generator) or --reader (an extractive QA model)")
     ix = open_index(args.index, embedder=args.embedder, api_key=args.api_key)
-    generator = make_generator(args.model, api_key=args.api_key, max_new_tokens=args.max_new_tokens)
-    answerer = Answerer(ix.retriever(args.retriever), generator, k=args.k, min_score=args.min_score)
+    if args.reader:
+        from lmforge.rag.answer import QAReader
+
+        answerer = Answerer(ix.retriever(args.retriever), reader=QAReader(args.reader), k=args.k,
+                            min_score=args.min_score)
+    else:
+        generator = make_generator(args.model, api_key=args.api_key, max_new_tokens=args.max_new_tokens)
+        answerer = Answerer(ix.retriever(args.retriever), generator, k=args.k, min_score=args.min_score)
     ans = answerer.ask(args.question, filter=_filters(args.filter))
     if args.json:
         print(json.dumps(ans.to_dict(), ensure_ascii=False))
@@ -164,7 +193,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     from lmforge.rag.index import open_store
 
-    store = open_store(args.index)
+    store = open_store(args.index, writer=True, lock_timeout=_lock_timeout(args), on_wait=_progress)
     have = store.doc_hashes()
     gone = [d for d in args.ids if d in have]
     store.delete(gone)
@@ -172,6 +201,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     missing = [d for d in args.ids if d not in have]
     print(f"{args.index}: deleted {len(gone)} document(s)" + (f"; not in the index: {', '.join(missing)}"
                                                                 if missing else ""))
+    store.close()
     return 0
 
 

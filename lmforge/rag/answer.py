@@ -15,7 +15,8 @@ text: a hallucination. Grounding narrows that gap in three checked steps:
 Generators: `LmforgeGenerator` (any `lmforge.load(dir)` model, through `lm.chat` when it has a chat template,
 `lm.generate` otherwise) and `OpenAIGenerator` (any OpenAI-compatible `/v1/chat/completions` endpoint, including
 `lmforge serve`). A `Reader` (extractive question answering: pick the answer span inside a passage) can replace
-the generator; its answer is then a quote from one source, cited like any other.
+the generator; its answer is then a quote from one source, cited like any other. `QAReader` is one, on any
+lmforge encoder with a question-answering head (a SQuAD 2.0 head also says "no answer", which counts as a refusal).
 
 `summarize` does long-document summarization by map-reduce: summarize every chunk (map), then summarize groups of
 summaries that fit the model's budget (reduce), until one summary is left.
@@ -197,6 +198,30 @@ class OpenAIGenerator:
             return str(r.json()["choices"][0]["message"]["content"] or "").strip()
         except (ValueError, KeyError, IndexError, TypeError):
             raise DataError(f"chat endpoint {self.url} returned no choices[0].message.content") from None
+
+
+class QAReader:
+    """Extractive QA with an lmforge encoder that has a question-answering head (`lmforge finetune qa` makes one):
+    `lmforge.tasks.question_answering` reads "[CLS] question [SEP] passage [SEP]" in windows and returns the best
+    span, or "" when the model's no-answer score ([CLS], SQuAD 2.0) beats every span.
+
+    `answer` returns (span, score); the score is p_start * p_end of the span, comparable across passages.
+    """
+
+    def __init__(self, model, max_seq_len: int = 384, doc_stride: int = 128, max_answer_len: int = 30,
+                 handle_impossible_answer: bool = True):
+        from lmforge.tasks.common import load_encoder, task_model
+
+        self.lm = load_encoder(model, task="question answering") if isinstance(model, str) else model
+        self.model = task_model(self.lm, "question_answering")  # a one-line error when there is no QA head
+        self.options = dict(max_seq_len=max_seq_len, doc_stride=doc_stride, max_answer_len=max_answer_len,
+                            handle_impossible_answer=handle_impossible_answer)
+
+    def answer(self, question: str, context: str) -> tuple[str, float]:
+        from lmforge.tasks.question_answering import question_answering
+
+        r = question_answering(self.lm, question, context, model=self.model, **self.options)
+        return r["answer"].strip(), float(r["score"])
 
 
 def make_generator(spec: str, api_key: str | None = None, max_new_tokens: int = 200) -> Generator:

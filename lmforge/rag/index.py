@@ -15,12 +15,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lmforge.errors import DataError
 from lmforge.utils import atomic_write_json
 from lmforge.rag.embedders import Embedder, info_of, make_embedder
 from lmforge.rag.retrievers import BM25Retriever, DenseRetriever, HybridRetriever
-from lmforge.rag.store import FORMAT, VERSION, EmbeddedStore, IndexManifest, Store
+from lmforge.rag.store import FORMAT, LOCK_TIMEOUT, VERSION, EmbeddedStore, IndexManifest, Store
 
 
 def is_pg_url(location: str) -> bool:
@@ -39,8 +40,12 @@ def _pointer(path: Path) -> dict | None:
 
 
 def open_store(location: str | os.PathLike, manifest: IndexManifest | None = None, store_url: str | None = None,
-               search: str = "exact") -> Store:
-    """Open (or, given `manifest`, create) the index at a directory, optionally backed by PostgreSQL `store_url`."""
+               search: str = "exact", writer: bool = False, lock_timeout: float = LOCK_TIMEOUT,
+               on_wait: Callable[[str], None] | None = None) -> Store:
+    """Open (or, given `manifest`, create) the index at a directory, optionally backed by PostgreSQL `store_url`.
+
+    An embedded index opened to write (`manifest` given, or `writer=True`) holds its writer lock; a second writer
+    waits up to `lock_timeout` seconds for it (telling `on_wait`), then fails with a one-line IndexBusyError."""
     location = str(location)
     if is_pg_url(location):
         from lmforge.rag.pgstore import PgVectorStore
@@ -63,8 +68,8 @@ def open_store(location: str | os.PathLike, manifest: IndexManifest | None = Non
                                                     "url": redact(url), "collection": collection})
         return store
     if manifest is None:
-        return EmbeddedStore.open(path, search=search)
-    return EmbeddedStore.create(path, manifest, search=search)
+        return EmbeddedStore.open(path, search=search, writer=writer, lock_timeout=lock_timeout, on_wait=on_wait)
+    return EmbeddedStore.create(path, manifest, search=search, lock_timeout=lock_timeout, on_wait=on_wait)
 
 
 @dataclass
@@ -80,7 +85,7 @@ class OpenIndex:
         if kind == "bm25":
             return bm25
         if kind == "hybrid":
-            return HybridRetriever([dense, bm25])
+            return HybridRetriever.default(dense, bm25)
         raise DataError(f"retriever must be dense, bm25 or hybrid, got {kind!r}")
 
 

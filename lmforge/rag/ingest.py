@@ -10,7 +10,8 @@ store holds and
 - with `prune=True`, deletes documents the store holds that this run did not see.
 
 Long runs print progress (documents, chunks embedded per second, ETA) and commit every `commit_every` chunks, so an
-interrupted ingest keeps what it finished; each commit is atomic (see store.py).
+interrupted ingest keeps what it finished; each commit is atomic (see store.py). Before it reads the store's hashes,
+ingest takes the store's writer lock, so two ingests into one index run one after the other, never interleaved.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class Indexer:
             seen[d.id] = d
         docs = list(seen.values())
         report = IngestReport()
+        self._begin_write()
         have = self.store.doc_hashes()
         todo = []
         for d in docs:
@@ -130,7 +132,15 @@ class Indexer:
                  for i in range(0, len(chunks), self.batch_size)]
         return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
+    def _begin_write(self) -> None:
+        """Take the store's writer lock before reading what it holds (the embedded store has one; PostgreSQL
+        orders concurrent writers itself), so the hashes compared below are the newest and no update is lost."""
+        begin = getattr(self.store, "begin_write", None)
+        if begin is not None:
+            begin()
+
     def delete(self, doc_ids: Sequence[str]) -> list[str]:
+        self._begin_write()
         have = self.store.doc_hashes()
         gone = [d for d in doc_ids if d in have]
         self.store.delete(gone)

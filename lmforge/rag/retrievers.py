@@ -5,10 +5,22 @@
 - `BM25Retriever`: lexical scores (bm25.py) over the same chunks. Finds exact rare words, names and numbers.
 - `HybridRetriever`: reciprocal-rank fusion (Cormack, Clarke & Buettcher 2009) of several retrievers' rankings:
 
-      rrf(d) = sum over retrievers r of 1 / (k_rrf + rank_r(d))        rank from 1, k_rrf = 60
+      rrf(d) = sum over retrievers r of w_r / (k_rrf + rank_r(d))       rank from 1; a retriever that did not
+                                                                         return d among its fetch_k adds nothing
 
   RRF uses ranks only, so it needs no calibration between a cosine in [-1, 1] and an unbounded BM25 score, and a
-  chunk ranked high by either retriever rises. It is the fusion Elasticsearch, OpenSearch and Vespa ship.
+  chunk ranked high by either retriever rises. It is the fusion Elasticsearch, OpenSearch and Vespa ship (with
+  per-retriever weights w_r in Elasticsearch's and Vespa's). Three knobs:
+  * `k_rrf` sets how much the top ranks dominate: with k_rrf = 60 (the paper's value, tuned on TREC runs of 1000
+    documents) ranks 1 and 2 score 1/61 and 1/62, nearly the same, so the fused order is decided by agreement
+    between the lists; a small k_rrf (1/2 vs 1/3) lets one retriever's confident first place win.
+  * the weights w_r say which retriever to trust when they disagree;
+  * `fetch_k` is how deep each list is read.
+  They are corpus-dependent: set them on validation questions, never on the ones you report (benchmarks/bench_rag.py
+  does this on SQuAD). `HybridRetriever.default` uses what that validation chose: k_rrf = 30, BM25 weight 1,
+  dense 0.2, fetch_k 20. With the paper's (60, 1:1) hybrid lost to BM25 alone at recall@1 there: MiniLM is weaker
+  than BM25 on SQuAD questions, which reuse the passage's words, so on a tie it should defer to BM25 and only break
+  BM25's near-ties (its ranks 1 and 2 differ by 1/31 - 1/32 = 0.001; dense's first place adds 0.2/31 = 0.006).
 - `RerankingRetriever`: fetch many candidates cheaply, then re-order them with a cross-encoder, a model that reads
   question and passage *together* (more accurate than comparing two separate vectors, too slow for a whole corpus).
   `CrossEncoderReranker` runs one with lmforge's own encoder (no transformers needed).
@@ -82,29 +94,52 @@ class BM25Retriever:
                 if scores[i] > 0 and np.isfinite(scores[i])]
 
 
-def rrf(rankings: Sequence[Sequence[Hit]], k: int, k_rrf: int = 60) -> list[Hit]:
-    """Fuse rankings by reciprocal rank: a chunk 1st in one list and 3rd in another scores 1/61 + 1/63."""
+def rrf(rankings: Sequence[Sequence[Hit]], k: int, k_rrf: float = 60, weights: Sequence[float] | None = None
+        ) -> list[Hit]:
+    """Fuse rankings by reciprocal rank: a chunk 1st in one list and 3rd in another scores 1/61 + 1/63 (weights 1).
+
+    `weights[i]` multiplies list i's contributions. Ties go to the chunk that comes first by (doc_id, index).
+    """
+    weights = [1.0] * len(rankings) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(rankings):
+        raise ConfigError(f"rrf: {len(rankings)} rankings but {len(weights)} weights")
     fused: dict[tuple, float] = {}
     first: dict[tuple, Hit] = {}
-    for ranking in rankings:
+    for ranking, w in zip(rankings, weights):
         for rank, hit in enumerate(ranking, 1):
-            fused[hit.key] = fused.get(hit.key, 0.0) + 1.0 / (k_rrf + rank)
+            fused[hit.key] = fused.get(hit.key, 0.0) + w / (k_rrf + rank)
             first.setdefault(hit.key, hit)
     order = sorted(fused, key=lambda key: (-fused[key], key))
     return [Hit(first[key].chunk, fused[key]) for key in order[:k]]
 
 
 class HybridRetriever:
-    """Reciprocal-rank fusion of several retrievers (default: dense + BM25), each asked for `fetch_k` hits."""
+    """Reciprocal-rank fusion of several retrievers (default: dense + BM25), each asked for `fetch_k` hits.
 
-    def __init__(self, retrievers: Sequence[Retriever], fetch_k: int = 50, k_rrf: int = 60):
+    `weights`: one per retriever (default: all 1). `HybridRetriever.default(dense, bm25)` uses the settings the
+    SQuAD validation questions chose (see the module docstring).
+    """
+
+    DEFAULT_K_RRF, DEFAULT_WEIGHTS, DEFAULT_FETCH_K = 30.0, (0.2, 1.0), 20  # (dense, bm25); see bench_rag.py
+
+    def __init__(self, retrievers: Sequence[Retriever], fetch_k: int = 50, k_rrf: float = 60,
+                 weights: Sequence[float] | None = None):
         if not retrievers:
             raise ConfigError("HybridRetriever needs at least one retriever")
-        self.retrievers, self.fetch_k, self.k_rrf = list(retrievers), int(fetch_k), int(k_rrf)
+        if k_rrf < 0 or int(fetch_k) < 1:
+            raise ConfigError(f"HybridRetriever needs k_rrf >= 0 and fetch_k >= 1, got {k_rrf} and {fetch_k}")
+        if weights is not None and (len(weights) != len(retrievers) or any(w < 0 for w in weights)):
+            raise ConfigError(f"HybridRetriever needs one non-negative weight per retriever, got {list(weights)}")
+        self.retrievers, self.fetch_k, self.k_rrf = list(retrievers), int(fetch_k), float(k_rrf)
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    @classmethod
+    def default(cls, dense: Retriever, bm25: Retriever) -> "HybridRetriever":
+        return cls([dense, bm25], fetch_k=cls.DEFAULT_FETCH_K, k_rrf=cls.DEFAULT_K_RRF, weights=cls.DEFAULT_WEIGHTS)
 
     def retrieve(self, query: str, k: int = 5, filter: dict | None = None) -> list[Hit]:
         rankings = [r.retrieve(query, max(k, self.fetch_k), filter=filter) for r in self.retrievers]
-        return rrf(rankings, k, self.k_rrf)
+        return rrf(rankings, k, self.k_rrf, self.weights)
 
 
 class Reranker(Protocol):

@@ -20,10 +20,22 @@ Both stores implement one interface (`Store`), so the retrievers and the CLI do 
     vectors-<g>.npy       (N, dim) float32, row i is chunk i
     meta-<g>.sqlite       tables docs(doc_id, source, hash, ...) and chunks(row, doc_id, idx, start, end, page, text)
 
+    write.lock            the writer lock (below); empty or naming the process that writes now
+
 Writes are copy-on-write, as in LSM trees or Lucene's segments_N files: a commit writes generation g+1 beside g
 (fsynced), then atomically replaces index.json to point at it, and only then deletes generation g. A `kill -9` at any
 moment therefore leaves index.json naming generation g, which is whole; stray files of the unfinished generation
 are removed by the next writer. Readers open the files named in the manifest and are never blocked.
+
+**One writer at a time.** Two processes that ingest into one index at once would both build generation g+1 from
+generation g: the second switch would silently drop the first one's documents (a *lost update*), and each would
+delete the other's half-written files as strays. So a writer first takes an exclusive lock, `fcntl.flock` on
+DIR/write.lock (Lucene's write.lock, SQLite's and git's lock files do the same job), and only then reads the newest
+generation and builds on it. flock belongs to the open file, so the kernel releases it when the holder exits or is
+killed; a stale lock cannot outlive its process, and the file itself is never deleted (a deleted lock file would
+let two processes lock two different files). A second writer waits for it up to `lock_timeout` seconds (0: not at
+all), then fails with a one-line `IndexBusyError` naming the holder (pid, host, command, since when), which the
+holder wrote into the lock file. Readers never take the lock: they read whatever generation index.json names.
 
 **The index records its embedder.** Searching with a query vector from another embedder (other name, dimension or
 normalization) is a one-line `ConfigError`, never silently wrong neighbours.
@@ -32,16 +44,20 @@ normalization) is a one-line `ConfigError`, never silently wrong neighbours.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
+import socket
 import sqlite3
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from lmforge.errors import ConfigError, DataError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.utils import atomic_write_json
 from lmforge.rag.chunker import Chunk, ChunkerSettings
 from lmforge.rag.embedders import EmbedderInfo
@@ -49,6 +65,8 @@ from lmforge.rag.embedders import EmbedderInfo
 FORMAT = "lmforge-rag-index"
 VERSION = 1
 FILTER_COLUMNS = ("doc_id", "source", "page")
+LOCK_FILE = "write.lock"
+LOCK_TIMEOUT = 60.0  # seconds a second writer waits for the first by default
 
 
 @dataclass
@@ -167,17 +185,85 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class IndexBusyError(LmforgeError):
+    """Another process holds the index's writer lock and did not let go within the timeout."""
+
+
+class WriterLock:
+    """The exclusive writer lock of an index directory: `fcntl.flock` on DIR/write.lock (see the module docstring).
+
+    `acquire(timeout)` polls a non-blocking flock every 50 ms until `timeout` seconds have passed, so it can give up
+    and name the holder; `release()` lets go. The holder writes who it is (pid, host, command, since) into the file.
+    """
+
+    def __init__(self, directory: Path):
+        self.file = Path(directory) / LOCK_FILE
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        """'pid 123 on host (lmforge rag index docs), since 07:40:01 UTC' from the lock file, as far as it is known."""
+        try:
+            info = json.loads(self.file.read_text(encoding="utf-8"))
+            return f"pid {info['pid']} on {info['host']} ({info['command']}), since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not written its name yet"
+
+    def acquire(self, timeout: float = LOCK_TIMEOUT, on_wait: Callable[[str], None] | None = None) -> "WriterLock":
+        if self.fd is not None:
+            return self
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline, told = time.monotonic() + max(0.0, float(timeout)), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise IndexBusyError(
+                        f"{self.file.parent}: another process is writing this index: {self.holder()}; "
+                        f"{'waited ' + format(timeout, 'g') + ' s; ' if timeout > 0 else ''}try again when it has "
+                        f"finished (or wait longer: --lock-timeout SECONDS)") from None
+                if on_wait is not None and not told:
+                    on_wait(f"{self.file.parent}: waiting up to {timeout:g} s for the writer {self.holder()}")
+                    told = True
+                time.sleep(0.05)
+        command = " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"] + sys.argv[1:])
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command[:200],
+              "since": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.ftruncate(fd, 0)  # nobody holds it now
+        finally:
+            os.close(fd)  # closing the file releases the flock
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+
 class EmbeddedStore:
     """The default store: numpy vectors + SQLite metadata in one directory, copy-on-write commits.
 
     `EmbeddedStore.open(dir)` opens an existing index (one-line DataError if `dir` is not one);
     `EmbeddedStore.create(dir, manifest)` starts a new one (or opens it when it exists with the same manifest).
     Changes (`upsert`, `delete`) are staged in memory and become visible, atomically, at `commit()`.
-    One process writes an index at a time (readers are unlimited); a commit removes files a dead writer left.
+    One process writes an index at a time (readers are unlimited): `create`, `open(writer=True)`, `begin_write()`
+    and the first `upsert`/`delete`/`commit` take the writer lock, and `close()` (or leaving a `with` block)
+    releases it. A commit removes files a dead writer left.
     `search="hnsw"` answers `exact=False` queries from an in-memory FAISS HNSW graph (needs faiss-cpu).
     """
 
-    def __init__(self, path: Path, raw: dict, search: str = "exact"):
+    def __init__(self, path: Path, raw: dict, search: str = "exact", lock_timeout: float = LOCK_TIMEOUT,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = path
         self.raw = raw
         self.manifest = IndexManifest.from_dict(raw)
@@ -185,6 +271,8 @@ class EmbeddedStore:
         if search not in ("exact", "hnsw"):
             raise ConfigError(f"search must be 'exact' or 'hnsw', got {search!r}")
         self.search_mode = search
+        self.lock_timeout, self.on_wait = float(lock_timeout), on_wait
+        self._lock = WriterLock(path)
         self._pending_delete: set[str] = set()
         self._pending_add: dict[str, tuple[str, str, list[Chunk], np.ndarray]] = {}
         self._load()
@@ -192,42 +280,91 @@ class EmbeddedStore:
     # -- opening -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, search: str = "exact") -> "EmbeddedStore":
+    def open(cls, path: str | os.PathLike, search: str = "exact", writer: bool = False,
+             lock_timeout: float = LOCK_TIMEOUT, on_wait: Callable[[str], None] | None = None) -> "EmbeddedStore":
+        """Open an existing index to read it (never blocks), or with `writer=True` holding the writer lock."""
         path = Path(path)
         if not path.exists():
             raise DataError(f"{path}: no such index directory (build one with `lmforge rag index DOCS --index {path}`)")
         if not is_index_dir(path):
             raise DataError(f"{path}: not an lmforge RAG index (no index.json)")
+        lock = WriterLock(path).acquire(lock_timeout, on_wait) if writer else None
         try:
-            raw = json.loads((path / "index.json").read_text(encoding="utf-8"))
-            if raw.get("format") != FORMAT:
-                raise DataError(f"{path}: index.json is not an lmforge RAG index (format {raw.get('format')!r})")
-            if int(raw.get("version", 0)) > VERSION:
-                raise DataError(f"{path}: index version {raw['version']} is newer than this lmforge ({VERSION})")
-            IndexManifest.from_dict(raw)
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: index.json is corrupt ({type(e).__name__}: {e})") from None
-        return cls(path, raw, search=search)
+            for attempt in range(5):
+                raw = _read_manifest(path)
+                try:
+                    store = cls(path, raw, search=search, lock_timeout=lock_timeout, on_wait=on_wait)
+                    break
+                except DataError:
+                    # A writer may have switched to a newer generation and deleted this one between our reading
+                    # index.json and opening its files: read index.json again. Damage that stays is reported.
+                    if attempt == 4 or _read_manifest(path).get("generation") == raw.get("generation"):
+                        raise
+            if lock is not None:
+                store._lock = lock
+            return store
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
 
     @classmethod
-    def create(cls, path: str | os.PathLike, manifest: IndexManifest, search: str = "exact") -> "EmbeddedStore":
+    def create(cls, path: str | os.PathLike, manifest: IndexManifest, search: str = "exact",
+               lock_timeout: float = LOCK_TIMEOUT, on_wait: Callable[[str], None] | None = None) -> "EmbeddedStore":
+        """Start a new index at `path`, or open the one there (same embedder and chunking required), as its writer."""
         path = Path(path)
-        if is_index_dir(path):
-            store = cls.open(path, search=search)
-            store.manifest.embedder.check_same(manifest.embedder, f"index {path}")
-            if store.manifest.chunker != manifest.chunker:
-                raise ConfigError(f"index {path} was chunked with max_tokens={store.manifest.chunker.max_tokens}, "
-                                  f"overlap={store.manifest.chunker.overlap_tokens}; use the same settings or a new "
-                                  f"index directory")
-            return store
-        if path.exists() and any(path.iterdir()):
+        if not is_index_dir(path) and path.exists() and any(f.name != LOCK_FILE for f in path.iterdir()):
             raise DataError(f"{path}: exists, is not empty and is not an lmforge RAG index; choose another --index")
         path.mkdir(parents=True, exist_ok=True)
-        raw = {"format": FORMAT, "version": VERSION, "store": "embedded", "generation": 0, **manifest.to_dict(),
-               "vectors": None, "meta": None, "n_chunks": 0, "n_docs": 0}
-        store = cls(path, raw, search=search)
-        store.commit(force=True)
-        return store
+        lock = WriterLock(path).acquire(lock_timeout, on_wait)
+        try:
+            if is_index_dir(path):  # it was there, or another writer created it while we waited for the lock
+                store = cls.open(path, search=search, lock_timeout=lock_timeout, on_wait=on_wait)
+                store._lock = lock
+                store.manifest.embedder.check_same(manifest.embedder, f"index {path}")
+                if store.manifest.chunker != manifest.chunker:
+                    raise ConfigError(f"index {path} was chunked with max_tokens={store.manifest.chunker.max_tokens}"
+                                      f", overlap={store.manifest.chunker.overlap_tokens}; use the same settings or a "
+                                      f"new index directory")
+                return store
+            raw = {"format": FORMAT, "version": VERSION, "store": "embedded", "generation": 0, **manifest.to_dict(),
+                   "vectors": None, "meta": None, "n_chunks": 0, "n_docs": 0}
+            store = cls(path, raw, search=search, lock_timeout=lock_timeout, on_wait=on_wait)
+            store._lock = lock
+            store.commit(force=True)
+            return store
+        except BaseException:
+            lock.release()
+            raise
+
+    # -- the writer lock -----------------------------------------------------------------------------------------
+
+    def begin_write(self, timeout: float | None = None) -> None:
+        """Take the writer lock (waiting up to `timeout` s, default `lock_timeout`) and move to the newest
+        generation, so what this process writes builds on what the previous writer committed. Staged changes are
+        kept. Idempotent."""
+        if self._lock.held:
+            return
+        self._lock.acquire(self.lock_timeout if timeout is None else timeout, self.on_wait)
+        raw = _read_manifest(self.path)
+        if int(raw["generation"]) != self.generation:
+            self.db.close()
+            self.raw, self.generation = raw, int(raw["generation"])
+            self._load()
+
+    def end_write(self) -> None:
+        """Release the writer lock (staged changes not yet committed stay staged; committing takes it again)."""
+        self._lock.release()
+
+    @property
+    def writing(self) -> bool:
+        return self._lock.held
+
+    def __enter__(self) -> "EmbeddedStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _load(self) -> None:
         dim = self.manifest.embedder.dim
@@ -325,10 +462,12 @@ class EmbeddedStore:
         if vectors.shape != (len(chunks), self.manifest.embedder.dim):
             raise ConfigError(f"{doc_id}: {len(chunks)} chunks but vectors of shape {vectors.shape}; expected "
                               f"({len(chunks)}, {self.manifest.embedder.dim})")
+        self.begin_write()
         self._pending_add[doc_id] = (source, content_hash, chunks, vectors)
         self._pending_delete.discard(doc_id)
 
     def delete(self, doc_ids: Sequence[str]) -> None:
+        self.begin_write()
         for d in doc_ids:
             self._pending_add.pop(d, None)
             self._pending_delete.add(d)
@@ -338,7 +477,9 @@ class EmbeddedStore:
         return len(self._pending_add) + len(self._pending_delete)
 
     def commit(self, force: bool = False) -> None:
-        """Write generation g+1 (vectors, then SQLite), fsync, switch index.json to it, delete generation g."""
+        """Write generation g+1 (vectors, then SQLite), fsync, switch index.json to it, delete generation g.
+        Only the holder of the writer lock commits (or removes strays): this takes it if needed."""
+        self.begin_write()
         if not self.pending and not force:
             self._remove_strays(keep=set())  # leftovers of a writer that died mid-commit
             return
@@ -418,3 +559,21 @@ class EmbeddedStore:
 
     def close(self) -> None:
         self.db.close()
+        self._lock.release()
+
+
+def _read_manifest(path: Path) -> dict:
+    """index.json of an embedded index, checked (one-line DataError when it is not one, or corrupt)."""
+    try:
+        raw = json.loads((path / "index.json").read_text(encoding="utf-8"))
+        if raw.get("format") != FORMAT:
+            raise DataError(f"{path}: index.json is not an lmforge RAG index (format {raw.get('format')!r})")
+        if int(raw.get("version", 0)) > VERSION:
+            raise DataError(f"{path}: index version {raw['version']} is newer than this lmforge ({VERSION})")
+        IndexManifest.from_dict(raw)
+        int(raw["generation"])
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: index.json is corrupt ({type(e).__name__}: {e})") from None
+    return raw
