@@ -22,6 +22,12 @@ family fits it:
     fill = pipeline("fill-mask", "runs/mlm-demo")
     fill("The [MASK] statement ends a loop.")
 
+The text2text tasks follow transformers 4's pipelines (transformers 5 dropped them): 4 beams and 256 new tokens
+unless the model's generation_config.json or the call says otherwise, the prefix and settings of config.json's
+`task_specific_params` (t5-small's "summarize: "), "translation_en_to_de"-style task names, `return_tensors=True`
+for ids, and greedy or beam search unless `do_sample=True`. One difference: `min_length` is ignored (lmforge
+has no minimum-length control).
+
 A model that cannot do the task is a one-line error (a decoder asked for fill-mask, an encoder without a QA head
 asked for question answering). Inputs may be one item or a list (a batch); the answer has the same nesting as
 transformers'. `device` is where the model runs.
@@ -31,11 +37,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any, Callable, Sequence
 
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.generation.sampling import SamplingParams
 from lmforge.loader import load
 from lmforge.tasks.common import is_encoder, labels_of
 from lmforge.tasks.fill_mask import fill_mask
@@ -79,14 +87,84 @@ def _text_generation(lm, inputs, return_full_text: bool = True, **controls):
     return res if many else res[0]
 
 
+# transformers' text2text pipelines generate with num_beams=4 and max_new_tokens=256 unless the model's
+# generation_config.json says otherwise; config.json's task_specific_params[task] then adds a prefix and settings
+_SEQ2SEQ_DEFAULTS = {"num_beams": 4, "max_new_tokens": 256}
+_BEAM_KEYS = ("num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "num_return_sequences",
+              "do_sample", "repetition_penalty", "temperature", "top_k", "top_p")
+
+
+def task_params(lm, task: str) -> tuple[str, dict[str, Any]]:
+    """(input prefix, generation settings) of config.json's task_specific_params for `task`, as transformers reads
+    them; plain "translation" uses the first translation_* entry, as transformers' pipeline() does."""
+    table = (getattr(getattr(lm, "config", None), "extra", None) or {}).get("task_specific_params") or {}
+    if task == "translation":
+        task = next((k for k in table if k.startswith("translation")), task)
+    params = dict(table.get(task) or {})
+    return str(params.pop("prefix", "") or ""), params
+
+
+def _seq2seq_controls(lm, task: str, controls: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The generation controls of a text2text call, as transformers 4's pipeline sets them: its defaults
+    (num_beams=4, max_new_tokens=256) < the model's generation_config.json < task_specific_params[task] < the
+    call's options. Two of its rules matter: max_new_tokens beats max_length wherever either was set (so a
+    max_length only counts when the model's generation_config.json sets a non-default one and no max_new_tokens),
+    and the output is greedy or beam search unless do_sample=True (a temperature alone does not sample)."""
+    gc = getattr(lm, "generation_config", None)
+    extra = getattr(gc, "extra", None) or {}
+    merged: dict[str, Any] = {**_SEQ2SEQ_DEFAULTS, "max_length": 20}
+    merged.update({k: extra[k] for k in (*_BEAM_KEYS, "max_length") if extra.get(k) is not None})
+    if gc is not None and gc.max_new_tokens != SamplingParams.max_new_tokens:  # the model's own limit
+        merged["max_new_tokens"] = gc.max_new_tokens
+    elif merged["max_length"] != 20:  # a model's non-default max_length beats the pipeline's 256
+        merged["max_new_tokens"] = None
+    prefix, params = task_params(lm, task)
+    for source in (params, controls):
+        merged.update({k: v for k, v in source.items() if k != "min_length"})  # lmforge has no minimum length
+    max_length = merged.pop("max_length")
+    if merged.get("max_new_tokens") is None:
+        merged["max_new_tokens"] = int(max_length) - 1  # counts the decoder start token
+    if not merged.pop("do_sample", False):
+        merged["temperature"] = 0.0
+    elif merged.get("num_beams", 1) > 1:
+        merged["do_sample"] = True
+    return prefix, merged
+
+
 def _seq2seq(key: str, task: str):
-    def run(lm, inputs, **controls):
+    """text2text-generation, summarization, translation: [{key_text}] per input, as transformers returns them (a
+    list of inputs with one sequence each gives a flat list of dicts; several sequences, a list per input)."""
+    def run(lm, inputs, return_tensors: bool = False, return_text: bool = True,
+            clean_up_tokenization_spaces: bool = False, **controls):
         texts, many = _one_or_many(inputs, task)
-        prefix = getattr(lm, "task_prefixes", {}).get(task, "")
-        outs = lm.generate([prefix + t for t in texts], **controls)
-        res = [[{key: str(o)}] for o in outs]
+        prefix, controls = _seq2seq_controls(lm, task, controls)
+        size = controls.pop("batch_size", None) or len(texts)  # inputs searched together, `size` at a time
+        outs = [o for i in range(0, len(texts), size)
+                for o in lm.generate([prefix + t for t in texts[i:i + size]], **controls)]
+        start, eos = lm.config.decoder_start_token_id, lm.config.eos_token_id
+        res = []
+        for out in outs:
+            records = []
+            for o in (out if isinstance(out, list) else [out]):
+                if return_tensors:  # transformers' ids: the decoder start token, the text, EOS if it ended there
+                    ended = o.finish_reason == "stop" and o.stop_reason == eos
+                    records.append({f"{key}_token_ids": [start, *o.token_ids] + ([eos] if ended else [])})
+                else:
+                    text = str(o)
+                    records.append({f"{key}_text": _clean_up(text) if clean_up_tokenization_spaces else text})
+            res.append(records)
+        if many and all(len(r) == 1 for r in res):
+            return [r[0] for r in res]
         return res if many else res[0]
     return run
+
+
+def _clean_up(text: str) -> str:
+    """transformers' clean_up_tokenization: no space before punctuation and English contractions."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
 
 
 def _text_classification(lm, inputs, text_pair=None, top_k: int | None = 1, function_to_apply=None, **kw):
@@ -185,9 +263,9 @@ def _sentence_similarity(lm, inputs=None, *, source_sentence: str | None = None,
 
 TASKS: dict[str, Callable] = {
     "text-generation": _text_generation,
-    "text2text-generation": _seq2seq("generated_text", "text2text-generation"),
-    "summarization": _seq2seq("summary_text", "summarization"),
-    "translation": _seq2seq("translation_text", "translation"),
+    "text2text-generation": _seq2seq("generated", "text2text-generation"),
+    "summarization": _seq2seq("summary", "summarization"),
+    "translation": _seq2seq("translation", "translation"),
     "text-classification": _text_classification,
     "sentiment-analysis": _text_classification,  # transformers' alias
     "zero-shot-classification": _zero_shot,
@@ -200,6 +278,8 @@ TASKS: dict[str, Callable] = {
 }
 
 
+_TRANSLATION_PAIR = re.compile(r"translation_\w+_to_\w+")  # transformers' translation_en_to_de: that entry's prefix
+
 # the model family each task needs (every other task: an encoder)
 FAMILY = {"text-generation": "decoder", "text2text-generation": "encoder-decoder",
           "summarization": "encoder-decoder", "translation": "encoder-decoder"}
@@ -210,7 +290,7 @@ class Pipeline:
 
     def __init__(self, task: str, lm: Any, defaults: dict[str, Any]):
         self.task, self.lm, self.defaults = task, lm, defaults
-        self._fn = TASKS[task]
+        self._fn = TASKS[task] if task in TASKS else _seq2seq("translation", task)  # translation_xx_to_yy
 
     def __call__(self, *args, **options):
         return self._fn(self.lm, *args, **{**self.defaults, **options})
@@ -226,12 +306,12 @@ def pipeline(task: str, model: str | os.PathLike | Any, device: str | torch.devi
     `defaults` are options every call gets (for example aggregation_strategy="simple", top_k=3); a call's own
     options win. A model of the wrong family for the task is refused here, before any input is read.
     """
-    if task not in TASKS:
+    if task not in TASKS and not _TRANSLATION_PAIR.fullmatch(task):
         close = difflib.get_close_matches(task, TASKS, n=1)
         raise ConfigError(f"unknown task {task!r}" + (f"; did you mean {close[0]!r}?" if close else
                                                       f"; tasks: {', '.join(TASKS)}"))
     lm = load(model, dtype=dtype, device=device) if isinstance(model, (str, os.PathLike)) else model
     if device is not None and not isinstance(model, (str, os.PathLike)):
         lm.model.to(device)
-    _require(lm, task, FAMILY.get(task, "encoder"))  # once, here: the task functions trust it
+    _require(lm, task, FAMILY.get(task if task in TASKS else "translation", "encoder"))  # once, here
     return Pipeline(task, lm, defaults)

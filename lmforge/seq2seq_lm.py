@@ -38,7 +38,7 @@ from lmforge.errors import GenerationError
 from lmforge.formats.bart import export_bart, is_bart_config, load_bart_dir
 from lmforge.formats.t5 import T5Parts, export_t5, load_t5_dir
 from lmforge.generation.api import eos_token_ids, resolve_params
-from lmforge.generation.beam import BeamParams, hypothesis_completion, seq2seq_beam_search
+from lmforge.generation.beam import BeamParams, hypothesis_completion, seq2seq_beam_search_batch
 from lmforge.generation.config import GenerationConfig
 from lmforge.generation.loop import _completion, _eval_mode, _new_checker, decode_steps
 from lmforge.generation.sampling import SamplingParams
@@ -244,14 +244,15 @@ class Seq2SeqLM:
         controls = self._defaults(controls)
         rule_args = {k: controls.pop(k) for k in self._RULES if k in controls}
         beam = BeamParams.pop_from(controls)
+        use_cache = controls.pop("use_cache", True)  # a run option, not a sampling control
         params = resolve_params(self, controls)
         rules = DecodingRules(eos_token_ids=tuple(eos_token_ids(self)), max_length=1 + params.max_new_tokens,
                               **{k: v for k, v in rule_args.items() if v is not None})
         model = _RuledModel(self.model, rules) if rules.active else self.model
         if beam.num_beams > 1 or beam.num_return_sequences > 1 or beam.no_repeat_ngram_size:
-            out = []
-            for ids in inputs:
-                hyps = seq2seq_beam_search(model, ids, beam, params.max_new_tokens, params.stop_token_ids, params)
+            out = []  # every input searched together (B x num_beams decoder rows)
+            for ids, hyps in zip(inputs, seq2seq_beam_search_batch(model, inputs, beam, params.max_new_tokens,
+                                                                   params.stop_token_ids, params)):
                 comps = [hypothesis_completion(self.tokenizer, h.token_ids, params, len(ids)) for h in hyps]
                 out.append(comps if beam.num_return_sequences > 1 else comps[0])
             return out
@@ -268,7 +269,7 @@ class Seq2SeqLM:
             steps = _DecoderSteps(self.model, memory, mask, rules)
             start = [[self.config.decoder_start_token_id]] * len(inputs)
             checkers = [_new_checker(self.tokenizer, params, s) for s in start]
-            for _ in decode_steps(steps, start, params, checkers, use_cache=controls.get("use_cache", True),
+            for _ in decode_steps(steps, start, params, checkers, use_cache=use_cache,
                                   pad_id=self.config.pad_token_id):
                 pass
         return [_completion(c, len(i)) for c, i in zip(checkers, inputs)]

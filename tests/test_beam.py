@@ -148,3 +148,114 @@ def test_helpers_and_errors():
         BeamParams(num_beams=2, early_stopping="sometimes")
     with pytest.raises(GenerationError, match="num_beams"):
         BeamParams(num_beams=0)
+
+
+# ---- a batch of inputs searched together ------------------------------------------------------------------------
+def _left_padded(prompts):
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask, P
+
+
+@pytest.mark.parametrize("settings", [SETTINGS[0], SETTINGS[1], SETTINGS[2], SETTINGS[4]])
+def test_decoder_batch_equals_transformers(decoder_pair, settings):
+    """Prompts of different lengths, left-padded as transformers pads a batch, searched in one pass."""
+    from lmforge.generation.beam import decoder_beam_search_batch
+
+    hf, lm = decoder_pair
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(4, V, (n,), generator=g).tolist() for n in (5, 2, 7)]
+    ids, mask, P = _left_padded(prompts)
+    rows, scores = _hf_beam(hf, ids, settings, max_new_tokens=8, attention_mask=mask)
+    beam, params = _split(settings)
+    ours = decoder_beam_search_batch(lm.model, prompts, beam, 8, [EOS], params, pad_id=PAD)
+    n = beam.num_return_sequences
+    for b, hyps in enumerate(ours):
+        _check(hyps, rows[b * n:(b + 1) * n], scores[b * n:(b + 1) * n], P)
+
+
+def _t5_pair(seed=5):
+    from lmforge.formats.t5 import build_t5, config_from_hf, state_dict_from_hf
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+              feed_forward_proj="gated-gelu", tie_word_embeddings=False, eos_token_id=EOS, pad_token_id=PAD,
+              decoder_start_token_id=PAD)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**kw)).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.normal_(0.0, 0.1)
+    _eos_heavy(hf)
+    config = config_from_hf(kw)
+    return hf, build_t5(config, state_dict_from_hf(hf.state_dict(), config))
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_t5_batch_equals_transformers(settings):
+    from lmforge.generation.beam import seq2seq_beam_search_batch
+
+    hf, model = _t5_pair()
+    g = torch.Generator().manual_seed(12)
+    inputs = [torch.randint(4, V, (n,), generator=g).tolist() for n in (7, 3, 5, 9)]
+    S = max(len(i) for i in inputs)
+    ids = torch.tensor([i + [PAD] * (S - len(i)) for i in inputs])
+    mask = torch.tensor([[1] * len(i) + [0] * (S - len(i)) for i in inputs])
+    rows, scores = _hf_beam(hf, ids, settings, max_new_tokens=8, attention_mask=mask)
+    beam, params = _split(settings)
+    ours = seq2seq_beam_search_batch(model, inputs, beam, 8, [EOS], params)
+    n = beam.num_return_sequences
+    for b, hyps in enumerate(ours):
+        _check(hyps, rows[b * n:(b + 1) * n], scores[b * n:(b + 1) * n], 1)
+        alone = seq2seq_beam_search(model, inputs[b], beam, 8, [EOS], params)  # a batch changes nothing
+        assert [h.token_ids for h in alone] == [h.token_ids for h in hyps]
+
+
+# ---- beam sampling (do_sample=True, num_beams > 1) ---------------------------------------------------------------
+def test_beam_sample_equals_transformers_with_the_same_seed():
+    """transformers 5 draws 2K candidates with torch.multinomial over softmax(beam score + warped log-probs), then
+    sorts them by score; lmforge does the same with a generator seeded like torch.manual_seed(seed)."""
+    hf, model = _t5_pair(seed=8)
+    for seed, settings in ((1, dict(num_beams=3)), (2, dict(num_beams=4, num_return_sequences=2, top_p=0.9)),
+                           (3, dict(num_beams=2, top_k=5, length_penalty=0.5)), (4, dict(num_beams=3, min_p=0.05))):
+        s = dict(settings)
+        sampling = {k: s.pop(k) for k in ("top_k", "top_p", "min_p") if k in s}
+        ids = torch.randint(4, V, (1, 6), generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = hf.generate(ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=sampling.get("top_k", 0),
+                              top_p=sampling.get("top_p", 1.0), min_p=sampling.get("min_p"), eos_token_id=EOS,
+                              pad_token_id=PAD, output_scores=True, return_dict_in_generate=True, **s)
+        ours = seq2seq_beam_search(model, ids[0].tolist(), BeamParams(do_sample=True, **s), 8, [EOS],
+                                   SamplingParams(temperature=0.7, seed=seed, **sampling))
+        _check(ours, out.sequences, out.sequences_scores, 1)
+
+
+def test_beam_sample_invariants(decoder_pair):
+    """Seeded: the same seed gives the same beams, alone or in a batch; seeds differ in what they find; each
+    hypothesis' score is the sum of its tempered log-probs / length ** length_penalty, best first."""
+    from lmforge.generation.beam import decoder_beam_search_batch
+
+    _, lm = decoder_pair
+    prompt = [5, 9, 11, 7, 4]
+    beam = BeamParams(num_beams=3, num_return_sequences=3, do_sample=True, length_penalty=0.8)
+    runs = {seed: decoder_beam_search(lm.model, prompt, beam, 7, [EOS], SamplingParams(temperature=1.3, seed=seed))
+            for seed in range(6)}
+    again = decoder_beam_search(lm.model, prompt, beam, 7, [EOS], SamplingParams(temperature=1.3, seed=2))
+    assert [h.token_ids for h in again] == [h.token_ids for h in runs[2]]
+    batch = decoder_beam_search_batch(lm.model, [prompt, prompt[:3]], beam, 7, [EOS],
+                                      SamplingParams(temperature=1.3, seed=2))
+    assert [h.token_ids for h in batch[0]] == [h.token_ids for h in runs[2]]
+    assert len({tuple(tuple(h.token_ids) for h in r) for r in runs.values()}) > 1
+    greedy = decoder_beam_search(lm.model, prompt, BeamParams(num_beams=3, num_return_sequences=3, length_penalty=0.8),
+                                 7, [EOS])
+    for hyps in runs.values():
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            seq = torch.tensor([prompt + h.token_ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(lm.model(seq)[0, len(prompt) - 1:-1].float(), -1) / 1.3
+            total = lp.gather(1, torch.tensor(h.token_ids)[:, None]).sum().item()
+            assert h.score == pytest.approx(total / len(h.token_ids) ** 0.8, abs=1e-4)
+    with pytest.raises(GenerationError, match="temperature"):
+        decoder_beam_search(lm.model, prompt, beam, 7, [EOS], SamplingParams(temperature=0.0))
+    assert greedy  # plain beam search still runs next to the sampled one

@@ -169,3 +169,116 @@ def test_cli_prints_json_lines(mlm_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", "fill-mask", str(mlm_dir), "--input",
                           str(tmp_path / "missing.txt")], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+# ---- text2text-generation, summarization, translation vs transformers 4 (transformers 5 removed them) ------------
+_SEQ2SEQ_ORACLE = """
+import json, sys
+from transformers import pipeline
+args = json.loads(sys.argv[1])
+pipes, out = {}, []
+for task, inputs, kw in args["cases"]:
+    if task not in pipes:
+        pipes[task] = pipeline(task, model=args["model"], device="cpu")
+    res = pipes[task](inputs, **kw)
+    out.append(json.loads(json.dumps(res, default=lambda t: t.tolist())))
+print(json.dumps(out))
+"""
+
+
+def _transformers4(code: str, *args: str):
+    """Run `code` under the transformers 4 install named by LMFORGE_TRANSFORMERS4; its last stdout line as JSON."""
+    path = os.environ.get("LMFORGE_TRANSFORMERS4")
+    if not path:
+        pytest.skip("transformers 5 has no text2text pipelines; set LMFORGE_TRANSFORMERS4 to a directory holding "
+                    "transformers 4 (pip install --target DIR 'transformers<5' 'huggingface_hub<1' 'tokenizers<0.23' "
+                    "--no-deps) to compare with them")
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    """A tiny T5 (random weights, v1.1 shape) with a Unigram tokenizer.json trained here, and T5-style
+    task_specific_params (prefixes and beam settings, as t5-small's config.json has them)."""
+    from helpers import shared_data_dir
+
+    from lmforge.models.t5 import T5, T5Config
+    from lmforge.recipes.seq2seq import train_unigram
+    from lmforge.seq2seq_lm import Seq2SeqLM
+
+    text = shared_data_dir() / "the-verdict.txt"
+    if not text.exists():
+        pytest.skip("the-verdict.txt is not in the shared data folder")
+    tok = train_unigram(text.read_text(encoding="utf-8").split("\n\n"), 300, 4)
+    d = tmp_path_factory.mktemp("tiny-t5")
+    torch.manual_seed(0)
+    model = T5(T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        feed_forward_proj="gated-gelu", tie_word_embeddings=False, eos_token_id=1, pad_token_id=0,
+                        decoder_start_token_id=0)).eval()
+    with torch.no_grad():  # a flatter head than the random one, and EOS likely enough to end at varied lengths
+        model.lm_head.weight.normal_(0.0, 0.2)
+        model.lm_head.weight[1] *= 4.0
+    # written by lmforge's exporter: transformers 5's own config.json (tie_word_embeddings: true beside
+    # scale_decoder_outputs: false) would load as a tied, rescaled head in transformers 4
+    Seq2SeqLM(model, tok).save(d)
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    config["task_specific_params"] = {
+        "summarization": {"prefix": "summarize: ", "num_beams": 3, "length_penalty": 2.0, "max_length": 12,
+                          "no_repeat_ngram_size": 2, "early_stopping": True},
+        "translation_en_to_de": {"prefix": "translate English to German: ", "max_length": 9},
+        "translation_en_to_fr": {"prefix": "translate English to French: ", "max_length": 7}}
+    (d / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return d
+
+
+T5_TEXTS = ["I had always thought Jack Gisburn rather a cheap genius", "the picture was his last",
+            "Mrs. Gisburn said it was the end"]
+SEQ2SEQ_CASES = [
+    ("text2text-generation", T5_TEXTS[0], {"max_new_tokens": 8, "num_beams": 1}),  # greedy
+    ("text2text-generation", T5_TEXTS[1], {"max_new_tokens": 8}),  # the pipeline's default: 4 beams
+    ("text2text-generation", T5_TEXTS, {"max_new_tokens": 8, "num_beams": 1}),  # a batch: a flat list
+    ("text2text-generation", T5_TEXTS, {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2,
+                                        "batch_size": 2}),  # padded batches of 2, a list per input
+    ("text2text-generation", T5_TEXTS[2], {"max_new_tokens": 8, "num_beams": 1, "return_tensors": True}),
+    ("text2text-generation", T5_TEXTS[0], {"max_new_tokens": 6, "num_beams": 2, "return_tensors": True,
+                                           "length_penalty": 0.5}),
+    ("text2text-generation", T5_TEXTS[1], {"max_new_tokens": 8, "no_repeat_ngram_size": 1, "num_beams": 1}),
+    ("summarization", T5_TEXTS[0], {}),  # everything from task_specific_params
+    ("summarization", T5_TEXTS, {"num_beams": 2, "max_length": 10}),  # the call's options win
+    ("translation", T5_TEXTS[1], {}),  # plain translation: the first translation_* entry (en_to_de)
+    ("translation_en_to_fr", T5_TEXTS, {"num_beams": 1}),
+]
+
+
+def test_seq2seq_pipelines_equal_transformers4(t5_dir):
+    theirs = _transformers4(_SEQ2SEQ_ORACLE, json.dumps({"model": str(t5_dir), "cases": SEQ2SEQ_CASES}))
+    pipes = {}
+    for (task, inputs, kw), want in zip(SEQ2SEQ_CASES, theirs):
+        pipe = pipes.setdefault(task, lmforge.pipeline(task, t5_dir))
+        _same(pipe(inputs, **kw), want, f"{task} {kw}")
+    texts = [r["generated_text"] for r in theirs[2]]
+    assert len(set(texts)) > 1 and sum(map(bool, texts)) >= 2, texts  # not degenerate: the comparison means something
+
+
+def test_seq2seq_pipeline_structure_and_prefixes(t5_dir):
+    """Offline (no transformers 4): the nesting transformers uses, prefixes from task_specific_params, and the
+    ids are those of Seq2SeqLM.generate with the same settings."""
+    pipe = lmforge.pipeline("summarization", t5_dir)
+    one = pipe(T5_TEXTS[0])
+    assert isinstance(one, list) and len(one) == 1 and set(one[0]) == {"summary_text"}
+    many = pipe(T5_TEXTS, num_beams=1)
+    assert len(many) == 3 and all(set(r) == {"summary_text"} for r in many)
+    nested = pipe(T5_TEXTS[:2], num_beams=3, num_return_sequences=2)
+    assert [len(r) for r in nested] == [2, 2]
+    lm = pipe.lm
+    want = lm.generate("summarize: " + T5_TEXTS[0], num_beams=3, length_penalty=2.0, max_new_tokens=256,
+                       no_repeat_ngram_size=2, early_stopping=True)
+    assert one[0]["summary_text"] == str(want)
+    ids = lmforge.pipeline("translation", t5_dir)(T5_TEXTS[1], return_tensors=True, num_beams=1)[0]
+    greedy = lm.generate("translate English to German: " + T5_TEXTS[1], temperature=0, max_new_tokens=8)
+    assert ids["translation_token_ids"][1:1 + len(greedy.token_ids)] == greedy.token_ids
+    with pytest.raises(ConfigError, match="encoder-decoder"):
+        lmforge.pipeline("translation_en_to_de", MINILM)

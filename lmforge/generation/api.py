@@ -4,6 +4,11 @@ The pieces: `lmforge.generation.sampling` (logits -> one token), `lmforge.genera
 a KV cache), `lmforge.generation.stops` (ids -> text deltas and stop strings), `lmforge.generation.decode` (fast
 one-token steps). This module ties them to a tokenizer and a chat template.
 
+Settings are typed at the door. Keyword controls (`temperature=0.8`, or a CLI's flags) become one validated
+`SamplingParams` in `resolve_params`, over the model's generation_config.json defaults, before anything else runs;
+a caller that already holds one passes it as `params=` (the CLI and the server do). The run options (truncate,
+use_cache, compile, static) are keyword arguments of their own, not controls.
+
 Public API (what `lmforge.lm.LM` delegates to):
     generate(lm, "Once upon", max_new_tokens=50, temperature=0.8, top_p=0.95, stop=["\\n\\n"], seed=0) -> str
     generate(lm, ["a", "b"], ...) -> list[str]             (one left-padded batch)
@@ -12,7 +17,7 @@ Public API (what `lmforge.lm.LM` delegates to):
     score(lm, prompt, continuation) -> Score(logprob=sum, token_logprobs=[...])
 Lower level, for the serving engine: `SamplingParams`, `sample_next_token`, `StopChecker`, `generate_ids`,
 `token_logprobs`. Speed: `generate(..., compile=True)` decodes through a static-shape step compiled with
-torch.compile (`StaticDecoder`, at the end of the decode-loop section).
+torch.compile (`lmforge.generation.decode.Decoder`).
 """
 
 from __future__ import annotations
@@ -25,25 +30,30 @@ from lmforge.errors import GenerationError
 from lmforge.generation import beam
 from lmforge.generation.loop import Score, _eval_mode, _new_checker, decode_steps, generate_ids, token_logprobs
 from lmforge.generation.sampling import SamplingParams
+from lmforge.tokenizers.chat_template import apply_chat_template, end_of_turn_markers
 
 
-_RUN_OPTIONS = ("truncate", "use_cache", "compile", "static")
+_RUN_OPTIONS = ("truncate", "use_cache", "compile", "static")  # keyword arguments of generate/stream/chat
 
 
-def resolve_params(lm, controls: dict[str, Any]) -> SamplingParams:
-    """Defaults from `lm.generation_config`, overridden by keyword controls; EOS ids added to stop_token_ids."""
+def resolve_params(lm, controls: dict[str, Any] | None = None, params: SamplingParams | None = None) -> SamplingParams:
+    """The one typed, validated set of controls for a request: `params` (default: `lm.generation_config`'s
+    values), overridden by keyword `controls`; the model's EOS ids added to stop_token_ids. An unknown control is a
+    one-line error with the closest name."""
+    controls = controls or {}
     names = {f.name for f in dataclasses.fields(SamplingParams)}
-    bad = [k for k in controls if k not in names and k not in _RUN_OPTIONS]
+    bad = [k for k in controls if k not in names]
     if bad:
-        close = difflib.get_close_matches(bad[0], sorted(names), n=1)
+        close = difflib.get_close_matches(bad[0], sorted(names) + list(_RUN_OPTIONS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise GenerationError(f"unknown generation control {bad[0]!r}{hint}")
-    gc = getattr(lm, "generation_config", None)
+        where = " (a run option: pass it to generate/stream/chat itself)" if bad[0] in _RUN_OPTIONS else ""
+        raise GenerationError(f"unknown generation control {bad[0]!r}{where or hint}")
+    base_of = params if params is not None else getattr(lm, "generation_config", None)
     base: dict[str, Any] = {}
-    if gc is not None:
+    if base_of is not None:
         for name in names:
-            if hasattr(gc, name) and getattr(gc, name) is not None:
-                base[name] = getattr(gc, name)
+            if hasattr(base_of, name) and getattr(base_of, name) is not None:
+                base[name] = getattr(base_of, name)
     for k, v in controls.items():
         if k in names and v is not None:
             base[k] = v
@@ -104,12 +114,13 @@ def _fit_context(ids: list[int], block_size: int, truncate: bool) -> list[int]:
     return ids[-(block_size - 1):]
 
 
-def _prepare(lm, prompts: Sequence[str | Sequence[int]], controls: dict[str, Any], add_bos: bool | None = None):
+def _prepare(lm, prompts: Sequence[str | Sequence[int]], controls: dict[str, Any] | None = None,
+             add_bos: bool | None = None, *, params: SamplingParams | None = None, truncate: bool = False):
+    """(SamplingParams, prompt ids, pad id, context window) for a request."""
     if getattr(lm, "is_encoder", False):
         raise GenerationError(f"{getattr(lm, 'path', None) or 'this model'} is an encoder (BERT-style): it fills "
                               "masks and embeds text but does not generate; use a decoder model")
-    params = resolve_params(lm, controls)
-    truncate = bool(controls.get("truncate", False))
+    params = resolve_params(lm, controls, params)
     block_size = lm.model.config.block_size
     ids = [_fit_context(encode_prompt(lm, p, add_bos=add_bos), block_size, truncate) for p in prompts]
     tok = lm.tokenizer
@@ -123,38 +134,41 @@ def _is_batch(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
 
 
-def generate(lm, prompt: str | Sequence[int] | Sequence[str], **controls: Any) -> str | list[str]:
+def generate(lm, prompt: str | Sequence[int] | Sequence[str], params: SamplingParams | None = None, *,
+             truncate: bool = False, use_cache: bool = True, compile: bool | str = False, static: bool | None = None,
+             **controls: Any) -> str | list[str]:
     """Complete one prompt (-> str) or a list of prompts (-> list[str], generated as one left-padded batch).
 
-    Controls: see `SamplingParams` (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    frequency_penalty, presence_penalty, stop, stop_token_ids, seed, logprobs, top_logprobs, ignore_eos), plus
-    truncate=True (keep the end of a too-long prompt), use_cache=False (reference path), compile=True (decode
-    steps through torch.compile: a one-time compile, then faster steps; see `StaticDecoder`) and static=True (the
-    same static-shape step, not compiled). Defaults come from
-    `lm.generation_config`. The returned strings are `Completion`s: `.token_ids`, `.logprobs`, `.finish_reason`.
+    Controls: a `SamplingParams` (`params`), and/or its fields as keywords (max_new_tokens, temperature, top_k,
+    top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty, stop, stop_token_ids, seed, logprobs,
+    top_logprobs, ignore_eos), which override it; defaults come from `lm.generation_config`. Beam controls
+    (num_beams, ...) run a beam search (`generate_beams`). Run options: truncate=True (keep the end of a too-long
+    prompt), use_cache=False (reference path), compile=True (decode steps through torch.compile: a one-time
+    compile, then faster steps; see `decode.Decoder`), static=True (the same static-shape step, not compiled).
+    The returned strings are `Completion`s: `.token_ids`, `.logprobs`, `.finish_reason`.
     """
     if controls.keys() & {"num_beams", "num_return_sequences", "length_penalty", "early_stopping",
-                          "no_repeat_ngram_size"}:
-        return generate_beams(lm, prompt, **controls)  # beam search; num_beams=1 comes back here
+                          "no_repeat_ngram_size", "do_sample"}:
+        return generate_beams(lm, prompt, params, truncate=truncate, **controls)  # num_beams=1 comes back here
     batch = _is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
     if batch and not all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):
         raise GenerationError("prompts must be strings or lists of token ids")
-    params, ids, pad, block_size = _prepare(lm, prompts, controls)
-    outs = generate_ids(lm.model, ids, params, lm.tokenizer, use_cache=controls.get("use_cache", True),
-                        pad_id=pad, max_len=block_size, compile=controls.get("compile") or False,
-                        static=controls.get("static"))
+    params, ids, pad, block_size = _prepare(lm, prompts, controls, params=params, truncate=truncate)
+    outs = generate_ids(lm.model, ids, params, lm.tokenizer, use_cache=use_cache, pad_id=pad, max_len=block_size,
+                        compile=compile, static=static)
     return outs if batch else outs[0]
 
 
-def stream(lm, prompt: str | Sequence[int], **controls: Any) -> Iterator[str]:
+def stream(lm, prompt: str | Sequence[int], params: SamplingParams | None = None, *, truncate: bool = False,
+           use_cache: bool = True, compile: bool | str = False, static: bool | None = None,
+           **controls: Any) -> Iterator[str]:
     """Yield the completion as text deltas, as soon as they are safe to show (whole characters, no stop text).
-    `"".join(stream(lm, p, **c)) == generate(lm, p, **c)`."""
+    `"".join(stream(lm, p, **c)) == generate(lm, p, **c)`; the arguments are `generate`'s."""
     if _is_batch(prompt):
         raise GenerationError("stream() takes one prompt; use generate() for a list")
-    params, ids, pad, block_size = _prepare(lm, [prompt], controls)
-    return _stream_ids(lm, ids, params, pad, block_size, controls.get("use_cache", True),
-                       controls.get("compile") or False, controls.get("static"))
+    params, ids, pad, block_size = _prepare(lm, [prompt], controls, params=params, truncate=truncate)
+    return _stream_ids(lm, ids, params, pad, block_size, use_cache, compile, static)
 
 
 def _stream_ids(lm, ids, params, pad, block_size, use_cache, compile=False, static=None) -> Iterator[str]:
@@ -169,8 +183,6 @@ def _stream_ids(lm, ids, params, pad, block_size, use_cache, compile=False, stat
 
 def chat_prompt(lm, messages: Sequence[dict], *, add_generation_prompt: bool = True, tools=None, **kwargs) -> str:
     """Render messages with the model's chat template (ChatML when it has none)."""
-    from lmforge.tokenizers.chat_template import apply_chat_template
-
     tok = lm.tokenizer
     bos = getattr(tok, "bos_token", None) or _token_text(tok, getattr(tok, "bos_token_id", None))
     eos = getattr(tok, "eos_token", None) or _token_text(tok, getattr(tok, "eos_token_id", None))
@@ -187,21 +199,25 @@ def _token_text(tok, token_id: int | None) -> str:
     return tok.decode([token_id])
 
 
-def chat_controls(lm, controls: dict[str, Any]) -> dict[str, Any]:
-    """Stop at the template's end-of-turn marker: as a token id when it is a special token, else as a string."""
-    from lmforge.tokenizers.chat_template import end_of_turn_markers
-
-    controls = dict(controls)
+def end_of_turn_stops(lm, stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()) -> tuple[list[str], list[int]]:
+    """`stop` and `stop_token_ids` plus the chat template's end-of-turn markers: a marker that is a special token
+    stops as its id, any other as a string."""
     specials = getattr(lm.tokenizer, "special_tokens", None) or {}
-    stop = list(controls.get("stop") or lm.generation_config.stop or [])
-    stop_ids = list(controls.get("stop_token_ids") or lm.generation_config.stop_token_ids or [])
+    stop, stop_ids = list(stop), list(stop_token_ids)
     for marker in end_of_turn_markers(lm.chat_template):
         if marker in specials:
-            stop_ids.append(specials[marker])
+            if specials[marker] not in stop_ids:
+                stop_ids.append(specials[marker])
         elif marker not in stop:
             stop.append(marker)
-    controls["stop"], controls["stop_token_ids"] = stop, stop_ids
-    return controls
+    return stop, stop_ids
+
+
+def chat_params(lm, params: SamplingParams | None = None, **controls: Any) -> SamplingParams:
+    """The request's `SamplingParams` (see `resolve_params`), stopping at the end of the assistant's turn."""
+    params = resolve_params(lm, controls, params)
+    stop, stop_ids = end_of_turn_stops(lm, params.stop, params.stop_token_ids)
+    return dataclasses.replace(params, stop=stop, stop_token_ids=stop_ids)
 
 
 def encode_chat(lm, text: str) -> list[int]:
@@ -211,17 +227,22 @@ def encode_chat(lm, text: str) -> list[int]:
     return encode_text(lm.tokenizer, text)
 
 
-def chat(lm, messages: Sequence[dict], tools: list[dict] | None = None, **controls: Any) -> str:
-    """Answer the conversation: the assistant's next message as text (stops at the end-of-turn marker)."""
+def chat(lm, messages: Sequence[dict], tools: list[dict] | None = None, params: SamplingParams | None = None, *,
+         truncate: bool = False, use_cache: bool = True, compile: bool | str = False, **controls: Any) -> str:
+    """Answer the conversation: the assistant's next message as text (stops at the end-of-turn marker).
+    Controls and run options as in `generate`."""
     text = chat_prompt(lm, messages, tools=tools)
-    controls = chat_controls(lm, controls)
-    return generate(lm, encode_chat(lm, text), **controls)
+    return generate(lm, encode_chat(lm, text), chat_params(lm, params, **controls), truncate=truncate,
+                    use_cache=use_cache, compile=compile)
 
 
-def chat_stream(lm, messages: Sequence[dict], tools: list[dict] | None = None, **controls: Any) -> Iterator[str]:
+def chat_stream(lm, messages: Sequence[dict], tools: list[dict] | None = None, params: SamplingParams | None = None,
+                *, truncate: bool = False, use_cache: bool = True, compile: bool | str = False,
+                **controls: Any) -> Iterator[str]:
     """`chat` as text deltas (for terminals and servers)."""
     text = chat_prompt(lm, messages, tools=tools)
-    return stream(lm, encode_chat(lm, text), **chat_controls(lm, controls))
+    return stream(lm, encode_chat(lm, text), chat_params(lm, params, **controls), truncate=truncate,
+                  use_cache=use_cache, compile=compile)
 
 
 
@@ -280,21 +301,23 @@ def score(lm, prompt: str, continuation: str) -> Score:
     return score_batch(lm, [(prompt, continuation)])[0]
 
 
-def generate_beams(lm, prompt, **controls):
+def generate_beams(lm, prompt, params: SamplingParams | None = None, *, truncate: bool = False, **controls):
     """`lm.generate(prompt, num_beams=4, ...)` for a decoder-only `LM`: one str per prompt (a list of
-    num_return_sequences strs when that is > 1); a list of prompts gives a list. num_beams=1 is the ordinary
-    loop (greedy or sampling), except with no_repeat_ngram_size, which runs a one-beam search (greedy + the ban). Each prompt is searched on its
-    own (num_beams cache rows), so a batch returns exactly what each prompt returns alone."""
+    num_return_sequences strs when that is > 1); a list of prompts gives a list, searched together (left-padded
+    to one length, B x num_beams cache rows), as transformers does. do_sample=True samples the beams (seeded by
+    `seed`). num_beams=1 is the ordinary loop (greedy or sampling), except with no_repeat_ngram_size, which runs
+    a one-beam search (greedy + the ban)."""
     controls = dict(controls)
     bp = beam.BeamParams.pop_from(controls)
     if bp.num_beams == 1 and bp.num_return_sequences == 1 and not bp.no_repeat_ngram_size:
-        return generate(lm, prompt, **controls)  # one beam is greedy search: the ordinary loop
+        return generate(lm, prompt, params, truncate=truncate, **controls)  # one beam: the ordinary loop
     batch = _is_batch(prompt)
-    params, ids, _, block_size = _prepare(lm, list(prompt) if batch else [prompt], controls)
+    params, ids, pad, block_size = _prepare(lm, list(prompt) if batch else [prompt], controls, params=params,
+                                            truncate=truncate)
+    hyps = beam.decoder_beam_search_batch(lm.model, ids, bp, params.max_new_tokens, params.stop_token_ids, params,
+                                          max_len=block_size, pad_id=pad)
     outs = []
-    for p in ids:
-        hyps = beam.decoder_beam_search(lm.model, p, bp, params.max_new_tokens, params.stop_token_ids, params,
-                                   max_len=block_size)
-        comps = [beam.hypothesis_completion(lm.tokenizer, h.token_ids, params, len(p)) for h in hyps]
+    for p, hs in zip(ids, hyps):
+        comps = [beam.hypothesis_completion(lm.tokenizer, h.token_ids, params, len(p)) for h in hs]
         outs.append(comps if bp.num_return_sequences > 1 else comps[0])
     return outs if batch else outs[0]
