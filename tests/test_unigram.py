@@ -238,3 +238,15 @@ def test_transformers4_t5_file_equals_its_fast_tokenizer(spm_t5):
     ours = UnigramTokenizer.load(d / "fast4")
     for s, (fast, _slow) in zip(NFKC_TEXTS, json.loads(res.stdout.strip().splitlines()[-1])):
         assert ours.encode(s) == fast, repr(s)
+
+
+@pytest.mark.parametrize("individual", [True, False])
+def test_digits_pre_tokenizer_matches_tokenizers(trained, individual):
+    """The Digits pre-tokenizer after Metaspace (the seq2seq demo's tokenizer reads dates digit by digit)."""
+    data = json.loads(json.dumps(trained[1].data))
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        data["pre_tokenizer"], {"type": "Digits", "individual_digits": individual}]}
+    ref, ours = tokenizers.Tokenizer.from_str(json.dumps(data)), UnigramTokenizer.from_tokenizer_json(data)
+    for s in FIXED + ["to iso: March 14, 2021", "03/14/2021 ½ Ⅷ ٣٤ x2y33z", "1999-01-02</s>7"]:
+        assert ours.encode(s) == ref.encode(s).ids, s
+        assert ours.decode(ref.encode(s).ids) == ref.decode(ref.encode(s).ids), s

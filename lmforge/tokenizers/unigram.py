@@ -18,6 +18,7 @@ Encoding a text is the four stages a tokenizer.json names, as in `lmforge.tokeni
     0. special tokens        "</s>", "<extra_id_0>" written in the text are cut out first and kept whole
     1. normalize             T5's file: SentencePiece's NFKC table (`Precompiled`, see below), runs of spaces -> one
     2. pre-tokenize          Metaspace: " " -> "▁", a "▁" prepended, split before each "▁": "▁Hello", "▁world"
+                             (+ Digits, in some files: each digit its own pre-token, "▁2021" -> "▁", "2", "0", ...)
     3. model (Unigram)       Viterbi over the piece scores, per pre-token
     4. post-process          Template: T5 appends "</s>"
 
@@ -317,6 +318,9 @@ def metaspace_split(text: str, replacement: str = "▁", prepend: str = "always"
     return pieces
 
 
+_DIGIT, _DIGITS = regex.compile(r"(\p{N})"), regex.compile(r"(\p{N}+)")  # Rust's char::is_numeric: Nd, Nl, No
+
+
 def _whitespace_split(text: str) -> list[str]:
     return text.split()
 
@@ -342,6 +346,9 @@ def build_pre_tokenizer(spec: dict[str, Any] | None):
         return lambda s, first: metaspace_split(s, rep, scheme, split, first)
     if kind == "WhitespaceSplit":
         return lambda s, first: _whitespace_split(s)
+    if kind == "Digits":  # numbers apart from the text: each digit alone, or each run of digits
+        rx = _DIGIT if spec.get("individual_digits", False) else _DIGITS
+        return lambda s, first: [p for p in rx.split(s) if p]
     raise TokenizerError(f"tokenizer.json: pre-tokenizer {kind!r} is not supported for Unigram models")
 
 
