@@ -225,6 +225,8 @@ def _token_classification(lm, inputs, aggregation_strategy: str = "none", **kw):
 def _question_answering(lm, question=None, context=None, **kw):
     if isinstance(question, dict):  # pipeline({"question": ..., "context": ...})
         question, context = question.get("question"), question.get("context")
+    elif isinstance(question, (list, tuple)) and question and all(isinstance(q, dict) for q in question):
+        question, context = [q.get("question") for q in question], [q.get("context") for q in question]
     if question is None or context is None:
         raise ConfigError("question-answering needs both question= and context=")
     return question_answering(lm, question, context, **kw)

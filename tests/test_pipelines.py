@@ -282,3 +282,46 @@ def test_seq2seq_pipeline_structure_and_prefixes(t5_dir):
     assert ids["translation_token_ids"][1:1 + len(greedy.token_ids)] == greedy.token_ids
     with pytest.raises(ConfigError, match="encoder-decoder"):
         lmforge.pipeline("translation_en_to_de", MINILM)
+
+
+# ---- question-answering through lmforge.pipeline vs transformers 4's pipeline -------------------------------------
+_QA_ORACLE = """
+import json, sys
+from transformers import pipeline
+args = json.loads(sys.argv[1])
+p = pipeline("question-answering", model=args["model"], device="cpu")
+out = []
+for call in args["calls"]:
+    res = p(call["args"][0], **call["kw"]) if call["args"] else p(**call["kw"])
+    out.append(json.loads(json.dumps(res, default=float)))
+print(json.dumps(out))
+"""
+QA_CONTEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+              "France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway who, under "
+              "their leader Rollo, agreed to swear fealty to King Charles III of West Francia.")
+QA_CALLS = [
+    {"args": [], "kw": {"question": "Who was the Norse leader?", "context": QA_CONTEXT}},
+    {"args": [{"question": "In what country is Normandy located?", "context": QA_CONTEXT}], "kw": {"top_k": 2}},
+    {"args": [], "kw": {"question": ["Who was the Norse leader?", "When were the Normans in Normandy?"],
+                        "context": [QA_CONTEXT, QA_CONTEXT], "doc_stride": 16, "max_seq_len": 48}},
+    {"args": [[{"question": "Who was the Norse leader?", "context": QA_CONTEXT},
+               {"question": "Where?", "context": "It happened in Rouen, a city of France."}]],
+     "kw": {"handle_impossible_answer": True}},
+]
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory):
+    d = _bert_dir(tmp_path_factory, "qa", transformers.BertForQuestionAnswering)
+    model = transformers.BertForQuestionAnswering.from_pretrained(d)
+    with torch.no_grad():  # sharper span logits than the random init: answers with clear winners
+        model.qa_outputs.weight.mul_(100)
+    model.save_pretrained(d)
+    return d
+
+
+def test_question_answering_pipeline_equals_transformers4(qa_dir):
+    theirs = _transformers4(_QA_ORACLE, json.dumps({"model": str(qa_dir), "calls": QA_CALLS}))
+    pipe = lmforge.pipeline("question-answering", qa_dir)
+    for call, want in zip(QA_CALLS, theirs):
+        _same(pipe(*call["args"], **call["kw"]), want, json.dumps(call)[:80])
