@@ -18,6 +18,8 @@ Rows:
   reader, gold passage       the reader alone on the question's own passage: the ceiling retrieval can reach
   reader, RAG top-k          Answerer(hybrid retriever, reader=QAReader): the best span over the k retrieved
                              chunks; refused when the reader says "no answer" in every one of them
+  best span, ...             the same reader forced to answer (null score ignored): its HasAns F1 is the quality
+                             of its spans, which a reader that mostly says "no answer" hides
   generator, RAG top-k       Answerer(hybrid retriever, generator): the grounded prompt with numbered sources; the
                              answer with its [n] citations removed; refused when it says it does not know. Offline
                              the only generator is llama2.c's stories260K (a 260K-parameter TinyStories model, 512
@@ -142,6 +144,20 @@ def main() -> int:
                 a = answerer.ask(e["question"])
                 preds[e["id"]] = "" if a.refused else _CITE.sub("", a.text).strip()
             results[f"reader_rag_top{k}"] = row(f"reader, RAG top-{k}", test, preds, time.perf_counter() - t)
+        # The same reader made to always answer (its best span, the null score ignored): HasAns F1 then measures
+        # span quality alone, which a reader that says "no answer" too often hides.
+        spans = QAReader(reader.lm, **dict(reader.options, handle_impossible_answer=False))
+        t = time.perf_counter()
+        best = question_answering(spans.lm, [e["question"] for e in test], [e["context"] for e in test],
+                                  model=spans.model, **spans.options)
+        results["reader_gold_span"] = row("best span, gold passage", test, {e["id"]: g["answer"].strip()
+                                                                        for e, g in zip(test, best)},
+                                          time.perf_counter() - t)
+        t = time.perf_counter()
+        answerer = Answerer(retriever, reader=spans, k=args.k)
+        preds = {e["id"]: _CITE.sub("", answerer.ask(e["question"]).text).strip() for e in test}
+        results[f"reader_span_rag_top{args.k}"] = row(f"best span, RAG top-{args.k}", test, preds,
+                                                      time.perf_counter() - t)
 
         if args.generator_url:
             url, _, model = args.generator_url.partition("#")

@@ -212,6 +212,26 @@ def _docs(n=30):
                      source=f"src/{i}.txt", meta={"group": str(i % 3)}) for i in range(n)]
 
 
+def test_ingest_batches_chunks_across_documents(tmp_path):
+    class Counting(HashingEmbedder):
+        calls: list[int] = []
+
+        def embed(self, texts):
+            self.calls.append(len(texts))
+            return super().embed(texts)
+
+    emb = Counting()
+    store, _, _ = _index(tmp_path, None, emb=emb)
+    chunker = Chunker.for_embedder(emb, max_tokens=64, overlap_tokens=8)
+    emb.calls.clear()
+    report = Indexer(store, emb, chunker, batch_size=16).index(_docs(30))  # one small chunk per document
+    assert report.chunks == 30 and sum(emb.calls) == 30
+    assert emb.calls == [16, 14]  # not 30 calls of one chunk
+    chunks = store.chunks()
+    np.testing.assert_allclose(store.vectors, HashingEmbedder().embed([c.text for c in chunks]), atol=1e-6)
+    assert [c.doc_id for c in chunks] == [f"doc{i}" for i in range(30)]
+
+
 def test_exact_search_equals_brute_force(tmp_path):
     store, indexer, emb = _index(tmp_path, None)
     indexer.index(_docs())

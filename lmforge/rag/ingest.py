@@ -104,13 +104,23 @@ class Indexer:
         chunked = [(d, h, self.chunker.chunk(d)) for d, h in todo]
         total = sum(len(c) for _, _, c in chunked)
         done, since_commit, last = 0, 0, time.perf_counter()
-        for d, h, chunks in chunked:
+        # Documents are embedded in groups of about batch_size chunks, across document boundaries: a corpus of
+        # one-paragraph documents would otherwise run the model on batches of one or two chunks.
+        group: list[tuple[Document, str, list[Chunk]]] = []
+        for i, item in enumerate(chunked):
+            group.append(item)
+            if sum(len(c) for _, _, c in group) < self.batch_size and i < len(chunked) - 1:
+                continue
             t = time.perf_counter()
-            vectors = self.embed_chunks(chunks)
+            vectors = self.embed_chunks([c for _, _, cs in group for c in cs])
             report.embed_seconds += time.perf_counter() - t
-            self.store.upsert(d.id, d.source, h, chunks, vectors)
-            done += len(chunks)
-            since_commit += len(chunks)
+            row = 0
+            for d, h, chunks in group:
+                self.store.upsert(d.id, d.source, h, chunks, vectors[row:row + len(chunks)])
+                row += len(chunks)
+                done += len(chunks)
+                since_commit += len(chunks)
+            group = []
             if since_commit >= self.commit_every:
                 self.store.commit()
                 since_commit = 0
