@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 from lmforge import argconf
+from lmforge.errors import LmforgeError
+from lmforge.recipes.pretrain import PretrainConfig, run_pretrain
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
 
@@ -40,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
                                                              "else all cores)")
     ap.add_argument("--overwrite", action="store_true", help="replace the model already in --out (a rerun)")
     args = ap.parse_args(argv)
-
-    from lmforge.errors import LmforgeError
-    from lmforge.recipes.pretrain import PretrainConfig, run_pretrain
 
     threads = args.threads
     if threads is None:  # oversubscribed cores make multi-threaded matmuls wait on each other: use one thread

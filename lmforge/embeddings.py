@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 
 POOLINGS = ("mean", "cls", "max", "mean_sqrt_len")
 
@@ -85,8 +85,6 @@ def semantic_search(query: torch.Tensor, corpus: torch.Tensor, top_k: int = 10) 
 
 def check_texts(texts: str | Sequence[str]) -> list[str]:
     """A list of non-empty strings, or a one-line error naming the first bad one."""
-    from lmforge.errors import DataError
-
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)

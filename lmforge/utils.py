@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import torch
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 
 
 def _umask() -> int:
@@ -192,8 +192,6 @@ def check_seed(seed: Any, name: str = "seed", error: type[Exception] = ConfigErr
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from lmforge.errors import DataError
-
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 from urllib.parse import urljoin, urlsplit
 
+from lmforge.agents.tools import function_tool, Tool, ToolError
 from lmforge.errors import ConfigError
-from lmforge.agents.tools import Tool, ToolError, function_tool
+from lmforge.rag import open_index
 
 # ================================================================================================================
 # Calculator
@@ -306,8 +307,6 @@ class RetrieverSearcher:
 
 def open_rag_searcher(index: str | os.PathLike, kind: str = "hybrid") -> RetrieverSearcher:
     """A searcher over an `lmforge rag index` directory (its own embedder, as recorded in the index)."""
-    from lmforge.rag import open_index  # optional app: only needed when a rag: tool is asked for
-
     return RetrieverSearcher(open_index(index).retriever(kind))
 
 

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import httpx
 
 from lmforge.errors import LmforgeError
+from lmforge.serve.app import create_app, ServerSettings
 
 
 class EndpointError(LmforgeError):
@@ -94,8 +95,6 @@ class ChatClient:
         """A client for `lm` in this process, through lmforge serve's app on an in-memory transport (no socket).
         Close it (or use `with`) to stop the app's engine thread."""
         from starlette.testclient import TestClient  # starlette ships it: an httpx.Client over an ASGI portal
-
-        from lmforge.serve.app import ServerSettings, create_app
 
         app = create_app(lm, ServerSettings(model_name=model_name, **settings))
         http = TestClient(app, base_url="http://lmforge.in-process", raise_server_exceptions=False)

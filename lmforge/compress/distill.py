@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
 from lmforge.training.batch import split_batch
-from lmforge.training.loop import TrainConfig, TrainResult, train
+from lmforge.training.eval import perplexity
+from lmforge.training.loop import train, TrainConfig, TrainResult
+from lmforge.utils import check_seed
 
 
 def _module(m) -> nn.Module:
@@ -70,7 +72,6 @@ class DistillConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from lmforge.utils import check_seed
 
         check_seed(self.seed)
         if self.temperature <= 0:
@@ -93,8 +94,6 @@ def distill(teacher, student, data: Any, config: DistillConfig | None = None, *,
     data:       batches for `lmforge.training.loop.train` ({"input_ids", "labels"} dicts or (inputs, targets) pairs)
     val_tokens: a 1-D token sequence for the perplexity report (teacher, student before, student after)
     """
-    from lmforge.training.eval import perplexity
-
     config = config or DistillConfig()
     t_model, s_model = _module(teacher), _module(student)
     check_vocab(t_model, s_model, getattr(teacher, "tokenizer", None), getattr(student, "tokenizer", None))

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge import kernels
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.utils import read_json
 
 SCHEMES = ("int8", "int4", "nf4")
@@ -644,8 +644,6 @@ def tensor_checksums(sd: dict[str, torch.Tensor]) -> dict[str, str]:
 def verify_checksums(sd: dict[str, torch.Tensor], checksums: Any, directory) -> None:
     """One-line CheckpointError naming the file and tensor whose bytes differ from quantization.json's record."""
     from pathlib import Path
-
-    from lmforge.errors import CheckpointError
 
     d = Path(directory)
     if not isinstance(checksums, dict):

@@ -26,9 +26,10 @@ import torch
 import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.utils import atomic_dir, atomic_write_json, read_json
 from lmforge.finetune.data import classification_collate, encode_texts
+from lmforge.loader import load
 from lmforge.training.batch import row_mean
+from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_HEAD = "classifier_head.safetensors"
@@ -122,14 +123,12 @@ def load_classifier(path: str | Path, device=None):
     """(lm, classifier, config dict) from a directory written by `save_classifier`."""
     from safetensors.torch import load_file
 
-    import lmforge
-
     path = Path(path)
     if not (path / CLASSIFIER_CONFIG).is_file():
         raise CheckpointError(f"{path}: not a classifier directory (no {CLASSIFIER_CONFIG}); train one with "
                               f"`lmforge finetune classify`")
     cfg = read_json(path / CLASSIFIER_CONFIG)
-    lm = lmforge.load(path, device=device)
+    lm = load(path, device=device)
     clf = SequenceClassifier(lm.model, cfg["labels"])
     state = load_file(str(path / CLASSIFIER_HEAD))
     try:

@@ -17,7 +17,10 @@ from typing import Any, Callable, ClassVar
 import torch.nn as nn
 
 from lmforge.errors import ConfigError
+from lmforge.finetune import lora
+from lmforge.loader import load
 from lmforge.training.loop import TrainConfig
+from lmforge.utils import atomic_write_json, check_output, check_seed
 
 
 @dataclass
@@ -48,7 +51,6 @@ class FinetuneConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from lmforge.utils import check_seed
 
         check_seed(self.seed)
         check_seed(self.split_seed, "split_seed")
@@ -69,7 +71,6 @@ class FinetuneConfig(TrainConfig):
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"no {name} given: pass --{name} (or set `{name}` in the config)")
-        from lmforge.utils import check_output
 
         check_output(self.out, overwrite=self.overwrite)  # never replace a model the user did not ask to
 
@@ -84,9 +85,7 @@ class FinetuneConfig(TrainConfig):
 
 def load_base(cfg: FinetuneConfig):
     """The base model as an `LM`, in fp32 (training on CPU) and in training mode."""
-    import lmforge
-
-    lm = lmforge.load(cfg.model, dtype="float32")
+    lm = load(cfg.model, dtype="float32")
     if lm.tokenizer is None:
         raise ConfigError(f"{cfg.model}: the model directory has no tokenizer; fine-tuning needs one")
     return lm
@@ -111,7 +110,6 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
     """Add LoRA adapters when cfg.lora_r > 0 (base frozen); returns whether it did."""
     if cfg.lora_r <= 0:
         return False
-    from lmforge.finetune import lora
 
     if cfg.quantize:  # QLoRA (Dettmers et al. 2023): the frozen base in 4 bits, adapters and activations in fp32
         from lmforge.compress.quantize import quantize_model
@@ -126,9 +124,6 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
 
 def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]:
     """What the loop writes at each checkpoint: the PEFT adapter (LoRA) or the whole model directory."""
-    from lmforge.finetune import lora
-    from lmforge.utils import atomic_write_json
-
     def save(d: Path) -> None:
         if uses_lora:
             lora.save_peft(lm.model, d, base_model_name_or_path=str(Path(cfg.model).resolve()))
@@ -141,8 +136,6 @@ def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]
 
 def finish(lm, cfg: FinetuneConfig, uses_lora: bool, log: Callable[[str], None] = print) -> Path:
     """After training: with LoRA and `merge`, replace the adapter by a merged model directory."""
-    from lmforge.finetune import lora
-
     out = Path(cfg.out)
     if uses_lora and cfg.merge:
         lora.merge_and_unload(lm.model)

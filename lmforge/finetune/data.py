@@ -40,8 +40,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from lmforge.training.data import Batches as _Batches
 from lmforge.errors import DataError
+from lmforge.tokenizers.chat_template import apply_chat_template
+from lmforge.training.data import Batches as _Batches
 
 IGNORE_INDEX = -100
 
@@ -154,8 +155,6 @@ def chat_segments(messages: Sequence[Mapping[str, Any]], template: str | None, b
     The text before assistant turn i is the template rendered for messages[:i] with the generation prompt;
     the turn itself is what rendering messages[:i+1] adds after that (its content and end-of-turn marker).
     """
-    from lmforge.tokenizers.chat_template import apply_chat_template
-
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(messages):

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.formats import hf
 from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -437,8 +438,6 @@ def _hf_module_map(model: nn.Module) -> dict[str, tuple[str, int, tuple[int, ...
     the fused c_attn output. Llama: "blocks.0.attn.k_proj" -> ("model.layers.0.self_attn.k_proj", 0, (nkv*hd,)).
     A model that no HF family can hold gets {} (LoRA still works; only PEFT saving needs the names).
     """
-    from lmforge.formats import hf
-
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "n_layer"):
         return {}

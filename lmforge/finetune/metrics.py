@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Sequence
+from lmforge.utils import atomic_write
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> list[list[int]]:
@@ -61,8 +62,6 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lmforge.utils import atomic_write
 
     K = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 * K + 2.5, 1.2 * K + 2))

@@ -42,10 +42,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import Loaded, build_model, check_tensors
+from lmforge.formats.llama2c import hf_to_meta_rope, meta_to_hf_rope
+from lmforge.formats.native import build_model, check_tensors, Loaded
 from lmforge.generation.config import GenerationConfig
+from lmforge.models.config import ModelConfig
+from lmforge.tokenizers.bpe import pattern_name
+from lmforge.utils import check_parents, parse_device, parse_dtype
 
 GGUF_DTYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCK = 32  # q8_0 / q4_0 block size
@@ -80,8 +83,6 @@ def gguf_arch(config: ModelConfig) -> str:
 # Tokenizers
 # ----------------------------------------------------------------------------------------------------------------
 def _pre_name(pattern: str | None) -> str:
-    from lmforge.tokenizers.bpe import pattern_name
-
     name = pattern_name(pattern) if pattern else "custom"
     if name == "gpt2":
         return "gpt-2"
@@ -166,8 +167,6 @@ def _bias(model: torch.nn.Module, name: str) -> np.ndarray:
 
 def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     """lmforge weights under llama.cpp's tensor names (fp32 numpy, numpy shape = (out, in))."""
-    from lmforge.formats.llama2c import hf_to_meta_rope
-
     gguf = _gguf()
     N, tn = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
     out: dict[str, np.ndarray] = {tn[N.TOKEN_EMBD] + ".weight": _weight(model, "wte")}
@@ -231,7 +230,6 @@ def export_gguf(lm, path: str | os.PathLike, dtype: str = "f32") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; a GGUF export is one file (e.g. {path / 'model.gguf'})")
-    from lmforge.utils import check_parents
 
     check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +346,6 @@ def _read_tokenizer(reader):
 def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     """Read a GGUF file written for the llama or gpt2 architecture (f32/f16/q8_0/q4_0 tensors) as an `LM`."""
     gguf = _gguf()
-    from lmforge.formats.llama2c import meta_to_hf_rope
-    from lmforge.utils import parse_device, parse_dtype
 
     path = Path(path)
     try:

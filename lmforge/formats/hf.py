@@ -36,9 +36,9 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import (MAX_SHARD_BYTES, Loaded, build_model, chat_template, generation_config,
-                                    load_dir_tokenizer, read_weights, resolve_device, resolve_dtype,
-                                    unique_state_dict, write_safetensors)
+from lmforge.formats.native import (build_model, chat_template, generation_config, load_dir_tokenizer, Loaded,
+                                    MAX_SHARD_BYTES, read_weights, resolve_device, resolve_dtype, unique_state_dict,
+                                    write_safetensors)
 from lmforge.models.config import ModelConfig
 from lmforge.utils import atomic_dir, atomic_write_json, parse_dtype, read_json
 
@@ -404,8 +404,6 @@ def from_hf_model(hf_model) -> "torch.nn.Module":
 def save_hf_tokenizer(tok, directory, chat_template: str | None = None, model_max_length: int | None = None) -> None:
     """Write tokenizer.json + tokenizer_config.json that `transformers.AutoTokenizer` loads with no custom code."""
     from pathlib import Path
-
-    from lmforge.utils import atomic_write_json
 
     if not (hasattr(tok, "to_hf_dict") and hasattr(tok, "tokenizer_config")):
         raise CheckpointError(f"cannot export a {type(tok).__name__} to Hugging Face tokenizer files")

@@ -15,12 +15,12 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.finetune import common, data as D, lora
+from lmforge.finetune.classifier import classification_loss, predict, save_classifier, SequenceClassifier, set_trainable
+from lmforge.finetune.metrics import classification_metrics, plot_confusion
+from lmforge.lm import LM
 from lmforge.training.loop import train
 from lmforge.utils import atomic_write_json
-from lmforge.finetune import common
-from lmforge.finetune import data as D
-from lmforge.finetune.classifier import SequenceClassifier, classification_loss, predict, save_classifier, set_trainable
-from lmforge.finetune.metrics import classification_metrics, plot_confusion
 
 
 @dataclass
@@ -81,9 +81,6 @@ def run_classify(cfg: ClassifyConfig, log=print) -> dict:
         if not uses_lora:
             return save_classifier(clf, lm, d, L)
         import copy
-
-        from lmforge.finetune import lora
-        from lmforge.lm import LM
 
         base = lora.merge_and_unload(copy.deepcopy(lm.model))  # a classifier directory holds a whole model
         merged = SequenceClassifier(base, labels)

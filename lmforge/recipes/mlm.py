@@ -16,8 +16,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lmforge.encoder_lm import EncoderLM
 from lmforge.errors import ConfigError
-from lmforge.training.loop import TrainConfig, train
+from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.tasks.common import save_task_model, task_model
+from lmforge.tasks.mlm import chunk_documents, masked_accuracy, mlm_loss, MLMBatches
+from lmforge.tokenizers.wordpiece import WordPieceTokenizer
+from lmforge.training.data import read_documents, source_list
+from lmforge.training.loop import train, TrainConfig
 from lmforge.utils import atomic_write_json, check_output
 
 
@@ -45,8 +51,7 @@ class MLMConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.data, str):
-            self.data = [d for d in self.data.split(",") if d]
+        self.data = source_list(self.data)
         if not 0.0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if self.vocab_size < 128:
@@ -56,8 +61,6 @@ class MLMConfig(TrainConfig):
 def train_wordpiece(documents: list[str], vocab_size: int):
     """A lower-casing BERT WordPiece vocabulary trained on `documents` (the `tokenizers` library's trainer)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    from lmforge.tokenizers.wordpiece import WordPieceTokenizer
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -75,12 +78,6 @@ def train_wordpiece(documents: list[str], vocab_size: int):
 def run_mlm(cfg: MLMConfig, log=print) -> dict:
     """Pretrain and save; returns {"val_loss", "val_masked_accuracy", "steps", "params"}."""
     import torch
-
-    from lmforge.encoder_lm import EncoderLM
-    from lmforge.models.encoder import Encoder, EncoderConfig
-    from lmforge.tasks.common import save_task_model, task_model
-    from lmforge.tasks.mlm import MLMBatches, chunk_documents, masked_accuracy, mlm_loss
-    from lmforge.training.data import read_documents
 
     if not cfg.out:
         raise ConfigError("no out given: pass --out (or set `out` in the config)")

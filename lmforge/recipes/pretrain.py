@@ -21,7 +21,17 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.training.loop import TrainConfig
+from lmforge.generation.config import GenerationConfig
+from lmforge.lm import LM
+from lmforge.loader import load as load_model
+from lmforge.models.config import ModelConfig
+from lmforge.models.decoder import Transformer
+from lmforge.tokenizers.bpe import Tokenizer
+from lmforge.training.data import (Batches, BUILTIN, builtin_documents, PackedBatches, read_documents, resolve_sources,
+                                   SlidingWindowDataset, source_list, sources_size, tokenize_to_shards, TokenShards,
+                                   train_val_split)
+from lmforge.training.loop import read_train_state, setup_distributed, train, TrainConfig
+from lmforge.utils import atomic_write_json, check_output, check_seed, parse_device
 
 
 @dataclass
@@ -74,7 +84,6 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from lmforge.utils import check_seed
 
         check_seed(self.seed)
         if not 0.0 < self.val_fraction < 1.0:
@@ -85,8 +94,7 @@ class PretrainConfig(TrainConfig):
             raise ConfigError(f"init must be gpt2 or torch, got {self.init!r}")
         if self.epochs is not None and self.epochs <= 0:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if isinstance(self.data, str):
-            self.data = [self.data]
+        self.data = source_list(self.data)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
@@ -121,17 +129,12 @@ def reset_to_torch_defaults(model) -> None:
 
 def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
     """Train a BPE on the data, or load one (tokenizer.json, a model directory, or GPT-2's two files)."""
-    from lmforge.training.data import BUILTIN, builtin_documents, resolve_sources
-    from lmforge.tokenizers.bpe import Tokenizer
-
     if cfg.tokenizer == "train":
         texts: list = []
         for src in resolve_sources(sources):
             if src == BUILTIN:
                 texts.extend(builtin_documents())
             elif src.suffix in (".jsonl", ".json"):
-                from lmforge.training.data import read_documents
-
                 texts.extend(t for t, _ in read_documents([src], cfg.text_field))
             else:
                 texts.append(src)  # a Path: the tokenizer trainer reads the file
@@ -144,17 +147,6 @@ def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
 
 def run_pretrain(cfg: PretrainConfig):
     """Run the recipe; returns the trained `LM` (also saved in `cfg.out`)."""
-    from lmforge.loader import load as load_model
-    from lmforge.models.config import ModelConfig
-    from lmforge.training.data import (Batches, PackedBatches, SlidingWindowDataset, TokenShards, read_documents, sources_size,
-                        tokenize_to_shards, train_val_split)
-    from lmforge.generation.config import GenerationConfig
-    from lmforge.lm import LM
-    from lmforge.models.decoder import Transformer
-    from lmforge.tokenizers.bpe import Tokenizer
-    from lmforge.training.loop import read_train_state, setup_distributed, train
-    from lmforge.utils import atomic_write_json, check_output, parse_device
-
     if not cfg.out:
         raise ConfigError("no output directory: pass --out DIR (or set `out` in the config)")
     out = check_output(expand_path(cfg.out), overwrite=cfg.overwrite, resume=cfg.resume)

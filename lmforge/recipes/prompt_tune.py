@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError
-from lmforge.lm import LM
-from lmforge.training.loop import train
-from lmforge.utils import atomic_write_json
 from lmforge.finetune import common
 from lmforge.finetune.losses import response_loss
-from lmforge.recipes.sft import SFTConfig, answer_and_score, chat_template, load_splits, sft_batches
+from lmforge.finetune.prompt_tuning import add_prompt_tuning, save_prompt
+from lmforge.lm import LM
+from lmforge.recipes.sft import answer_and_score, chat_template, load_splits, sft_batches, SFTConfig
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
 
 
 @dataclass
@@ -39,8 +40,6 @@ class PromptTuneConfig(SFTConfig):
 
 
 def run_prompt_tune(cfg: PromptTuneConfig, log=print) -> dict:
-    from lmforge.finetune.prompt_tuning import add_prompt_tuning, save_prompt
-
     cfg.check_paths()
     lm = common.load_base(cfg)
     out = Path(cfg.out)

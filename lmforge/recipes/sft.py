@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import DataError
-from lmforge.training.loop import train
-from lmforge.utils import atomic_write_json
-from lmforge.finetune import common
-from lmforge.finetune import data as D
+from lmforge.finetune import common, data as D
 from lmforge.finetune.losses import response_loss
 from lmforge.finetune.metrics import rouge_l
+from lmforge.tokenizers.chat_template import end_of_turn_markers
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
 
 
 @dataclass
@@ -99,8 +99,6 @@ def sft_batches(cfg: SFTConfig, lm, parts: dict[str, list[dict]], template: str 
 
 def answer_and_score(lm, records: list[dict], cfg: SFTConfig, template: str | None) -> tuple[list[dict], float]:
     """Greedy answers for `records` and their mean ROUGE-L F against the expected outputs."""
-    from lmforge.tokenizers.chat_template import end_of_turn_markers
-
     if cfg.eval_generate == 0 or not records:
         return [], float("nan")
     records = records if cfg.eval_generate < 0 else records[:cfg.eval_generate]

@@ -37,11 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import argconf
 from lmforge.agents.builtin import calculate, calculator_tool, file_tools, search_tool
 from lmforge.agents.client import ChatClient, decode_arguments
 from lmforge.agents.loop import Agent, Budget
-from lmforge.agents.tools import Tool, Toolbox, check_arguments
+from lmforge.agents.tools import check_arguments, Tool, Toolbox
 from lmforge.errors import ConfigError
+from lmforge.loader import load
+from lmforge.rag import BM25Retriever, Chunk
+from lmforge.recipes.sft import run_sft, SFTConfig
+from lmforge.serve.app import _normalize_messages, tool_prompt
 from lmforge.utils import atomic_write_json
 
 SYSTEM = "Use a tool, then answer."
@@ -69,8 +74,6 @@ class World:
     facts: dict[str, str]  # land -> capital
 
     def tools(self) -> Toolbox:
-        from lmforge.rag import BM25Retriever, Chunk
-
         chunks = [Chunk(doc_id=land, source=f"facts/{land.lower()}.txt", index=0, start=0, end=0,
                         text=f"The capital of {land} is {city}.") for land, city in self.facts.items()]
         ls, read, grep = file_tools(self.root)
@@ -137,8 +140,6 @@ def _answer(task: dict, observation: str) -> str:
 
 def conversation(task: dict, toolbox: Toolbox, chat_template: str | None = None) -> list[dict[str, str]]:
     """The training conversation of a task, by running the tool, in the server's prompt format."""
-    from lmforge.serve.app import _normalize_messages, tool_prompt
-
     obs = toolbox.run(task["tool"], task["arguments"])
     if not obs.ok:
         raise ConfigError(f"generated task failed its own tool call: {obs.content}")
@@ -231,10 +232,7 @@ def write_data(cfg: ToolSFTConfig, template: str | None) -> tuple[World, World, 
 
 def run_tool_sft(cfg: ToolSFTConfig, log=print) -> dict[str, Any]:
     """Generate data, fine-tune with the SFT recipe, evaluate held-out with and without constrained decoding."""
-    import lmforge
-    from lmforge.recipes.sft import SFTConfig, run_sft
-
-    base = lmforge.load(cfg.model)
+    base = load(cfg.model)
     train_world, eval_world, train_path, val_path = write_data(cfg, base.chat_template)
     base_dir = cfg.model
     if cfg.block_size and cfg.block_size != base.config.block_size:
@@ -258,7 +256,7 @@ def run_tool_sft(cfg: ToolSFTConfig, log=print) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t0
     tasks = make_tasks(eval_world, cfg.n_eval, cfg.seed + 99)
     result: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "sft": metrics}
-    lm = lmforge.load(model_dir)
+    lm = load(model_dir)
     with ChatClient.in_process(lm) as client:
         for constrained in (False, True):
             t1 = time.perf_counter()
@@ -273,8 +271,6 @@ def run_tool_sft(cfg: ToolSFTConfig, log=print) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmforge import argconf
-
     p = argparse.ArgumentParser(prog="python -m lmforge.recipes.tool_sft", description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     argconf.add_arguments(p, ToolSFTConfig, skip=("model",))

@@ -29,6 +29,7 @@ import copy
 import json
 import re
 from typing import Any
+from lmforge.errors import LmforgeError
 
 _WS = b" \n"  # a subset of JSON whitespace (no tabs, no carriage returns): still valid JSON
 _MAX_WS = 2
@@ -482,8 +483,6 @@ def vocabulary_bytes(tokenizer, vocab_size: int) -> list[bytes]:
     equals decoding it alone. Special tokens (and ids past the tokenizer's vocabulary) get b"": a constraint never
     lets them through.
     """
-    from lmforge.errors import LmforgeError
-
     specials = set((getattr(tokenizer, "special_tokens", None) or {}).values())
     ref = next((i for i in reversed(tokenizer.encode("a")) if i not in specials), None)
     before = tokenizer.decode_bytes([ref]) if ref is not None else b""

@@ -27,7 +27,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from lmforge.encoder_lm import load_encoder_dir
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.formats.bert import export_encoder_hf, is_encoder_dir
 from lmforge.models.encoder import Pooler
 from lmforge.models.heads import MLMHead, QuestionAnsweringHead, SequenceClassificationHead, TokenClassificationHead
 
@@ -134,8 +136,6 @@ def task_model(lm: Any, kind: str, num_labels: int | None = None, require_head: 
 
 def save_task_model(lm: Any, model: TaskModel, path: str | Path, labels: Sequence[str] | None = None) -> Path:
     """A Hugging Face directory (Bert/DistilBert/Roberta For<Task>) that loads here and in transformers."""
-    from lmforge.formats.bert import export_encoder_hf
-
     if labels is not None:
         set_labels(lm, labels)
         if model.encoder.config is not lm.config:  # a merged copy carries its own config; the export reads it
@@ -145,9 +145,6 @@ def save_task_model(lm: Any, model: TaskModel, path: str | Path, labels: Sequenc
 
 def load_encoder(path: str | Path, dtype: str = "auto", task: str = "this task"):
     """`EncoderLM` from a directory; a decoder directory is a one-line error naming the task."""
-    from lmforge.encoder_lm import load_encoder_dir
-    from lmforge.formats.bert import is_encoder_dir
-
     p = Path(path)
     if is_encoder_dir(p):
         return load_encoder_dir(p, dtype=dtype)

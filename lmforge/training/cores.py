@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.errors import ConfigError
 from lmforge.training.batch import split_batch, unique_trainable
+from lmforge.utils import atomic_write_json
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,8 +260,6 @@ def _record_matmul(name: str, choice: str) -> str:
     """Store `choice` unless another process stored one first (then that one is used: every run agrees)."""
     import fcntl
     import json
-
-    from lmforge.utils import atomic_write_json
 
     path = matmul_choices_file()
     try:

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import DataError
+from lmforge.utils import atomic_dir, atomic_write_json
 
 # A fixed, ordered list so the corpus is the same text on every machine with the same Python version.
 _STDLIB_MODULES = (
@@ -190,6 +191,14 @@ def _json_texts(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
+def source_list(data: str | Sequence[str]) -> list[str]:
+    """A config's `data` as a list of sources: a string is one source, or several separated by commas, as the
+    command line and YAML configs write them (`--data a.txt,b.txt`); a list is taken as it is."""
+    if isinstance(data, (str, os.PathLike)):
+        return [d for d in str(data).split(",") if d]
+    return list(data)
+
+
 def resolve_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | Path]:
     """Expand globs and directories into a sorted list of files; ``"builtin"`` stays as is."""
     if isinstance(sources, (str, os.PathLike)):
@@ -332,8 +341,6 @@ def tokenize_to_shards(
     num_workers:  worker processes for tokenization (0: in this process). The output does not depend on it.
     """
     from tqdm.auto import tqdm
-
-    from lmforge.utils import atomic_dir, atomic_write_json
 
     eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     if eos is None:

@@ -67,6 +67,7 @@ from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.generation.loop import generate_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.training.batch import count_tokens, next_token_loss, to_device, unique_trainable
+from lmforge.training.cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
 from lmforge.training.heap import retain_freed_memory
 from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_device
 
@@ -581,8 +582,6 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
     A resumed run keeps the shard count and matrix-product library its checkpoint recorded (when the config
     leaves them on auto): a different cut of the batch, or another BLAS, would change the float rounding and the
     resumed losses would no longer match an uninterrupted run bit for bit."""
-    from lmforge.training.cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
-
     recorded = resumed.get("cores", 1) if resumed else 0  # checkpoints from before lmforge.training.cores: one thread pool
     n = cfg.cores or int(recorded or 0) or torch.get_num_threads()
     if n == 1:
