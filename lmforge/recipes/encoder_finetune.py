@@ -151,12 +151,19 @@ def _collate(tok, extra: Callable[[list, int], dict]) -> Callable[[list], dict]:
     return collate
 
 
-def _fit(cfg, lm, model, enc: dict[str, list], collate, loss_fn, save, log) -> None:
+def _fit(cfg, lm, model, enc: dict[str, list], collate, loss_fn, save, log, on_epoch=None) -> None:
     batches = D.Batches(enc["train"], cfg.batch_size, collate, seed=cfg.seed,
                         lengths=[len(e) for e, _ in enc["train"]])
     val = D.Batches(enc["val"], cfg.batch_size, collate, shuffle=False).all() if enc.get("val") else None
+    per_epoch = max(1, len(batches) // cfg.grad_accum_steps)  # optimizer steps in one pass over the data
+
+    def on_step(rec: dict) -> None:
+        if on_epoch is not None and rec["step"] % per_epoch == 0:
+            on_epoch(rec["step"] // per_epoch, model)
+            model.train()
+
     train(model, batches, cfg.train_config(len(batches)), val_data=val, loss_fn=loss_fn, out_dir=cfg.out,
-          save_model=save, log=log)
+          save_model=save, log=log, on_step=on_step)
 
 
 def _split(items: list, cfg) -> dict[str, list]:
@@ -315,8 +322,12 @@ def predict_squad(lm, model, examples: list[dict], cfg: QAConfig) -> dict[str, s
     return {e["id"]: p["answer"] for e, p in zip(examples, preds)}
 
 
-def run_qa(cfg: QAConfig, log=print) -> dict:
-    """Train an extractive-QA head on SQuAD-format data; returns {split: SQuAD v2 exact/f1}."""
+def run_qa(cfg: QAConfig, log=print, on_epoch: Callable[[int, TaskModel], None] | None = None) -> dict:
+    """Train an extractive-QA head on SQuAD-format data; returns {split: SQuAD v2 exact/f1}.
+
+    on_epoch(epoch, model) is called after each whole pass over the training windows, for a learning curve
+    (`question_answering(lm, ..., model=model)` answers with the model as it is then); training goes on in
+    training mode whatever mode on_epoch leaves the model in."""
     cfg.check_paths()
     lm = load_encoder(cfg.model, dtype="float32", task="question answering")
     read = lambda p: QA.read_squad(json.loads(Path(p).read_text(encoding="utf-8")))  # noqa: E731
@@ -338,7 +349,7 @@ def run_qa(cfg: QAConfig, log=print) -> dict:
         return {"start_positions": torch.tensor([s for s, _ in ys]), "end_positions": torch.tensor([e for _, e in ys])}
 
     _fit(cfg, lm, model, enc, _collate(lm.tokenizer, positions), QA.qa_loss, _saver(lm, model, None, uses_lora, cfg),
-         log)
+         log, on_epoch)
     results = {}
     for split, exs in parts.items():
         if exs:
