@@ -186,6 +186,8 @@ def test_helpers_and_errors(tmp_path):
         RobertaTokenizer.load(tmp_path)
     vocab, merges = gpt2_vocab_merges(10)
     tok = RobertaTokenizer(vocab, merges)
+    built = RobertaTokenizer.from_gpt2_files(GPT2 / "encoder.json", GPT2 / "vocab.bpe", n_merges=10)
+    assert built.vocab == vocab and built.merges == merges
     with pytest.raises(TokenizerError, match="expected a string"):
         tok(123)
     with pytest.raises(TokenizerError, match="out of range"):

@@ -373,6 +373,24 @@ class RobertaTokenizer(PairEncoderMixin):
         return cls(vocab, merges, added_tokens=added, **opts)
 
     @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike,
+                        n_merges: int | None = None, **kwargs: Any) -> "RobertaTokenizer":
+        """RoBERTa's layout over OpenAI's GPT-2 files (encoder.json, vocab.bpe): `<s> <pad> </s> <unk>` first,
+        GPT-2's tokens after them (without <|endoftext|>), `<mask>` last. n_merges keeps the 256 bytes and the
+        first n merges: a small vocabulary for a small model. (roberta-base's own ids are GPT-2's tokens in
+        fairseq's frequency order; this keeps GPT-2's order.)"""
+        enc = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        merges = merges[:n_merges] if n_merges is not None else merges
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        for t, i in sorted(enc.items(), key=lambda kv: kv[1]):
+            if t != "<|endoftext|>" and i < 256 + len(merges):
+                vocab[t] = len(vocab)
+        vocab["<mask>"] = len(vocab)
+        return cls(vocab, merges, **kwargs)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "RobertaTokenizer":
         """A directory: tokenizer.json if there is one, else vocab.json + merges.txt; tokenizer_config.json for
         the special tokens' names, model_max_length and (with the file pair) add_prefix_space."""
