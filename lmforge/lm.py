@@ -48,14 +48,15 @@ class LM:
         return f"LM({self.config.name or 'model'}, {n / 1e6:.2f}M params, {self.dtype}, {self.device})"
 
     # ---- generation (lmforge.generation.api) -------------------------------------------------------------
-    def generate(self, prompt, **controls):
-        return api.generate(self, prompt, **controls)
+    def generate(self, prompt, params=None, **controls):
+        """See `lmforge.generation.api.generate`: `params` is a `SamplingParams`, controls override its fields."""
+        return api.generate(self, prompt, params, **controls)
 
-    def stream(self, prompt, **controls):
-        return api.stream(self, prompt, **controls)
+    def stream(self, prompt, params=None, **controls):
+        return api.stream(self, prompt, params, **controls)
 
-    def chat(self, messages, **controls):
-        return api.chat(self, messages, **controls)
+    def chat(self, messages, params=None, **controls):
+        return api.chat(self, messages, params=params, **controls)
 
     def score(self, prompt, continuation):
         return api.score(self, prompt, continuation)

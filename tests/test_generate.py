@@ -402,3 +402,28 @@ def test_stream_does_not_leak_inference_mode_or_eval_mode():
     assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
     list(it)
     assert lm.model.training  # restored once the stream is done
+
+
+def test_typed_params_equal_keyword_controls_and_are_checked_at_the_door():
+    """One typed SamplingParams from the caller (the CLI and server build one) gives what the keywords give;
+    keywords override its fields; an unknown control or a run option passed as a control is a one-line error."""
+    from lmforge.generation.api import chat_params, resolve_params
+
+    lm = tiny_lm("llama")
+    lm.generation_config = GenerationConfig(temperature=0.0, max_new_tokens=7, stop_token_ids=[3])
+    params = resolve_params(lm, {"temperature": 0.8, "top_p": 0.9, "seed": 5, "ignore_eos": True})
+    assert isinstance(params, SamplingParams) and params.max_new_tokens == 7  # the model's default kept
+    assert params.stop_token_ids[0] == 3 and params.temperature == 0.8
+    keyword = lm.generate("abc", temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    typed = lm.generate("abc", params)
+    assert typed.token_ids == keyword.token_ids and len(typed.token_ids) == 7
+    greedy = lm.generate("abc", params, temperature=0.0)  # a keyword overrides the typed field
+    assert greedy.token_ids == lm.generate("abc", temperature=0.0, ignore_eos=True).token_ids
+    with pytest.raises(GenerationError, match="unknown generation control 'temprature'.*'temperature'"):
+        resolve_params(lm, {"temprature": 1.0})
+    with pytest.raises(GenerationError, match="'truncate' .*run option"):
+        resolve_params(lm, {"truncate": True})
+    with pytest.raises(GenerationError, match="top_p"):
+        lm.generate("abc", params, top_p=1.5)
+    lm.chat_template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}<|im_start|>"
+    assert "<|im_end|>" in chat_params(lm, params).stop

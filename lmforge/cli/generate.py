@@ -65,8 +65,15 @@ CONTROLS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetit
             "presence_penalty", "stop", "seed")
 
 
-def _controls(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in CONTROLS if getattr(args, k, None) is not None}
+def _params(lm, args: argparse.Namespace, chat: bool = False):
+    """The flags as one validated `SamplingParams` over the model's defaults (a bad value is a one-line error
+    before anything runs); chat: also stop at the template's end of turn."""
+    from lmforge.generation.api import chat_params, resolve_params
+
+    controls = {k: getattr(args, k) for k in CONTROLS if getattr(args, k, None) is not None}
+    if "stop" in controls:
+        controls["stop"] = [_unescape(s) for s in controls["stop"]]
+    return chat_params(lm, **controls) if chat else resolve_params(lm, controls)
 
 
 def _unescape(text: str) -> str:
@@ -100,18 +107,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except UnicodeDecodeError as e:
             raise GenerationError(f"the prompt on stdin is not UTF-8 (byte 0x{data[e.start]:02x} at offset "
                                   f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
-    controls = _controls(args)
-    if "stop" in controls:
-        controls["stop"] = [_unescape(s) for s in controls["stop"]]
-    if args.compile:
-        controls["compile"] = True
     lm = _load(args)
+    params = _params(lm, args)
     if args.stream:
-        for delta in stream(lm, prompt, truncate=args.truncate, **controls):
+        for delta in stream(lm, prompt, params, truncate=args.truncate, compile=args.compile):
             sys.stdout.write(delta)
             sys.stdout.flush()
     else:
-        sys.stdout.write(generate(lm, prompt, truncate=args.truncate, **controls))
+        sys.stdout.write(generate(lm, prompt, params, truncate=args.truncate, compile=args.compile))
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
@@ -136,13 +139,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from lmforge.generation.api import chat_stream
 
     lm = _load(args)
-    controls = _controls(args)
+    params = _params(lm, args, chat=True)
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     if interactive:
         print(f"chatting with {args.model} — /reset clears the history, /exit quits", file=sys.stderr)
-    room = min(controls.get("max_new_tokens") or lm.generation_config.max_new_tokens or 64, 64)
+    room = min(params.max_new_tokens or 64, 64)
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
@@ -161,7 +164,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history = _fit_history(lm, history + [{"role": "user", "content": line}], room)
         reply = []
-        for delta in chat_stream(lm, history, **controls):
+        for delta in chat_stream(lm, history, params):
             reply.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()

@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import ConfigError, LmforgeError
-from lmforge.generation.api import chat_controls, encode_chat, eos_token_ids, chat_prompt
+from lmforge.generation.api import chat_prompt, encode_chat, end_of_turn_stops, eos_token_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.generation.stops import StopChecker
 from lmforge.serve.constrain import json_constraint, tool_call_constraint
@@ -872,7 +872,8 @@ async def create_chat_completion(state: ServerState, body: ChatRequest, request:
         messages, template_tools = tool_prompt(messages, tools, lm.chat_template)
     try:
         text = chat_prompt(lm, messages, tools=template_tools)
-        controls = chat_controls(lm, {"stop": _stop_list(body.stop)})
+        gc = lm.generation_config
+        stop, stop_ids = end_of_turn_stops(lm, _stop_list(body.stop) or gc.stop or [], gc.stop_token_ids or [])
         prompt_ids = encode_chat(lm, text)
     except LmforgeError as e:
         raise APIError(400, str(e), param="messages") from None
@@ -907,8 +908,8 @@ async def create_chat_completion(state: ServerState, body: ChatRequest, request:
     for k in range(body.n):
         seed = body.seed + k if body.seed is not None else None
         params = state.sampling(body, max_tokens, seed, body.logprobs, body.top_logprobs or 0,
-                                stop_token_ids=controls["stop_token_ids"])
-        jobs.append(Job(prompt_ids, params, controls["stop"], constraint=constraint()))
+                                stop_token_ids=stop_ids)
+        jobs.append(Job(prompt_ids, params, stop, constraint=constraint()))
     gen = Generation(state, jobs, request)
     gen.submit()
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
