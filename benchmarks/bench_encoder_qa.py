@@ -41,6 +41,12 @@ which shows what each model learned about spans apart from its no-answer decisio
 Torch threads: 2 for both (torch.set_num_threads(2)). Wall times: train = load + features + training + saving;
 score = answering the test questions from the saved directory.
 
+Also printed, when the split has validation passages: EM/F1 with SQuAD 2.0's usual no-answer threshold (Devlin et
+al. 2018, section 4.3: answer only when the best span beats the null score by more than tau), tau chosen on the
+validation passages and applied unchanged to test (`threshold_on_val`). --score-dirs D1,D2 only scores saved
+directories; --only lmforge|transformers trains one of the two, so that both can run at once in two processes
+and see the same load on a busy box.
+
 History: with the earlier settings (70/30 split, lr 1e-4, 2 epochs = 56 steps) both trainings answered "" to every
 test question (EM = F1 = the unanswerable share, 54.35), also with 4 epochs; see docs/encoder-tasks.md for what
 the validation sweep found and the settings it led to.
@@ -96,6 +102,45 @@ def score_dir(model_dir: str, test: list[dict], args) -> tuple[dict, float]:
     span = squad_v2_metrics(has, {e["id"]: p["answer"] for e, p in zip(has, spans)})
     metrics["span_exact"], metrics["span_f1"] = span["exact"], span["f1"]
     return metrics, secs
+
+
+def null_gaps(lm, examples: list[dict], args) -> list[tuple[str, float]]:
+    """(best non-empty span, log p(span) - log p(null)) per question: how far the best span is from beating "".
+    Read off the pipeline's own top answers (top_k 3 with the null answer competing); a null that is not among
+    them lost to all three, which counts as a gap of +inf."""
+    from lmforge.tasks.question_answering import question_answering
+
+    res = question_answering(lm, [e["question"] for e in examples], [e["context"] for e in examples],
+                             doc_stride=args.doc_stride, max_seq_len=args.max_seq_len,
+                             max_answer_len=args.max_answer_len, handle_impossible_answer=True, top_k=3,
+                             batch_size=32)
+    out = []
+    for answers in res:
+        spans = [a for a in answers if a["answer"]]
+        null = next((a["score"] for a in answers if not a["answer"]), None)
+        best = spans[0] if spans else {"answer": "", "score": 0.0}
+        gap = math.inf if null is None else (math.log(max(best["score"], 1e-30)) - math.log(max(null, 1e-30)))
+        out.append((best["answer"], gap))
+    return out
+
+
+def threshold_on_val(model_dir: str, val: list[dict], test: list[dict], args) -> dict:
+    """SQuAD 2.0's usual no-answer threshold (Devlin et al. 2018, 4.3): answer the best span only when it beats the
+    null score by more than tau; tau is the value that maximises F1 on the *validation* passages, then applied
+    unchanged to test."""
+    from lmforge.tasks.common import load_encoder
+    from lmforge.tasks.question_answering import squad_v2_metrics
+
+    lm = load_encoder(model_dir, dtype="float32", task="question answering")
+    gv, gt = null_gaps(lm, val, args), null_gaps(lm, test, args)
+
+    def metrics(exs, gaps, tau):
+        return squad_v2_metrics(exs, {e["id"]: (a if g > tau else "") for e, (a, g) in zip(exs, gaps)})
+
+    taus = sorted({math.inf, -math.inf} | {g - 1e-9 for _, g in gv if math.isfinite(g)})
+    tau = max(taus, key=lambda t: (metrics(val, gv, t)["f1"], t))  # ties: the more cautious (larger) tau
+    return {"tau": tau, "val": metrics(val, gv, tau), "test": metrics(test, gt, tau),
+            "test_answered": sum(g > tau for _, g in gt)}
 
 
 def qa_config(model: str, data_file: str, out: str, args, steps: int | None, split=(1.0, 0.0, 0.0)):
@@ -303,6 +348,11 @@ def main() -> None:
     ap.add_argument("--t4-check", action="store_true", help="also answer with transformers 4's pipeline")
     ap.add_argument("--select", default="", metavar="LRS", help="validation curves for these learning rates "
                                                                 "(lmforge only; the test passages are not read)")
+    ap.add_argument("--score-dirs", default="", metavar="DIRS", help="only score these trained directories "
+                                                                     "(comma-separated) on test, with and without "
+                                                                     "the validation-chosen no-answer threshold")
+    ap.add_argument("--only", choices=("lmforge", "transformers"), help="train only one of the two (to run both "
+                                                                         "at once, in two processes, on a busy box)")
     ap.add_argument("--out", default="/tmp/bench-encoder-qa")
     args = ap.parse_args()
     defaults = {"max_seq_len": 384, "doc_stride": 128, "max_answer_len": 30, "batch_size": 16, "lr": 5e-5,
@@ -338,6 +388,15 @@ def main() -> None:
     if args.select:
         select(model, train_file, train, val, args)
         return
+    if args.score_dirs:
+        for d in args.score_dirs.split(","):
+            m, secs = score_dir(d, test, args)
+            print(f"{d}: test {fmt(m)} ({secs:.0f} s)")
+            if val:
+                th = threshold_on_val(d, val, test, args)
+                print(f"  no-answer threshold chosen on val: tau {th['tau']:.3f} (val F1 {th['val']['f1']:.2f}) -> "
+                      f"test {fmt(th['test'])}, {th['test_answered']} of {len(test)} answered")
+        return
     steps = args.max_steps or None
     rows: dict[str, list] = {"lmforge": [], "transformers": []}
     for r in range(args.repeats):
@@ -347,36 +406,56 @@ def main() -> None:
         out_l, out_h = f"{args.out}/lmforge-s{seed}", f"{args.out}/transformers-s{seed}"
         import shutil
 
-        shutil.rmtree(out_l, ignore_errors=True)
-        # the whole sample with the yaml's split (= `lmforge finetune qa --config`), or the cut training file
-        data, split = (str(train_file), (1.0, 0.0, 0.0)) if args.train_questions else (str(DATA), args.split)
-        res, t_train_l, n_win = run_lmforge(model, data, out_l, a, steps, split)
-        # the loop's steps: --max-steps, else ceil(epochs x full batches per epoch) (common.FinetuneConfig)
-        print(f"  lmforge optimizer steps: {steps or math.ceil(args.epochs * (n_win // args.batch_size))}")
-        m_l, t_score_l = score_dir(out_l, test, a)
-        print(f"  lmforge      train {t_train_l:6.1f} s, score {t_score_l:5.1f} s | test {fmt(m_l)}")
-        t_train_h, _, gsteps = run_transformers(model, train, out_h, a, steps)
-        m_h, t_score_h = score_dir(out_h, test, a)
-        print(f"  transformers train {t_train_h:6.1f} s, score {t_score_h:5.1f} s | test {fmt(m_h)}")
+        m_l = m_h = None
+        t_train_l = t_score_l = t_train_h = t_score_h = math.nan
+        if args.only != "transformers":
+            shutil.rmtree(out_l, ignore_errors=True)
+            # the whole sample with the yaml's split (= `lmforge finetune qa --config`), or the cut training file
+            data, split = (str(train_file), (1.0, 0.0, 0.0)) if args.train_questions else (str(DATA), args.split)
+            res, t_train_l, n_win = run_lmforge(model, data, out_l, a, steps, split)
+            # the loop's steps: --max-steps, else ceil(epochs x full batches per epoch) (common.FinetuneConfig)
+            print(f"  lmforge optimizer steps: {steps or math.ceil(args.epochs * (n_win // args.batch_size))}")
+            m_l, t_score_l = score_dir(out_l, test, a)
+            print(f"  lmforge      train {t_train_l:6.1f} s, score {t_score_l:5.1f} s | test {fmt(m_l)}", flush=True)
+        gsteps = None
+        if args.only != "lmforge":
+            t_train_h, _, gsteps = run_transformers(model, train, out_h, a, steps)
+            m_h, t_score_h = score_dir(out_h, test, a)
+            print(f"  transformers train {t_train_h:6.1f} s, score {t_score_h:5.1f} s | test {fmt(m_h)}", flush=True)
+        if val:
+            for name, d, m in (("lmforge", out_l, m_l), ("transformers", out_h, m_h)):
+                if m is None:
+                    continue
+                th = threshold_on_val(d, val, test, a)
+                m["tau_exact"], m["tau_f1"] = th["test"]["exact"], th["test"]["f1"]
+                print(f"  {name:12s} with the no-answer threshold chosen on val (tau {th['tau']:.3f}): "
+                      f"test {fmt(th['test'])}, {th['test_answered']} of {len(test)} answered", flush=True)
         extra_l = extra_h = None
         if args.t4_check:
-            extra_l, extra_h = t4_check(out_l, test, a, tmp), t4_check(out_h, test, a, tmp)
+            extra_l = t4_check(out_l, test, a, tmp) if m_l else None
+            extra_h = t4_check(out_h, test, a, tmp) if m_h else None
             for name, m in (("lmforge", extra_l), ("transformers", extra_h)):
                 if m:
                     print(f"  t4-check {name:12s} (transformers 4 pipeline answers): {fmt(m)}")
         rows["lmforge"].append((m_l, t_train_l, t_score_l, extra_l))
         rows["transformers"].append((m_h, t_train_h, t_score_h, extra_h))
-        print(f"  transformers optimizer steps: {gsteps}")
+        if gsteps is not None:
+            print(f"  transformers optimizer steps: {gsteps}")
 
     print("\nsummary (test split, official SQuAD v2 EM/F1 in %, answers extracted by lmforge's question_answering)")
     for name, rs in rows.items():
+        rs = [r for r in rs if r[0] is not None]
+        if not rs:
+            continue
         em = [m["exact"] for m, *_ in rs]
         f1 = [m["f1"] for m, *_ in rs]
         tt = [t for _, t, _, _ in rs]
         sf1 = [m["span_f1"] for m, *_ in rs]
+        tf1 = [m["tau_f1"] for m, *_ in rs if "tau_f1" in m]
         spread = (lambda xs: f" [{min(xs):.2f}-{max(xs):.2f}]" if len(xs) > 1 else "")
         print(f"{name:12s} EM {statistics.median(em):.2f}{spread(em)}  F1 {statistics.median(f1):.2f}{spread(f1)}  "
               f"HasAns span F1 (no-answer off) {statistics.median(sf1):.2f}{spread(sf1)}  "
+              + (f"F1 with val-chosen threshold {statistics.median(tf1):.2f}{spread(tf1)}  " if tf1 else "") +
               f"train {statistics.median(tt):.0f} s{spread(tt)}  "
               f"score {statistics.median(s for _, _, s, _ in rs):.0f} s"
               f"  (median of {len(rs)})")
