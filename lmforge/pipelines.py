@@ -25,8 +25,8 @@ family fits it:
 The text2text tasks follow transformers 4's pipelines (transformers 5 dropped them): 4 beams and 256 new tokens
 unless the model's generation_config.json or the call says otherwise, the prefix and settings of config.json's
 `task_specific_params` (t5-small's "summarize: "), "translation_en_to_de"-style task names, `return_tensors=True`
-for ids, and greedy or beam search unless `do_sample=True`. One difference: `min_length` is ignored (lmforge
-has no minimum-length control).
+for ids, and greedy or beam search unless `do_sample=True`. `min_length` bans the end of the text until the
+decoder holds that many tokens, as in transformers (`lmforge.seq2seq_lm.DecodingRules`).
 
 A model that cannot do the task is a one-line error (a decoder asked for fill-mask, an encoder without a QA head
 asked for question answering). Inputs may be one item or a list (a batch); the answer has the same nesting as
@@ -120,7 +120,7 @@ def _seq2seq_controls(lm, task: str, controls: dict[str, Any]) -> tuple[str, dic
         merged["max_new_tokens"] = None
     prefix, params = task_params(lm, task)
     for source in (params, controls):
-        merged.update({k: v for k, v in source.items() if k != "min_length"})  # lmforge has no minimum length
+        merged.update(source)
     max_length = merged.pop("max_length")
     if merged.get("max_new_tokens") is None:
         merged["max_new_tokens"] = int(max_length) - 1  # counts the decoder start token

@@ -212,7 +212,9 @@ print(json.dumps([pipe(args["texts"], **kw) for kw in args["settings"]]))
 
 TEXTS = ["The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
          "Encoder-decoder models read the whole input, then write the output one token at a time."]
-SETTINGS = [dict(max_new_tokens=10), dict(max_new_tokens=12, num_beams=3, no_repeat_ngram_size=2),
+# the model below ends right after the forced <s> unless min_length holds the end back: the settings tell both apart
+SETTINGS = [dict(max_new_tokens=10), dict(max_new_tokens=10, min_length=9), dict(max_new_tokens=12, num_beams=3),
+            dict(max_new_tokens=12, num_beams=3, no_repeat_ngram_size=2, min_length=8),
             dict(max_new_tokens=8, num_beams=2, min_length=6, length_penalty=2.0)]
 
 
@@ -223,7 +225,9 @@ def bart_summarizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("bart_sum")
     make_tokenizer_dir(d, n_merges=400, cls=transformers.BartTokenizer)
     vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
-    hf, _ = hf_bart("bart", seed=11, vocab_size=len(vocab), max_position_embeddings=64)
+    hf, _ = hf_bart("bart", seed=11, vocab_size=len(vocab), max_position_embeddings=64, init_std=0.1)
+    with torch.no_grad():
+        hf.final_logits_bias[0, EOS] += 0.5
     return _save(hf, d, forced_bos_token_id=BOS)
 
 
@@ -245,6 +249,7 @@ def test_summarization_pipeline_equals_transformers4(bart_summarizer_dir):
     summarize = lmforge.pipeline("summarization", str(bart_summarizer_dir))
     for kw, want in zip(SETTINGS, theirs):
         assert summarize(TEXTS, **kw) == want, kw
+    assert theirs[0] != theirs[1] and theirs[2] != theirs[3]  # min_length changed the summaries
 
 
 def test_bad_configs_and_checkpoints_are_one_line_errors():
