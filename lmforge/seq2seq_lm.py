@@ -56,10 +56,9 @@ class DecodingRules:
         n == 1 and forced_bos_token_id    -> only that token (BART: <s> right after the start token </s>)
         n == max_length - 1 and forced_eos_token_id -> only that token (the last token allowed is </s>)
 
-    max_length = 1 + max_new_tokens. Applied to the logits: a forced token keeps log-probability 0, everything
-    else -inf, exactly as transformers sets the scores. (transformers bans EOS for min_length after the
-    log-softmax in beam search, lmforge before it, so with min_length beam *scores* can differ slightly; greedy
-    and sampling are the same.)"""
+    max_length = 1 + max_new_tokens. A forced token gets 0, every other token -inf, as transformers sets the
+    scores. Greedy decoding and sampling apply the rules to the logits (`_DecoderSteps`), beam search to the
+    log-probabilities (`beam_search(rules=...)`), where transformers applies them too."""
 
     eos_token_ids: tuple[int, ...] = ()
     min_length: int = 0
@@ -91,28 +90,6 @@ class DecodingRules:
         if not self.active:
             return logits
         return torch.stack([self.apply(logits[:, t], first_n + t) for t in range(logits.shape[1])], dim=1)
-
-
-class _RuledModel(torch.nn.Module):
-    """The model with `DecodingRules` applied to what `decode` returns (for beam search, which calls encode,
-    new_cache and decode)."""
-
-    def __init__(self, model: torch.nn.Module, rules: DecodingRules):
-        super().__init__()
-        self.inner, self.rules, self.config = model, rules, model.config
-
-    def encode(self, *args, **kwargs):
-        return self.inner.encode(*args, **kwargs)
-
-    def new_cache(self, *args, **kwargs):
-        return self.inner.new_cache(*args, **kwargs)
-
-    def decode(self, ids, memory=None, memory_mask=None, cache=None):
-        n = cache.length if cache is not None else 0
-        return self.rules.apply_positions(self.inner.decode(ids, memory, memory_mask, cache), n + 1)
-
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
 
 
 class _DecoderSteps(torch.nn.Module):
@@ -248,11 +225,12 @@ class Seq2SeqLM:
         params = resolve_params(self, controls)
         rules = DecodingRules(eos_token_ids=tuple(eos_token_ids(self)), max_length=1 + params.max_new_tokens,
                               **{k: v for k, v in rule_args.items() if v is not None})
-        model = _RuledModel(self.model, rules) if rules.active else self.model
+        model = self.model
         if beam.num_beams > 1 or beam.num_return_sequences > 1 or beam.no_repeat_ngram_size:
             out = []  # every input searched together (B x num_beams decoder rows)
-            for ids, hyps in zip(inputs, seq2seq_beam_search_batch(model, inputs, beam, params.max_new_tokens,
-                                                                   params.stop_token_ids, params)):
+            hyps_all = seq2seq_beam_search_batch(model, inputs, beam, params.max_new_tokens, params.stop_token_ids,
+                                                 params, rules=rules.apply if rules.active else None)
+            for ids, hyps in zip(inputs, hyps_all):
                 comps = [hypothesis_completion(self.tokenizer, h.token_ids, params, len(ids)) for h in hyps]
                 out.append(comps if beam.num_return_sequences > 1 else comps[0])
             return out

@@ -170,6 +170,8 @@ BEAM_SETTINGS = [
     dict(num_beams=2, early_stopping="never", length_penalty=0.5),
     dict(num_beams=4, no_repeat_ngram_size=2, num_return_sequences=4),
     dict(num_beams=3, repetition_penalty=1.8),
+    dict(num_beams=3, min_length=7, num_return_sequences=2),
+    dict(num_beams=4, min_new_tokens=5, length_penalty=0.0),
 ]
 
 

@@ -138,7 +138,8 @@ def warp_log_probs(log_probs: torch.Tensor, params: SamplingParams, min_keep: in
 def beam_search(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[[torch.Tensor], None],
                 prompts: Sequence[Sequence[int]], beam: BeamParams, max_new_tokens: int,
                 eos_token_ids: Sequence[int], params: SamplingParams | None = None,
-                device=None) -> list[list[Hypothesis]]:
+                device=None, rules: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                ) -> list[list[Hypothesis]]:
     """Beam search for a batch of B inputs searched together; per input, `beam.num_return_sequences` hypotheses,
     best first.
 
@@ -147,6 +148,9 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[
     params: its penalties (repetition, frequency, presence) always apply; with `beam.do_sample` its temperature,
     top_k, top_p, min_p shape the distribution the candidates are drawn from, and its seed seeds each input's
     generator alike (an input samples the same beams alone or in a batch).
+    rules: `rules(log_probs (B*K, V), length) -> log_probs`, the model's token rules by sequence length (BART's
+    forced tokens and min_length, `lmforge.seq2seq_lm.DecodingRules`), applied after the penalties, as
+    transformers applies its logits processors.
     """
     B, K = len(prompts), beam.num_beams
     if B == 0:
@@ -200,6 +204,8 @@ def beam_search(step: Callable[[torch.Tensor], torch.Tensor], reorder: Callable[
                 banned = banned_ngram_tokens(seq, beam.no_repeat_ngram_size)
                 if banned:
                     log_probs[r, list(banned)] = float("-inf")
+        if rules is not None:
+            log_probs = rules(log_probs, cur)
         if generators is not None:
             log_probs = warp_log_probs(log_probs, params, 1 + len(eos))
         scores = (log_probs.view(B, K, V) + running_scores[:, :, None]).view(B, K * V)  # every beam x token
@@ -315,7 +321,9 @@ def decoder_beam_search(model: torch.nn.Module, prompt: Sequence[int], beam: Bea
 
 def seq2seq_beam_search_batch(model: torch.nn.Module, inputs: Sequence[Sequence[int]], beam: BeamParams,
                               max_new_tokens: int, eos_token_ids: Sequence[int],
-                              params: SamplingParams | None = None) -> list[list[Hypothesis]]:
+                              params: SamplingParams | None = None,
+                              rules: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+                              ) -> list[list[Hypothesis]]:
     """Beam search with an encoder-decoder (`lmforge.models.t5.T5`) for B inputs at once: one encoder pass over
     the right-padded inputs (padding masked), then B x num_beams decoder rows."""
     if not inputs or any(len(i) == 0 for i in inputs):
@@ -336,7 +344,7 @@ def seq2seq_beam_search_batch(model: torch.nn.Module, inputs: Sequence[Sequence[
             cache = model.new_cache(memory, mask.repeat_interleave(K, dim=0), 1 + max(max_new_tokens, 1))
             return beam_search(lambda t: model.decode(t, cache=cache)[:, -1], cache.reorder,
                                [[cfg.decoder_start_token_id]] * len(inputs), beam, max_new_tokens, eos_token_ids,
-                               params, device)
+                               params, device, rules)
     finally:
         model.train(was_training)
 
