@@ -194,12 +194,17 @@ def test_beam_equals_transformers_generate(tmp_path, settings):
 def test_generation_config_defaults_are_used(tmp_path):
     """num_beams, no_repeat_ngram_size, min_length and max_length from generation_config.json, as HF uses them."""
     hf, raw = hf_bart("bart", seed=8)
-    lm = lmforge.load(_save(hf, tmp_path, forced_bos_token_id=BOS, num_beams=3, no_repeat_ngram_size=2, min_length=5, max_length=9,
-                            length_penalty=1.5))
+    lm = lmforge.load(_save(hf, tmp_path / "hf", forced_bos_token_id=BOS, num_beams=3, no_repeat_ngram_size=2,
+                            min_length=5, max_length=9, length_penalty=1.5))
     ids = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(9))
     ref = _hf_generate(hf, ids)[0, 1:].tolist()
     got = lm.generate_ids([ids[0].tolist()])[0]
     assert got == ref[:len(got)] and ref[len(got):] in ([], [EOS])
+    # Seq2SeqLM.save writes a BART directory that keeps those defaults, for lmforge and transformers alike
+    lm.save(tmp_path / "again")
+    assert lmforge.load(tmp_path / "again").generate_ids([ids[0].tolist()])[0] == got
+    back = transformers.BartForConditionalGeneration.from_pretrained(str(tmp_path / "again")).eval()
+    assert _hf_generate(back, ids)[0, 1:].tolist() == ref
 
 
 # ----------------------------------------------------------------------------------------------------------------

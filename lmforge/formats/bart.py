@@ -25,6 +25,7 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.formats.native import generation_config, read_weights, resolve_device, resolve_dtype, write_safetensors
 from lmforge.formats.t5 import T5Parts
 from lmforge.generation.config import GenerationConfig
+from lmforge.generation.sampling import SamplingParams
 from lmforge.models.bart import Bart, BartConfig
 from lmforge.tokenizers.roberta import RobertaTokenizer, is_roberta_tokenizer_dir
 from lmforge.tokenizers.unigram import UnigramTokenizer
@@ -251,6 +252,8 @@ def export_bart(model: Bart, tokenizer, path: str | os.PathLike, generation_conf
     for key in ("stop", "stop_token_ids"):  # lmforge-only lists: written only when set
         if not gc_dict.get(key):
             gc_dict.pop(key, None)
+    if "max_length" in gc.extra and gc.max_new_tokens == SamplingParams.max_new_tokens:
+        gc_dict.pop("max_new_tokens")  # the directory's max_length is the limit (transformers prefers max_new_tokens)
     gc_dict = {k: v for k, v in gc_dict.items() if v is not None}
     with atomic_dir(path) as out:
         write_safetensors(sd, out)
