@@ -105,6 +105,7 @@ class BatchEncoding(dict):
 
 
 def truncation_strategy(truncation: bool | str | None) -> str | None:
+    """Hugging Face's truncation argument -> a strategy name or None: True -> "longest_first", False -> None."""
     if truncation in (False, None, "do_not_truncate"):
         return None
     if truncation is True:
@@ -122,7 +123,8 @@ class PairEncoderMixin:
     model_max_length: int = 512
 
     def tokenize(self, text: str) -> list[str]:
-        """Word pieces of one text, without [CLS]/[SEP]: "Hello world!" -> ["hello", "world", "!"]."""
+        """The tokens of one text, without the template's special tokens: "Hello world!" -> ["hello", "world", "!"]
+        (BERT's WordPiece), ["Hello", "Ġworld", "!"] (RoBERTa's byte-level BPE)."""
         self._check_text(text)
         return self._encode_words([text])[0].tokens
 
