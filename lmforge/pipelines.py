@@ -7,9 +7,9 @@ family fits it:
 | task                          | family                       | what it returns (as transformers does)             |
 |-------------------------------|------------------------------|----------------------------------------------------|
 | text-generation               | decoder (GPT-2, Llama, ...)  | [{"generated_text": prompt + completion}]          |
-| text2text-generation          | encoder-decoder (T5)         | [{"generated_text": ...}]                          |
-| summarization                 | encoder-decoder (T5)         | [{"summary_text": ...}]                            |
-| translation                   | encoder-decoder (T5)         | [{"translation_text": ...}]                        |
+| text2text-generation          | encoder-decoder (T5, BART)   | [{"generated_text": ...}]                          |
+| summarization                 | encoder-decoder (T5, BART)   | [{"summary_text": ...}]                            |
+| translation                   | encoder-decoder (T5, BART)   | [{"translation_text": ...}]                        |
 | text-classification           | encoder + classification head | [{"label", "score"}]                               |
 | zero-shot-classification      | encoder + NLI head           | {"sequence", "labels", "scores"}                   |
 | token-classification          | encoder + token head (NER)   | [{"entity" or "entity_group", "score", "word", "start", "end"}] |
