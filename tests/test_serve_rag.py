@@ -133,7 +133,7 @@ def test_refuses_below_the_threshold_without_generating(env):
     settings = srv.server.config.app.state.lmforge.settings
     engine = srv.server.config.app.state.lmforge.engine
     before, kept = engine.generated_tokens, settings.rag
-    settings.rag = RagChat.open(str(idx), k=K, min_score=1.0)  # hybrid scores are sums of 1/(60+rank): all < 1
+    settings.rag = RagChat.open(str(idx), k=K, min_score=1.0)  # hybrid scores are sums of w/(k_rrf+rank): all < 1
     try:
         r = _client(srv).chat.completions.create(model="tiny-rag", messages=[{"role": "user", "content": QUESTION}],
                                                  max_tokens=16, temperature=0)

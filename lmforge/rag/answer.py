@@ -108,7 +108,8 @@ class Answerer:
     """Retrieve, then answer from the retrieved chunks with a generator (or an extractive reader).
 
     `min_score`: if the best hit scores below it (or nothing is found), answer NOT_FOUND without generating.
-    Its scale is the retriever's: cosine for dense, BM25 points for lexical, 1/(60+rank) sums for hybrid.
+    Its scale is the retriever's: cosine for dense, BM25 points for lexical, sums of w/(k_rrf+rank) for hybrid
+    (HybridRetriever.default: at most 0.2/31 + 1/31 = 0.039).
     """
 
     def __init__(self, retriever: Retriever, generator: Generator | None = None, reader: Reader | None = None,
