@@ -19,7 +19,6 @@ Both stores implement one interface (`Store`), so the retrievers and the CLI do 
                           and the two file names below; replaced atomically, so it always names a complete pair
     vectors-<g>.npy       (N, dim) float32, row i is chunk i
     meta-<g>.sqlite       tables docs(doc_id, source, hash, ...) and chunks(row, doc_id, idx, start, end, page, text)
-
     write.lock            the writer lock (below); empty or naming the process that writes now
 
 Writes are copy-on-write, as in LSM trees or Lucene's segments_N files: a commit writes generation g+1 beside g
