@@ -325,3 +325,16 @@ def test_question_answering_pipeline_equals_transformers4(qa_dir):
     pipe = lmforge.pipeline("question-answering", qa_dir)
     for call, want in zip(QA_CALLS, theirs):
         _same(pipe(*call["args"], **call["kw"]), want, json.dumps(call)[:80])
+
+
+def test_cli_text2text_prints_json_lines(t5_dir, tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(T5_TEXTS[:2]) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "lmforge", "pipeline", "text2text-generation", str(t5_dir), "--input",
+                        str(src), "--num-beams", "3", "--num-return-sequences", "2", "--max-new-tokens", "5"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    want = lmforge.pipeline("text2text-generation", t5_dir)(T5_TEXTS[:2], num_beams=3, num_return_sequences=2,
+                                                             max_new_tokens=5)
+    assert rows == want

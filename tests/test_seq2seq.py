@@ -61,7 +61,7 @@ def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5pre") / "m"
     cfg = Seq2SeqPretrainConfig(out=str(out), max_steps=6, batch_size=8, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                 num_heads=2, vocab_size=300, num_sentinels=8, window=32, eval_every=0,
-                                eval_batches=1, progress=False, device="cpu")
+                                eval_batches=1, progress=False, device="cpu", split_digits=True)
     summary = run_pretrain(cfg, log=lambda *_: None)
     return out, summary
 
@@ -75,6 +75,8 @@ def test_pretrain_writes_a_transformers_t5(pretrained):
     text = "to iso: March 14, 2021"
     ids = lm.tokenizer.encode(text)
     assert ids == tok(text)["input_ids"] and ids[-1] == lm.tokenizer.eos_token_id
+    digits = [p for p in lm.tokenizer.tokenize("12/31/1999 and 2021-03-14") if any(c.isdigit() for c in p)]
+    assert digits and all(len(p) == 1 for p in digits)  # split_digits: one token per digit
     dec = torch.tensor([[0, 5, 9]])
     with torch.no_grad():
         a = hf(input_ids=torch.tensor([ids]), decoder_input_ids=dec).logits

@@ -5,6 +5,7 @@
     lmforge pipeline question-answering runs/qa --question "Who wrote it?" --input context.txt
     lmforge pipeline zero-shot-classification runs/nli "I love pasta" --candidate-labels food,sports
     lmforge pipeline sentence-similarity MINILM_DIR "A man eats." --sentences "A man is eating.,The sky is blue."
+    lmforge pipeline text2text-generation runs/t5-dates "to iso: March 14, 2021" --num-beams 4
 
 Inputs: the positional TEXT, or --input FILE (one input per line; for question-answering the whole file is the
 context). Options that a task does not take are refused by the task with a one-line error.
@@ -37,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sentences", help="sentence-similarity: comma-separated sentences to compare with the text")
     p.add_argument("--max-new-tokens", type=int, help="generation tasks: most tokens to generate")
     p.add_argument("--num-beams", type=int, help="generation tasks: beam search width")
-    p.add_argument("--temperature", type=float, help="generation tasks: 0 = greedy")
+    p.add_argument("--temperature", type=float, help="generation tasks: 0 = greedy (text2text tasks: with "
+                   "--do-sample only, as in transformers)")
+    p.add_argument("--do-sample", action="store_true", help="text2text tasks: sample (beam sampling with beams)")
+    p.add_argument("--num-return-sequences", type=int, help="generation tasks: outputs per input (<= beams)")
+    p.add_argument("--seed", type=int, help="generation tasks: sampling seed")
     p.set_defaults(func=cmd_pipeline)
 
 
@@ -67,8 +72,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     inputs = _inputs(args)
     opts = {"top_k": args.top_k, "aggregation_strategy": args.aggregation_strategy,
-            "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "temperature": args.temperature}
+            "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "temperature": args.temperature,
+            "num_return_sequences": args.num_return_sequences, "seed": args.seed}
     opts = {k: v for k, v in opts.items() if v is not None}
+    if args.do_sample:
+        opts["do_sample"] = True
     if args.candidate_labels:
         opts["candidate_labels"] = [s.strip() for s in args.candidate_labels.split(",") if s.strip()]
         opts["multi_label"] = args.multi_label

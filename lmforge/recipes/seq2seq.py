@@ -202,6 +202,8 @@ class Seq2SeqPretrainConfig(TrainConfig):
                 "fine-tuning task's characters are in the vocabulary"})
     vocab_size: int = field(default=1000, metadata={"help": "Unigram vocabulary size (sentinels added on top)"})
     num_sentinels: int = field(default=32, metadata={"help": "<extra_id_k> tokens for span corruption"})
+    split_digits: bool = field(default=False, metadata={
+        "help": "every digit its own token (numbers read digit by digit: dates, arithmetic)"})
     d_model: int = field(default=128, metadata={"help": "hidden size"})
     d_kv: int = field(default=32, metadata={"help": "size of each attention head"})
     d_ff: int = field(default=256, metadata={"help": "feed-forward size"})
@@ -225,14 +227,17 @@ class Seq2SeqPretrainConfig(TrainConfig):
             raise ConfigError(f"window must be >= 8 tokens, got {self.window}")
 
 
-def train_unigram(texts: list[str], vocab_size: int, num_sentinels: int):
+def train_unigram(texts: list[str], vocab_size: int, num_sentinels: int, split_digits: bool = False):
     """A T5-shaped Unigram tokenizer trained on `texts`: <pad>=0, </s>=1, <unk>=2, sentinels last (<extra_id_0>
-    is the last id, as in T5), and `$A </s>` as the post-processor."""
-    from tokenizers import SentencePieceUnigramTokenizer, processors
+    is the last id, as in T5), and `$A </s>` as the post-processor. split_digits: every digit is its own token
+    (a Digits pre-tokenizer after Metaspace), so numbers are read and written digit by digit."""
+    from tokenizers import SentencePieceUnigramTokenizer, pre_tokenizers, processors
 
     from lmforge.tokenizers.unigram import UnigramTokenizer
 
     tok = SentencePieceUnigramTokenizer()
+    if split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True)])
     tok.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
                             unk_token="<unk>", show_progress=False)
     tok.add_special_tokens([SENTINEL.format(k) for k in reversed(range(num_sentinels))])
@@ -263,7 +268,7 @@ def run_pretrain(cfg: Seq2SeqPretrainConfig, log=print) -> dict:
             piece = []
     extra = [f"{r['input']} {r['target']}" for r in read_pairs(cfg.extra_tokenizer_data, 500, seed=10_001)] \
         if cfg.extra_tokenizer_data else []
-    tok = train_unigram(docs + extra, cfg.vocab_size, cfg.num_sentinels)
+    tok = train_unigram(docs + extra, cfg.vocab_size, cfg.num_sentinels, cfg.split_digits)
     sentinels = [tok.token_to_id(SENTINEL.format(k)) for k in range(cfg.num_sentinels)]
     stream = [t for d in docs for t in tok.encode(d, add_special_tokens=False)]
     windows = [stream[i:i + cfg.window] for i in range(0, len(stream) - cfg.window + 1, cfg.window)]
