@@ -227,7 +227,7 @@ def t5_dir(tmp_path_factory):
     config = json.loads((d / "config.json").read_text(encoding="utf-8"))
     config["task_specific_params"] = {
         "summarization": {"prefix": "summarize: ", "num_beams": 3, "length_penalty": 2.0, "max_length": 12,
-                          "no_repeat_ngram_size": 2, "early_stopping": True},
+                          "no_repeat_ngram_size": 2, "early_stopping": True, "min_length": 6},
         "translation_en_to_de": {"prefix": "translate English to German: ", "max_length": 9},
         "translation_en_to_fr": {"prefix": "translate English to French: ", "max_length": 7}}
     (d / "config.json").write_text(json.dumps(config), encoding="utf-8")
@@ -246,7 +246,8 @@ SEQ2SEQ_CASES = [
     ("text2text-generation", T5_TEXTS[0], {"max_new_tokens": 6, "num_beams": 2, "return_tensors": True,
                                            "length_penalty": 0.5}),
     ("text2text-generation", T5_TEXTS[1], {"max_new_tokens": 8, "no_repeat_ngram_size": 1, "num_beams": 1}),
-    ("summarization", T5_TEXTS[0], {}),  # everything from task_specific_params
+    ("summarization", T5_TEXTS[0], {}),  # everything from task_specific_params (min_length included)
+    ("summarization", T5_TEXTS[1], {"num_beams": 1, "min_length": 4}),
     ("summarization", T5_TEXTS, {"num_beams": 2, "max_length": 10}),  # the call's options win
     ("translation", T5_TEXTS[1], {}),  # plain translation: the first translation_* entry (en_to_de)
     ("translation_en_to_fr", T5_TEXTS, {"num_beams": 1}),
@@ -275,7 +276,7 @@ def test_seq2seq_pipeline_structure_and_prefixes(t5_dir):
     assert [len(r) for r in nested] == [2, 2]
     lm = pipe.lm
     want = lm.generate("summarize: " + T5_TEXTS[0], num_beams=3, length_penalty=2.0, max_new_tokens=256,
-                       no_repeat_ngram_size=2, early_stopping=True)
+                       no_repeat_ngram_size=2, early_stopping=True, min_length=6)
     assert one[0]["summary_text"] == str(want)
     ids = lmforge.pipeline("translation", t5_dir)(T5_TEXTS[1], return_tensors=True, num_beams=1)[0]
     greedy = lm.generate("translate English to German: " + T5_TEXTS[1], temperature=0, max_new_tokens=8)
