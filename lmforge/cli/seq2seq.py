@@ -52,7 +52,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length ** this (default 1)")
     g.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size")
     g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0 samples (num_beams 1)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0 samples (num_beams 1, or "
+                   "with --do-sample)")
+    g.add_argument("--do-sample", action="store_true", help="with --num-beams > 1: beam sampling (needs "
+                   "--temperature > 0)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.set_defaults(func=cmd_generate)
@@ -87,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     controls = dict(num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
                     length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    seed=args.seed)
+                    seed=args.seed, do_sample=args.do_sample)
     if not getattr(lm, "is_encoder_decoder", False):
         from lmforge.errors import ConfigError
 
