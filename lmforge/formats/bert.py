@@ -27,7 +27,10 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.formats.native import write_safetensors
 from lmforge.models.encoder import Encoder, EncoderConfig
+from lmforge.tokenizers.roberta import is_roberta_tokenizer_dir, RobertaTokenizer
+from lmforge.tokenizers.wordpiece import WordPieceTokenizer
 from lmforge.utils import atomic_dir, atomic_write_json, dtype_name, parse_dtype, read_json
 
 ENCODER_MODEL_TYPES = ("bert", "roberta", "distilbert")
@@ -352,9 +355,6 @@ def is_encoder_dir(d: str | os.PathLike) -> bool:
 def load_encoder_tokenizer(d: Path, config: EncoderConfig):
     """WordPiece for BERT/DistilBERT/MiniLM directories, byte-level BPE for RoBERTa's (tokenizer.json with a
     ByteLevel pre-tokenizer, or vocab.json + merges.txt); None when the directory has no tokenizer files."""
-    from lmforge.tokenizers.roberta import RobertaTokenizer, is_roberta_tokenizer_dir
-    from lmforge.tokenizers.wordpiece import WordPieceTokenizer
-
     if is_roberta_tokenizer_dir(d):
         return RobertaTokenizer.load(d)
     if not ((d / "tokenizer.json").exists() or (d / "vocab.txt").exists()):
@@ -366,8 +366,6 @@ def export_encoder_hf(lm, path: str | os.PathLike, dtype: str | torch.dtype | No
                       head_kind: str | None = None, head: torch.nn.Module | None = None) -> Path:
     """Write an HF (and sentence-transformers) directory: config.json, model.safetensors, tokenizer files,
     modules.json + 1_Pooling/config.json + sentence_bert_config.json. Built beside `path`, then swapped in."""
-    from lmforge.formats.native import write_safetensors
-
     model = lm.model
     config: EncoderConfig = model.config
     want = parse_dtype(dtype)

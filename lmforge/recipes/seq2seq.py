@@ -34,7 +34,13 @@ from typing import Sequence
 import torch
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.training.loop import TrainConfig, train
+from lmforge.finetune import lora
+from lmforge.loader import load
+from lmforge.models.t5 import seq2seq_loss, T5, T5Config
+from lmforge.seq2seq_lm import Seq2SeqLM
+from lmforge.tokenizers.unigram import UnigramTokenizer
+from lmforge.training.data import read_documents
+from lmforge.training.loop import train, TrainConfig
 from lmforge.utils import atomic_write_json
 
 SENTINEL = "<extra_id_{}>"
@@ -233,8 +239,6 @@ def train_unigram(texts: list[str], vocab_size: int, num_sentinels: int, split_d
     (a Digits pre-tokenizer after Metaspace), so numbers are read and written digit by digit."""
     from tokenizers import SentencePieceUnigramTokenizer, pre_tokenizers, processors
 
-    from lmforge.tokenizers.unigram import UnigramTokenizer
-
     tok = SentencePieceUnigramTokenizer()
     if split_digits:
         tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer, pre_tokenizers.Digits(individual_digits=True)])
@@ -254,10 +258,6 @@ def _train_config(cfg: TrainConfig) -> TrainConfig:
 
 def run_pretrain(cfg: Seq2SeqPretrainConfig, log=print) -> dict:
     """Train a tokenizer and a small T5 with span corruption; save an HF T5 directory. Returns the summary."""
-    from lmforge.models.t5 import T5, T5Config, seq2seq_loss
-    from lmforge.seq2seq_lm import Seq2SeqLM
-    from lmforge.training.data import read_documents
-
     if not cfg.out:
         raise ConfigError("no out given: pass --out (or set `out` in the config)")
     docs, piece = [], []
@@ -319,10 +319,6 @@ class Seq2SeqFinetuneConfig(TrainConfig):
 
 def run_finetune(cfg: Seq2SeqFinetuneConfig, log=print) -> dict:
     """Fine-tune on (input, target) pairs; report exact match on held-out pairs before and after."""
-    from lmforge.finetune import lora
-    from lmforge.loader import load
-    from lmforge.models.t5 import seq2seq_loss
-
     if not cfg.model or not cfg.out:
         raise ConfigError("seq2seq finetune needs --model (a T5 directory) and --out")
     lm = load(cfg.model)
@@ -370,8 +366,6 @@ def run_eval(model: str, data: str = "dates", n: int = 200, seed: int = 99, num_
              max_new_tokens: int = 24) -> dict:
     """Exact match of a saved model on `n` examples (dates: generated with `seed`; default seed differs from
     training's) or on a .jsonl file."""
-    from lmforge.loader import load
-
     lm = load(model)
     if not getattr(lm, "is_encoder_decoder", False):
         raise ConfigError(f"{model} is not an encoder-decoder (T5) model")
