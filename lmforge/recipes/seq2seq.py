@@ -39,7 +39,7 @@ from lmforge.loader import load
 from lmforge.models.t5 import seq2seq_loss, T5, T5Config
 from lmforge.seq2seq_lm import Seq2SeqLM
 from lmforge.tokenizers.unigram import UnigramTokenizer
-from lmforge.training.data import read_documents
+from lmforge.training.data import read_documents, source_list
 from lmforge.training.loop import train, TrainConfig
 from lmforge.utils import atomic_write_json
 
@@ -225,8 +225,7 @@ class Seq2SeqPretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.data, str):
-            self.data = [d for d in self.data.split(",") if d]
+        self.data = source_list(self.data)
         if not 0.0 < self.noise_density < 0.5:
             raise ConfigError(f"noise_density must be in (0, 0.5), got {self.noise_density}")
         if self.window < 8:
