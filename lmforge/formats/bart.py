@@ -22,12 +22,13 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import generation_config, read_weights, resolve_device, resolve_dtype, write_safetensors
+from lmforge.formats.native import (assign_exact, generation_config, read_weights, resolve_dtype,
+                                    write_safetensors)
 from lmforge.formats.t5 import T5Parts
 from lmforge.generation.config import GenerationConfig
 from lmforge.generation.sampling import SamplingParams
 from lmforge.models.bart import Bart, BartConfig
-from lmforge.tokenizers.roberta import RobertaTokenizer, is_roberta_tokenizer_dir
+from lmforge.tokenizers.roberta import is_roberta_tokenizer_dir, RobertaTokenizer
 from lmforge.tokenizers.unigram import UnigramTokenizer
 from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
@@ -176,27 +177,8 @@ def build_bart(config: BartConfig, sd: Mapping[str, torch.Tensor], dtype: torch.
     """A Bart holding exactly the tensors of `sd` (every expected tensor present, every shape right)."""
     with torch.device("meta"):
         model = Bart(config, init_weights=False)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {rename(missing[0], 'to_hf') or missing[0]!r} "
-                              f"({len(missing)} missing)")
-    extra = [k for k in sd if k not in expected]
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {rename(extra[0], 'to_hf') or extra[0]!r} for this "
-                              f"config (model_type={config.model_type!r})")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(f"{source}: {rename(k, 'to_hf')} has shape {tuple(sd[k].shape)}, the config "
-                                  f"gives {shape}")
-    target_dtype = dtype or sd["shared.weight"].dtype
-    seen, tensors = set(), {}
-    for k, v in sd.items():  # a checkpoint whose lm_head aliases shared: give each parameter its own storage
-        v = v.to(target_dtype)
-        tensors[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
-    model.load_state_dict(tensors, assign=True)
-    return model.to(resolve_device(device)).eval()
+    return assign_exact(model, sd, hf_name=lambda k: rename(k, "to_hf"), dtype=dtype or sd["shared.weight"].dtype, device=device,
+                        source=source, hint=f" (model_type={config.model_type!r})")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,6 +152,33 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {n: tuple(t.shape) for n, t in model.state_dict().items() if not (tied and n == "lm_head.weight")}
 
 
+def assign_exact(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, hf_name: Callable[[str], str | None],
+                 dtype: torch.dtype | None, device, source: str, hint: str = "") -> torch.nn.Module:
+    """Put the tensors of `sd` into `model` (built on the meta device) when they are exactly its tensors: every
+    expected name present, none extra, every shape right; else a one-line error naming the tensor by `hf_name` (the
+    checkpoint's own name). Tensors that share storage (a tied head) get their own copies. Returns the model on
+    `device`, in eval mode, in `dtype` (default: the checkpoint's)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor {hf_name(missing[0]) or missing[0]!r} "
+                              f"({len(missing)} missing)")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor {hf_name(extra[0]) or extra[0]!r} for this config{hint}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{source}: {hf_name(k)} has shape {tuple(sd[k].shape)}, the config gives {shape}")
+    target_dtype = dtype or next(iter(sd.values())).dtype
+    seen, tensors = set(), {}
+    for k, v in sd.items():  # a checkpoint whose lm_head aliases shared: give each parameter its own storage
+        v = v.to(target_dtype)
+        tensors[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    model.load_state_dict(tensors, assign=True)
+    return model.to(resolve_device(device)).eval()
+
+
 def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapping[str, torch.Tensor]],
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 qconfig: dict[str, Any] | None = None, source: str = "") -> Transformer:

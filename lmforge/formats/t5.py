@@ -24,7 +24,8 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import generation_config, read_weights, resolve_device, resolve_dtype, write_safetensors
+from lmforge.formats.native import (assign_exact, generation_config, read_weights, resolve_dtype,
+                                    write_safetensors)
 from lmforge.generation.config import GenerationConfig
 from lmforge.models.t5 import T5, T5Config
 from lmforge.tokenizers.unigram import UnigramTokenizer
@@ -153,27 +154,8 @@ def build_t5(config: T5Config, sd: Mapping[str, torch.Tensor], dtype: torch.dtyp
     """A T5 holding exactly the tensors of `sd` (every expected tensor present, every shape right)."""
     with torch.device("meta"):
         model = T5(config, init_weights=False)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor {rename(missing[0], 'to_hf') or missing[0]!r} "
-                              f"({len(missing)} missing)")
-    extra = [k for k in sd if k not in expected]
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {rename(extra[0], 'to_hf') or extra[0]!r} for this "
-                              f"config (feed_forward_proj={config.feed_forward_proj!r})")
-    for k, shape in expected.items():
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(f"{source}: {rename(k, 'to_hf')} has shape {tuple(sd[k].shape)}, the config "
-                                  f"gives {shape}")
-    target_dtype = dtype or next(iter(sd.values())).dtype
-    seen, tensors = set(), {}
-    for k, v in sd.items():  # a checkpoint whose lm_head aliases shared: give each parameter its own storage
-        v = v.to(target_dtype)
-        tensors[k] = v.clone() if v.data_ptr() in seen else v
-        seen.add(v.data_ptr())
-    model.load_state_dict(tensors, assign=True)
-    return model.to(resolve_device(device)).eval()
+    return assign_exact(model, sd, hf_name=lambda k: rename(k, "to_hf"), dtype=dtype, device=device,
+                        source=source, hint=f" (feed_forward_proj={config.feed_forward_proj!r})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
