@@ -73,3 +73,25 @@ def train_bpe_naive(counts: dict[bytes, int], num_tokens: int) -> list[tuple[byt
                     i += 1
             words[k] = out
     return merges
+
+
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=128)
+
+
+def tiny_bert_dir(d: str | os.PathLike, model_class, tokenizer, *, seed: int = 0,
+                  scale: tuple[str, float] | None = None, **config) -> Path:
+    """A tiny random BERT-family model (`model_class`, a transformers class such as BertForMaskedLM) with
+    `tokenizer`, saved in `d` the way transformers saves it. `config` overrides TINY_BERT's sizes and adds head
+    settings (num_labels, id2label, ...). scale=(parameter name, factor) multiplies one weight, so that outputs are
+    confident rather than near-ties (top-k orders, entity grouping, span choice)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = model_class(transformers.BertConfig(vocab_size=tokenizer.vocab_size, **{**TINY_BERT, **config})).eval()
+    if scale is not None:
+        with torch.no_grad():
+            model.get_parameter(scale[0]).mul_(scale[1])
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return Path(d)

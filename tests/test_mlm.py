@@ -3,8 +3,6 @@ transformers' fill-mask pipeline on the same weights, and the pretraining recipe
 
 from __future__ import annotations
 
-import json
-import warnings
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from lmforge.encoder_lm import load_encoder_dir  # noqa: E402
 from lmforge.tasks.common import task_model  # noqa: E402
 from lmforge.tasks.fill_mask import fill_mask  # noqa: E402
 from lmforge.tasks.mlm import MLMBatches, chunk_documents, mask_tokens, mlm_loss  # noqa: E402
+from helpers import tiny_bert_dir  # noqa: E402
 
 MINILM = minilm.get_model_path()
 
@@ -29,16 +28,9 @@ def hf_tok():
 @pytest.fixture(scope="module")
 def mlm_dir(tmp_path_factory, hf_tok):
     """A tiny random BertForMaskedLM with the real MiniLM tokenizer, saved the way transformers saves it."""
-    d = tmp_path_factory.mktemp("tiny-mlm")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=hf_tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    model = transformers.BertForMaskedLM(cfg)
-    with torch.no_grad():  # a sharper output distribution than the 0.02-std init, so top-k is not a near-tie
-        model.cls.predictions.transform.dense.weight.mul_(20)
-    model.save_pretrained(d)
-    hf_tok.save_pretrained(d)
-    return d
+    # a sharper output distribution than the 0.02-std init, so top-k is not a near-tie
+    return tiny_bert_dir(tmp_path_factory.mktemp("tiny-mlm"), transformers.BertForMaskedLM, hf_tok,
+                         scale=("cls.predictions.transform.dense.weight", 20))
 
 
 def test_mask_tokens_equals_transformers_collator(hf_tok):

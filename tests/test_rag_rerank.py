@@ -15,6 +15,7 @@ from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.rag import CrossEncoderReranker, RerankingRetriever  # noqa: E402
 from lmforge.rag.chunker import Chunk  # noqa: E402
 from lmforge.rag.store import Hit  # noqa: E402
+from helpers import tiny_bert_dir  # noqa: E402
 
 QUERY = "Who founded the Norman dynasty in Normandy?"
 PASSAGES = ["Rollo, a Viking leader, founded the Norman dynasty after the treaty of 911.",
@@ -25,15 +26,9 @@ PASSAGES = ["Rollo, a Viking leader, founded the Norman dynasty after the treaty
             "Hastings, 1066: William the Conqueror, Duke of Normandy, defeated Harold."]
 
 
-def _bert_dir(tmp_path_factory, name, cls, **cfg):  # as tests/test_pipelines.py builds one
+def _bert_dir(tmp_path_factory, name, cls, **cfg):
     tok = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    d = tmp_path_factory.mktemp(name)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, **cfg)
-    cls(config).eval().save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_bert_dir(tmp_path_factory.mktemp(name), cls, tok, **cfg)
 
 
 @pytest.fixture(scope="module")
