@@ -45,13 +45,16 @@ import torch.nn.functional as F
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.tasks.common import check_encoder, forward_batches, task_model
+from lmforge.tokenizers.encoding import Encoding
 from lmforge.training.batch import row_mean
 
 
 # ---- windows -------------------------------------------------------------------------------------------------------
 @dataclass
 class Window:
-    """One model input: [CLS] question [SEP] passage[a:b] [SEP], with what postprocessing needs."""
+    """One model input: the model's pair template around the question and passage[a:b] (BERT:
+    [CLS] question [SEP] passage [SEP]; RoBERTa: <s> question </s></s> passage </s>), with what postprocessing
+    needs."""
 
     ids: list[int]
     type_ids: list[int]
@@ -59,7 +62,7 @@ class Window:
     offsets: list[tuple[int, int]]  # question tokens: in the question; passage tokens: in the passage
     sequence_ids: list[int | None]  # 0 question, 1 passage, None special
     word_ids: list[int | None]  # passage word index of passage tokens, question word index of question tokens
-    p_mask: list[int]  # 1 = cannot be part of an answer (question, [SEP]); [CLS] is 0 (the no-answer position)
+    p_mask: list[int]  # 1 = cannot be part of an answer (question, separators); [CLS] is 0 (the no-answer position)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,7 +76,8 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
         raise DataError("the question has no context: give the passage to find the answer in")
     q = tokenizer.encode_plus(question, add_special_tokens=False)
     c = tokenizer.encode_plus(context, add_special_tokens=False)
-    budget = max_seq_len - len(q) - 3  # passage pieces per window after [CLS] q [SEP] ... [SEP]
+    n_special = tokenizer.num_special_tokens(pair=True)  # [CLS] q [SEP] c [SEP]: 3; <s> q </s></s> c </s>: 4
+    budget = max_seq_len - len(q) - n_special  # passage pieces per window
     if budget <= 0:
         raise DataError(f"the question is {len(q)} tokens; with max_seq_len={max_seq_len} no room is left for "
                         "the passage")
@@ -81,27 +85,21 @@ def qa_windows(tokenizer, question: str, context: str, max_seq_len: int = 384, d
     if len(c) > budget:
         if doc_stride >= budget:
             raise ConfigError(f"doc_stride={doc_stride} must be smaller than the {budget} passage tokens a window "
-                              f"holds (max_seq_len={max_seq_len} minus the question and 3 special tokens)")
+                              f"holds (max_seq_len={max_seq_len} minus the question and {n_special} special tokens)")
         spans, step = [], budget - doc_stride
         for a in range(0, len(c), step):
             b = min(a + budget, len(c))
             spans.append((a, b))
             if b == len(c):
                 break
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    cls_t, sep_t = tokenizer.id_to_token(cls), tokenizer.id_to_token(sep)
     out = []
     for a, b in spans:
-        n_q, n_c = len(q), b - a
-        out.append(Window(
-            ids=[cls] + q.ids + [sep] + c.ids[a:b] + [sep],
-            type_ids=[0] * (n_q + 2) + [1] * (n_c + 1),
-            tokens=[cls_t] + q.tokens + [sep_t] + c.tokens[a:b] + [sep_t],
-            offsets=[(0, 0)] + list(q.offsets) + [(0, 0)] + list(c.offsets[a:b]) + [(0, 0)],
-            sequence_ids=[None] + [0] * n_q + [None] + [1] * n_c + [None],
-            word_ids=[None] + list(q.word_ids) + [None] + list(c.word_ids[a:b]) + [None],
-            p_mask=[0] + [1] * (n_q + 1) + [0] * n_c + [1],
-        ))
+        part = Encoding(c.ids[a:b], c.tokens[a:b], list(c.offsets[a:b]), list(c.word_ids[a:b]))
+        e = tokenizer._post_process(q, part, True)  # the model's own pair template around question and passage
+        # only passage tokens can be an answer; the [CLS] (<s>) position stands for "no answer", as in transformers
+        p_mask = [0 if sid == 1 or i == tokenizer.cls_token_id else 1 for sid, i in zip(e.sequence_ids, e.ids)]
+        out.append(Window(ids=e.ids, type_ids=e.type_ids, tokens=e.tokens, offsets=list(e.offsets),
+                          sequence_ids=e.sequence_ids, word_ids=e.word_ids, p_mask=p_mask))
     return out
 
 
@@ -223,8 +221,6 @@ def question_answering(lm: Any, question: str | Sequence[str], context: str | Se
 
 
 def _as_encoding(w: Window):
-    from lmforge.tokenizers.wordpiece import Encoding
-
     return Encoding(w.ids, w.tokens, w.offsets, w.word_ids, w.sequence_ids, w.type_ids)
 
 
