@@ -48,7 +48,7 @@ mode) do: an entity counts only when its type and both boundaries are right.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -57,16 +57,22 @@ import torch.nn.functional as F
 from lmforge.encoder_lm import TruncationWarning
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.tasks.common import check_texts, forward_batches, labels_of, task_model
+from lmforge.tokenizers.bpe import unicode_to_bytes
+from lmforge.tokenizers.roberta import RobertaTokenizer
 from lmforge.tokenizers.wordpiece import Encoding
 from lmforge.training.batch import token_mean
 
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
+Joiner = str | Callable[[Sequence[str]], str]  # see `word_joiner`
 
 
 # ---- pieces -> text ----------------------------------------------------------------------------------------------
-def convert_tokens_to_string(tokens: Sequence[str], prefix: str = "##") -> str:
+def convert_tokens_to_string(tokens: Sequence[str], prefix: Joiner = "##") -> str:
     """The `tokenizers` WordPiece decoder: "##" pieces glue to the previous one, others get a space, and each
-    piece is cleaned up (" ." -> ".", " n't" -> "n't" ...): ["new", "york", "##er", ","] -> "new yorker,"."""
+    piece is cleaned up (" ." -> ".", " n't" -> "n't" ...): ["new", "york", "##er", ","] -> "new yorker,".
+    `prefix` may instead be a function from pieces to text (`word_joiner` gives one for byte-level BPE)."""
+    if callable(prefix):
+        return prefix(tokens)
     out = []
     for i, t in enumerate(tokens):
         if i:
@@ -78,17 +84,42 @@ def convert_tokens_to_string(tokens: Sequence[str], prefix: str = "##") -> str:
     return "".join(out)
 
 
+def word_joiner(tokenizer) -> Joiner:
+    """How a tokenizer's pieces become words again: WordPiece's continuation prefix ("##"), whose pieces say which
+    ones continue a word; or, for byte-level BPE (RoBERTa), a function that joins the pieces' bytes, as the
+    ByteLevel decoder does. Such pieces do not say whether they continue a word, so, as transformers does for
+    tokenizers without a continuation prefix, a piece counts as a continuation when no space precedes it."""
+    if isinstance(tokenizer, RobertaTokenizer):
+        return _byte_level_join
+    return getattr(tokenizer, "prefix", "##")
+
+
+_CHAR_BYTES = unicode_to_bytes()
+
+
+def _byte_level_join(tokens: Sequence[str]) -> str:
+    """The ByteLevel decoder of `tokenizers`: each character of a piece stands for one byte ("Ġ" for a space);
+    a piece with any character outside that alphabet (a word already joined, as grouping passes them) stands for
+    its own UTF-8 bytes; the bytes are read as UTF-8 with U+FFFD for what does not decode."""
+    out = bytearray()
+    for t in tokens:
+        mapped = [_CHAR_BYTES.get(ch) for ch in t]
+        out += bytes(mapped) if None not in mapped else t.encode("utf-8")
+    return out.decode("utf-8", errors="replace")
+
+
 # ---- grouping (transformers' TokenClassificationPipeline.postprocess, as plain functions) ----------------------
 def pre_entities(text: str, encoding, scores: np.ndarray, tokenizer) -> list[dict]:
     """One dict per non-special piece: word (piece string), scores (L,), start, end, index, is_subword."""
     out = []
-    prefix = getattr(tokenizer, "prefix", "##")
+    prefix = word_joiner(tokenizer)
     for idx, (tok_id, token, (s, e), seq) in enumerate(zip(encoding.ids, encoding.tokens, encoding.offsets,
                                                             encoding.sequence_ids)):
         if seq is None:  # [CLS], [SEP]
             continue
         word_ref = text[s:e]
-        is_subword = len(token) != len(word_ref) if prefix else (s > 0 and " " not in text[s - 1:s + 1])
+        is_subword = len(token) != len(word_ref) if isinstance(prefix, str) and prefix \
+            else (s > 0 and " " not in text[s - 1:s + 1])
         if tok_id == tokenizer.unk_token_id:
             token, is_subword = word_ref, False
         out.append({"word": token, "scores": scores[idx], "start": s, "end": e, "index": idx,
@@ -96,7 +127,7 @@ def pre_entities(text: str, encoding, scores: np.ndarray, tokenizer) -> list[dic
     return out
 
 
-def _aggregate_word(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str) -> dict:
+def _aggregate_word(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: Joiner) -> dict:
     word = convert_tokens_to_string([p["word"] for p in pieces], prefix)
     if strategy == "first":
         scores = pieces[0]["scores"]
@@ -109,7 +140,7 @@ def _aggregate_word(pieces: list[dict], strategy: str, labels: Sequence[str], pr
             "end": pieces[-1]["end"]}
 
 
-def aggregate_words(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str = "##") -> list[dict]:
+def aggregate_words(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: Joiner = "##") -> list[dict]:
     """Fuse pieces into words (a piece with is_subword joins the word before it) and label each word."""
     words, group = [], None
     for p in pieces:
@@ -134,7 +165,7 @@ def get_tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
-def group_entities(entities: list[dict], prefix: str = "##") -> list[dict]:
+def group_entities(entities: list[dict], prefix: Joiner = "##") -> list[dict]:
     """Merge adjacent entries of one type into entities; a B- tag always starts a new one."""
     groups, current = [], []
 
@@ -158,7 +189,7 @@ def group_entities(entities: list[dict], prefix: str = "##") -> list[dict]:
     return groups
 
 
-def aggregate(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: str = "##") -> list[dict]:
+def aggregate(pieces: list[dict], strategy: str, labels: Sequence[str], prefix: Joiner = "##") -> list[dict]:
     if strategy in ("none", "simple"):
         entities = []
         for p in pieces:
@@ -259,7 +290,7 @@ def token_classification(lm: Any, texts: str | Sequence[str], aggregation_strate
         windows = [stride_windows(tok, e, max_length, stride) for e in pieces]
     flat = [e for w in windows for e in w]
     logits = iter(row for out in forward_batches(model, tok, flat, batch_size) for row in out)  # each (T, L)
-    prefix = getattr(tok, "prefix", "##")
+    prefix = word_joiner(tok)
     results = []
     for text, encs in zip(items, windows):
         found = []
