@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.finetune.data import classification_collate, encode_texts
-from lmforge.loader import load
+import lmforge  # lmforge.load at call time: the loader imports finetune (adapters), so not `from lmforge.loader`
 from lmforge.training.batch import row_mean
 from lmforge.utils import atomic_dir, atomic_write_json, read_json
 
@@ -128,7 +128,7 @@ def load_classifier(path: str | Path, device=None):
         raise CheckpointError(f"{path}: not a classifier directory (no {CLASSIFIER_CONFIG}); train one with "
                               f"`lmforge finetune classify`")
     cfg = read_json(path / CLASSIFIER_CONFIG)
-    lm = load(path, device=device)
+    lm = lmforge.load(path, device=device)
     clf = SequenceClassifier(lm.model, cfg["labels"])
     state = load_file(str(path / CLASSIFIER_HEAD))
     try:

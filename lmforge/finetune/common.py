@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from lmforge.errors import ConfigError
 from lmforge.finetune import lora
-from lmforge.loader import load
+import lmforge  # lmforge.load at call time: the loader imports finetune (adapters), so not `from lmforge.loader`
 from lmforge.training.loop import TrainConfig
 from lmforge.utils import atomic_write_json, check_output, check_seed
 
@@ -85,7 +85,7 @@ class FinetuneConfig(TrainConfig):
 
 def load_base(cfg: FinetuneConfig):
     """The base model as an `LM`, in fp32 (training on CPU) and in training mode."""
-    lm = load(cfg.model, dtype="float32")
+    lm = lmforge.load(cfg.model, dtype="float32")
     if lm.tokenizer is None:
         raise ConfigError(f"{cfg.model}: the model directory has no tokenizer; fine-tuning needs one")
     return lm
