@@ -22,12 +22,11 @@ from typing import Any
 import torch
 
 from lmforge.errors import ConfigError
-from lmforge.training.loop import train
-from lmforge.utils import atomic_write_json
-from lmforge.finetune import common
-from lmforge.finetune import data as D
+from lmforge.finetune import common, data as D
 from lmforge.finetune.losses import dpo_loss, sequence_logprobs, split_pairs
 from lmforge.recipes.sft import load_splits
+from lmforge.training.loop import train
+from lmforge.utils import atomic_write_json
 
 
 @dataclass

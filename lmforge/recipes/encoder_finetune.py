@@ -25,13 +25,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError, DataError
-from lmforge.finetune import common
-from lmforge.finetune import data as D
+from lmforge.finetune import common, data as D
 from lmforge.finetune.metrics import classification_metrics
+from lmforge.formats.bert import is_encoder_dir
 from lmforge.recipes.classify import ClassifyConfig, run_classify as run_decoder_classify, undersample
-from lmforge.tasks import question_answering as QA
-from lmforge.tasks import token_classification as TC
-from lmforge.tasks.common import TaskModel, labels_of, load_encoder, save_task_model, task_model
+from lmforge.tasks import question_answering as QA, token_classification as TC
+from lmforge.tasks.common import forward_batches, labels_of, load_encoder, save_task_model, task_model, TaskModel
 from lmforge.tasks.text_classification import classification_loss, encode_inputs, predict_label_ids
 from lmforge.training.loop import train
 from lmforge.utils import atomic_write_json
@@ -183,7 +182,6 @@ def _max_len(cfg, lm) -> int:
 def run_classify(cfg: EncoderClassifyConfig, log=print) -> dict:
     """`lmforge finetune classify`: the encoder recipe for an encoder, the decoder recipe for a decoder."""
     cfg.check_paths()
-    from lmforge.formats.bert import is_encoder_dir
 
     if not is_encoder_dir(cfg.model):
         if cfg.text_pair_field or cfg.labels_file:
@@ -274,7 +272,6 @@ def run_ner(cfg: NERConfig, log=print) -> dict:
 
     _fit(cfg, lm, model, enc, _collate(lm.tokenizer, pad_labels), TC.token_classification_loss,
          _saver(lm, model, labels, uses_lora, cfg), log)
-    from lmforge.tasks.common import forward_batches
 
     results = {}
     for split, items in enc.items():
