@@ -6,7 +6,7 @@
 |-----------------------------------------------------------|---------------------------------------------------|
 | lmforge directory (config.json has `"format": "lmforge"`) | `lmforge.formats.native`: ModelConfig + safetensors |
 | Hugging Face directory (config.json has `model_type`)     | `lmforge.formats.hf`: key + name maps, GPT-2 transposes |
-| PEFT adapter directory (adapter_config.json, no config.json) | its base model, then `lmforge.finetune.lora` / `prompt_tuning` |
+| PEFT adapter directory (adapter_config.json, no config.json) | its base model, then `lmforge.finetune.lora` / `prompt_tuning` / `adapters` |
 | llama2.c `.bin` file (+ its tokenizer `.bin`)             | `lmforge.formats.llama2c`                         |
 | `.gguf` file                                              | `lmforge.formats.gguf`                            |
 | Hub id such as `openai-community/gpt2`                    | `huggingface_hub.snapshot_download`, then the directory above |
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import CheckpointError, LmforgeError, NetworkError
-from lmforge.finetune import lora, prompt_tuning
+from lmforge.finetune import adapters, lora, prompt_tuning
 from lmforge.formats.gguf import load_gguf
 from lmforge.formats.hf import load_hf_dir
 from lmforge.formats.llama2c import load_llama2c
@@ -46,7 +46,8 @@ def load_adapter(path: Path, dtype="auto", device=None, merge: bool = True) -> L
     """A PEFT adapter directory: its base (`base_model_name_or_path`) loaded, then the adapter applied.
 
     A LoRA adapter is merged into the float base (same function, no extra cost per token) unless `merge=False`;
-    a prompt-tuning adapter wraps the base in a `PromptTunedModel`.
+    a prompt-tuning adapter wraps the base in a `PromptTunedModel`; bottleneck adapters (`finetune.adapters`)
+    are inserted into its blocks.
     """
     cfg = read_json(path / lora.ADAPTER_CONFIG)
     base = cfg.get("base_model_name_or_path")
@@ -54,11 +55,15 @@ def load_adapter(path: Path, dtype="auto", device=None, merge: bool = True) -> L
         raise CheckpointError(f"{path}: adapter_config.json names no base model (base_model_name_or_path); load the "
                               f"base with lmforge.load and apply the adapter with lora.load_peft")
     kind = cfg.get("peft_type", "LORA")
-    if kind not in ("LORA", "PROMPT_TUNING"):
-        raise CheckpointError(f"{path}: unsupported adapter type {kind!r} (lmforge reads LORA and PROMPT_TUNING)")
+    if kind not in ("LORA", "PROMPT_TUNING", adapters.PEFT_TYPE):
+        raise CheckpointError(f"{path}: unsupported adapter type {kind!r} (lmforge reads LORA, PROMPT_TUNING and "
+                              f"{adapters.PEFT_TYPE})")
     lm = load(base, dtype=dtype, device=device)
     if kind == "PROMPT_TUNING":
         lm.model = prompt_tuning.load_prompt(lm.model, path).eval()
+    elif kind == adapters.PEFT_TYPE:  # bottleneck adapters cannot be merged: they stay layers of the model
+        adapters.load_adapter(lm.model, path)
+        lm.model.eval()
     else:
         lora.load_peft(lm.model, path)
         if merge:

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch.nn as nn
 
 from lmforge.errors import ConfigError
-from lmforge.finetune import lora
+from lmforge.finetune import adapters, lora
 import lmforge  # lmforge.load at call time: the loader imports finetune (adapters), so not `from lmforge.loader`
 from lmforge.training.loop import TrainConfig
 from lmforge.utils import atomic_write_json, check_output, check_seed
@@ -122,11 +122,14 @@ def maybe_lora(model: nn.Module, cfg: FinetuneConfig, log: Callable[[str], None]
     return True
 
 
-def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]:
-    """What the loop writes at each checkpoint: the PEFT adapter (LoRA) or the whole model directory."""
+def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool, uses_adapters: bool = False) -> Callable[[Path], None]:
+    """What the loop writes at each checkpoint: the PEFT adapter (LoRA), the bottleneck adapter directory
+    (`finetune.adapters`), or the whole model directory. Adapters name their base by its absolute path."""
     def save(d: Path) -> None:
         if uses_lora:
             lora.save_peft(lm.model, d, base_model_name_or_path=str(Path(cfg.model).resolve()))
+        elif uses_adapters:
+            adapters.save_adapter(lm.model, d, base_model_name_or_path=str(Path(cfg.model).resolve()))
         else:
             lm.save(d)
         atomic_write_json(Path(d) / "finetune_config.json", dataclasses.asdict(cfg))
@@ -134,7 +137,8 @@ def lm_saver(lm, cfg: FinetuneConfig, uses_lora: bool) -> Callable[[Path], None]
     return save
 
 
-def finish(lm, cfg: FinetuneConfig, uses_lora: bool, log: Callable[[str], None] = print) -> Path:
+def finish(lm, cfg: FinetuneConfig, uses_lora: bool, log: Callable[[str], None] = print,
+           uses_adapters: bool = False) -> Path:
     """After training: with LoRA and `merge`, replace the adapter by a merged model directory."""
     out = Path(cfg.out)
     if uses_lora and cfg.merge:
@@ -145,6 +149,8 @@ def finish(lm, cfg: FinetuneConfig, uses_lora: bool, log: Callable[[str], None] 
         log(f"merged the adapter into the base: model directory {out}")
     elif uses_lora:
         log(f"LoRA adapter (PEFT layout): {out}")
+    elif uses_adapters:
+        log(f"bottleneck adapter: {out} (lmforge.load({str(out)!r}) loads the base it names and inserts it)")
     else:
         log(f"model directory: {out}")
     return out

@@ -31,6 +31,7 @@ Either way a row is cut at `max_length` tokens.
 from __future__ import annotations
 
 import csv
+import math
 import json
 import random
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch
 
 from lmforge.errors import DataError
 from lmforge.tokenizers.chat_template import apply_chat_template
-from lmforge.training.data import Batches as _Batches
+from lmforge.training.data import Batches as _Batches, read_documents, source_list
 
 IGNORE_INDEX = -100
 
@@ -441,3 +442,53 @@ def preference_collate(pairs: Sequence[tuple[Example, Example]], pad_id: int,
     """Rows [chosen_1..chosen_B, rejected_1..rejected_B] (TRL's order), padded together: (2B, T)."""
     batch = pad_collate([c for c, _ in pairs] + [r for _, r in pairs], pad_id, max_length)
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining text: forgetting checks and replay
+# ----------------------------------------------------------------------------------------------------------------
+def text_tokens(tok, sources: str | Sequence[str]) -> np.ndarray:
+    """The token stream pretraining builds from `sources` (files, globs, or "builtin"): each document encoded with
+    special-token text read as text, followed by EOS (`lmforge.training.data.tokenize_to_shards`, held in memory
+    instead of shards). Comma-separated sources are several."""
+    eos = getattr(tok, "eos_token_id", None)
+    out: list[np.ndarray] = []
+    for text, last in read_documents(source_list(sources)):
+        out.append(np.asarray(_encode(tok, text, specials=False), dtype=np.int64))
+        if last and eos is not None:
+            out.append(np.asarray([eos], dtype=np.int64))
+    tokens = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+    if len(tokens) < 2:
+        raise DataError(f"{sources}: no text to read")
+    return tokens
+
+
+class ReplayMix:
+    """Batch source that replaces a fraction `ratio` of the batches of `main` with `replay` batches (plain
+    next-token batches of pretraining text), spread evenly: batch i is a replay batch when floor((i+1) r) >
+    floor(i r). With r = 0.25 batches 3, 7, 11, ... are replay batches; main's batches keep their order.
+
+        mixed(i) = replay(floor(i r))  if batch i is a replay batch
+                   main(i - floor(i r)) otherwise (i minus the replay batches before it)
+
+    Rehearsal (replay) of the old task's data is the oldest cure for catastrophic forgetting (Robins 1995); for
+    language models, mixing pretraining batches into fine-tuning keeps the pretraining loss from drifting far
+    (e.g. Ouyang et al. 2022's "PPO-ptx"; Ibrahim et al. 2024 for continual pretraining). Both sources are
+    addressed by index, so the mix is the same in every run and after a resume. `len` is the main source's
+    batches per epoch plus the replay batches among them, so `epochs` still means passes over `main`.
+    """
+
+    def __init__(self, main, replay, ratio: float):
+        if not 0.0 < ratio < 1.0:
+            raise DataError(f"replay ratio must be in (0, 1), got {ratio}")
+        self.main, self.replay, self.ratio = main, replay, ratio
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.main) / (1.0 - self.ratio))
+
+    def is_replay(self, i: int) -> bool:
+        return math.floor((i + 1) * self.ratio) > math.floor(i * self.ratio)
+
+    def __call__(self, i: int):
+        k = math.floor(i * self.ratio)  # replay batches before batch i
+        return self.replay(k) if self.is_replay(i) else self.main(i - k)

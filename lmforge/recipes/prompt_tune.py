@@ -37,6 +37,9 @@ class PromptTuneConfig(SFTConfig):
         super().__post_init__()
         if self.lora_r:
             raise ConfigError("prompt tuning trains a soft prompt only; drop --lora-r")
+        if self.adapter or self.replay_data or self.forgetting_data:
+            raise ConfigError("prompt tuning trains a soft prompt only; --adapter, --replay-data and "
+                              "--forgetting-data are options of `finetune sft`")
 
 
 def run_prompt_tune(cfg: PromptTuneConfig, log=print) -> dict:
