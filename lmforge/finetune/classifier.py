@@ -52,12 +52,19 @@ class SequenceClassifier(nn.Module):
         return self.base.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # right padding: causal attention already keeps padding out of the real tokens, so no mask is passed
-        out = self.base(input_ids, output_hidden_states=True, logits_to_keep=1)
-        h = out.hidden_states[-1]  # (B, T, C), after the final norm
-        B, T = input_ids.shape
-        last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1)  # (B,)
-        return self.head(h[torch.arange(B, device=h.device), last.to(h.device)])  # (B, K)
+        return self.head(last_token_hidden(self.base, input_ids, attention_mask))  # (B, K)
+
+
+def last_token_hidden(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """The final hidden state (after the final norm) of each row's last real token: (B, T) ids -> (B, C).
+    Also the pooling of a reward model (`finetune.rlhf.RewardModel`)."""
+    # right padding: causal attention already keeps padding out of the real tokens, so no mask is passed
+    out = base(input_ids, output_hidden_states=True, logits_to_keep=1)
+    h = out.hidden_states[-1]  # (B, T, C), after the final norm
+    B, T = input_ids.shape
+    last = attention_mask.sum(1) - 1 if attention_mask is not None else torch.full((B,), T - 1)  # (B,)
+    return h[torch.arange(B, device=h.device), last.to(h.device)]  # (B, C)
 
 
 def set_trainable(clf: SequenceClassifier, train_layers: int = 1) -> None:
