@@ -1,8 +1,11 @@
-"""`lmforge finetune {classify,sft,dpo,prompt-tune}` and `lmforge classify`.
+"""`lmforge finetune {classify,ner,qa,sft,dpo,reward,ppo,grpo,prompt-tune}` and `lmforge classify`.
 
     lmforge finetune classify runs/demo --data SMSSpamCollection --out runs/spam --epochs 3
     lmforge finetune sft runs/demo --data instruction-data.json --out runs/sft --max-steps 200 --lora-r 8
     lmforge finetune dpo runs/sft --data instruction-data-with-preference.json --out runs/dpo --beta 0.1
+    lmforge finetune reward runs/sft --data instruction-data-with-preference.json --out runs/rm
+    lmforge finetune ppo runs/sft --reward runs/rm --data instruction-data.json --out runs/ppo --lora-r 8
+    lmforge finetune grpo runs/arith --reward arithmetic --out runs/grpo
     lmforge finetune prompt-tune runs/demo --data instruction-data.json --out runs/pt --num-virtual-tokens 20
     lmforge classify runs/spam "You have won a prize, call now"
 
@@ -24,6 +27,12 @@ RECIPES = {
     "sft": ("lmforge.recipes.sft", "SFTConfig", "run_sft",
             "instruction fine-tuning on Alpaca or chat-messages data (loss on responses only)"),
     "dpo": ("lmforge.recipes.dpo", "DPOConfig", "run_dpo", "direct preference optimization on chosen/rejected pairs"),
+    "reward": ("lmforge.recipes.rlhf", "RewardConfig", "run_reward",
+               "train a reward model (scalar head on the last token) on chosen/rejected pairs"),
+    "ppo": ("lmforge.recipes.rlhf", "PPOConfig", "run_ppo",
+            "PPO against a reward (a reward model directory, or arithmetic/length): value head, KL to the reference"),
+    "grpo": ("lmforge.recipes.rlhf", "GRPOConfig", "run_grpo",
+             "GRPO against a reward: groups of samples per prompt, no value model, KL to the reference"),
     "prompt-tune": ("lmforge.recipes.prompt_tune", "PromptTuneConfig", "run_prompt_tune",
                     "learn a soft prompt with the model frozen (PEFT prompt-tuning layout)"),
 }
@@ -38,9 +47,10 @@ def _recipe(name: str):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("finetune", help="fine-tune a model: classify, sft, dpo, prompt-tune (LoRA optional)",
+    p = subparsers.add_parser("finetune", help="fine-tune a model: classify, ner, qa, sft, dpo, reward, ppo, grpo, "
+                                                   "prompt-tune (LoRA optional)",
                               description="Fine-tune a model directory; writes a model directory, a PEFT adapter "
-                                          "(--lora-r) or a soft prompt.")
+                                          "(--lora-r), a reward model or a soft prompt.")
     sub = p.add_subparsers(dest="recipe", metavar="RECIPE")
     for name, (_, _, _, help_) in RECIPES.items():
         cls, _ = _recipe(name)

@@ -1,0 +1,276 @@
+"""RLHF: reward model, PPO and GRPO (lmforge.finetune.rlhf, lmforge.recipes.rlhf).
+
+What is compared with what:
+* the reward model's rewards and Bradley-Terry loss equal TRL's RewardTrainer.compute_loss on a transformers
+  GPT2ForSequenceClassification holding the same weights (margin and centring options too);
+* GRPO: on rollouts, rewards and reference log-probs produced by TRL's own GRPOTrainer._generate_and_score_completions,
+  our group advantages equal TRL's and our loss equals GRPOTrainer._compute_loss for loss types grpo, bnpo and dr_grpo;
+* PPO: TRL 1.16 no longer ships a PPO trainer (it was trl/experimental/ppo/ppo_trainer.py, removed later), so our
+  rewards, GAE, whitening, clipped policy and value losses are compared with that file's step transcribed below
+  (huggingface/trl commit 0062ee10a9bc59dbb7ba244f3bbaf2e81f25196f), using TRL 1.16's first_true_indices for its masks;
+* rollouts: the log-probs the generation loop records while sampling equal `policy_logprobs` on the padded batch;
+* the recipes and the CLI end to end on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.finetune import rlhf
+from lmforge.generation.sampling import SamplingParams
+
+warnings.filterwarnings("ignore")
+
+
+def _hf_tokenizer(transformers, tokenizers):
+    vocab = {f"w{i}": i for i in range(60)} | {"[UNK]": 60, "[EOS]": 61, "[PAD]": 62}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="[EOS]", pad_token="[PAD]",
+                                                unk_token="[UNK]")
+
+
+def _tiny_gpt2(transformers, seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=64, n_positions=64, bos_token_id=61, eos_token_id=61,
+        pad_token_id=62))
+
+
+# ================================================================================================================
+# Reward model
+# ================================================================================================================
+def test_bradley_terry_by_hand():
+    import math
+
+    rc, rr = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.0])
+    expected = (math.log(1 + math.exp(-1.5)) + math.log(1 + math.exp(1.0))) / 2
+    assert rlhf.bradley_terry_loss(rc, rr).item() == pytest.approx(expected, rel=1e-6)
+    assert rlhf.bradley_terry_loss(rc, rr, center_coef=0.1).item() == pytest.approx(
+        expected + 0.1 * (2.5 ** 2 + 1.0) / 2, rel=1e-6)
+    assert rlhf.pairwise_accuracy(rc, rr) == 0.5
+    assert rlhf.pairwise_accuracy(torch.zeros(4), torch.zeros(4)) == 0.5  # ties count half: chance
+
+
+@pytest.mark.parametrize("center", [None, 0.01])
+def test_reward_loss_equals_trl_reward_trainer(tmp_path, center):
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    trl = pytest.importorskip("trl")
+
+    tok = _hf_tokenizer(transformers, tokenizers)
+    lm_model = _tiny_gpt2(transformers)
+    lm_model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    seq = transformers.GPT2ForSequenceClassification(transformers.GPT2Config(**{
+        **lm_model.config.to_dict(), "num_labels": 1}))
+    seq.transformer.load_state_dict(lm_model.transformer.state_dict())
+    torch.manual_seed(1)
+    torch.nn.init.normal_(seq.score.weight, std=0.5)
+    rows = [{"prompt": "w1 w2 w3", "chosen": " w4 w5 w9", "rejected": " w6"},
+            {"prompt": "w7 w8", "chosen": " w10", "rejected": " w11 w12 w13 w14"},
+            {"prompt": "w20 w21 w22 w23", "chosen": " w24 w25", "rejected": " w26 w27"}]
+    cfg = trl.RewardConfig(output_dir=str(tmp_path / "run"), report_to=[], per_device_train_batch_size=3,
+                           max_steps=1, use_cpu=True, seed=0, bf16=False, center_rewards_coefficient=center)
+    trainer = trl.RewardTrainer(model=seq, args=cfg, train_dataset=datasets.Dataset.from_list(rows),
+                                processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    trl_loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    m = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+    lm = lmforge.load(tmp_path / "base")
+    rm = rlhf.RewardModel(lm.model).eval()
+    with torch.no_grad():
+        rm.head.weight.copy_(seq.score.weight)
+        rewards = rm(batch["input_ids"], batch["attention_mask"])
+        trl_rewards = seq(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    torch.testing.assert_close(rewards, trl_rewards, atol=1e-5, rtol=1e-5)
+    rc, rr = rewards.chunk(2)
+    assert rlhf.bradley_terry_loss(rc, rr, center_coef=center).item() == pytest.approx(trl_loss, abs=1e-5)
+    assert rlhf.pairwise_accuracy(rc, rr) == pytest.approx(m["accuracy"])
+    assert (rc - rr).mean().item() == pytest.approx(m["margin"], abs=1e-5)
+    margin = torch.tensor([0.5, 0.0, 1.0])  # Llama 2's margin option
+    with torch.no_grad():
+        trl_margin = trainer.compute_loss(trainer.model, {**batch, "margin": margin}).item()
+    assert rlhf.bradley_terry_loss(rc, rr, margin, center).item() == pytest.approx(trl_margin, abs=1e-5)
+
+
+# ================================================================================================================
+# GRPO against TRL's GRPOTrainer
+# ================================================================================================================
+@pytest.fixture(scope="module")
+def trl_grpo(tmp_path_factory):
+    """TRL's GRPOTrainer on a tiny GPT-2, and one batch its own generate-and-score step produced."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    trl = pytest.importorskip("trl")
+
+    d = tmp_path_factory.mktemp("grpo")
+    tok = _hf_tokenizer(transformers, tokenizers)
+    _tiny_gpt2(transformers).save_pretrained(d / "policy")
+    tok.save_pretrained(d / "policy")
+    G = 4
+    cfg = trl.GRPOConfig(output_dir=str(d / "run"), report_to=[], per_device_train_batch_size=8, num_generations=G,
+                         max_completion_length=6, beta=0.1, loss_type="grpo", use_cpu=True, bf16=False,
+                         temperature=1.0, seed=0)
+    prompts = ["w1 w2 w3", "w4 w5 w6"]  # equal lengths: no left padding (TRL's forward uses plain positions)
+    ds = datasets.Dataset.from_list([{"prompt": p} for p in prompts] * 4)
+    seen: dict[str, list] = {}
+
+    def reward(prompts, completions, **kw):  # varied within each group
+        seen["r"] = [float((len(c) * 7 + i) % 5) for i, c in enumerate(completions)]
+        return seen["r"]
+
+    reward.__name__ = "toy"
+    trainer = trl.GRPOTrainer(model=str(d / "policy"), reward_funcs=reward, args=cfg, train_dataset=ds,
+                              processing_class=tok)
+    trainer.current_gradient_accumulation_steps = 1
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(G)])
+    return trainer, out, torch.tensor(seen["r"]), G, d / "policy"
+
+
+def test_group_advantages_equal_trl(trl_grpo):
+    _, out, rewards, G, _ = trl_grpo
+    assert rewards.view(-1, G).std(1).min() > 0  # each group has something to learn from
+    torch.testing.assert_close(rlhf.group_advantages(rewards, G), out["advantages"], atol=1e-6, rtol=1e-6)
+    assert rlhf.group_advantages(torch.ones(8), 4).abs().max() == 0  # a group that all scores alike: no signal
+
+
+@pytest.mark.parametrize("loss_type,correction", [("grpo", True), ("bnpo", True), ("dr_grpo", True),
+                                                  ("grpo", False)])
+def test_grpo_loss_equals_trl(trl_grpo, loss_type, correction):
+    trainer, out, rewards, G, policy_dir = trl_grpo
+    inputs = dict(out)
+    mask = inputs["completion_mask"]
+    g = torch.Generator().manual_seed(3)
+    # old and reference log-probs away from the policy's, so the ratio clips somewhere and the KL is not 0
+    with torch.no_grad():
+        hf_lp = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], mask], 1), mask.shape[1])[0]
+    inputs["old_per_token_logps"] = hf_lp + 0.3 * torch.randn(hf_lp.shape, generator=g)
+    inputs["ref_per_token_logps"] = hf_lp + 0.5 * torch.randn(hf_lp.shape, generator=g)
+    trainer.loss_type = loss_type
+    trainer.args.use_bias_correction_kl = correction
+    trainer.model.eval()
+    trl_loss = trainer._compute_loss(trainer.model, inputs).item()
+
+    policy = lmforge.load(policy_dir).model.eval()
+    ro = rlhf.Rollout(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"], mask,
+                      [""] * len(mask), [""] * len(mask))
+    lp = rlhf.policy_logprobs(policy, ro)
+    torch.testing.assert_close(lp * mask, hf_lp * mask, atol=1e-5, rtol=1e-5)
+    loss, stats = rlhf.grpo_loss(lp, inputs["old_per_token_logps"], inputs["ref_per_token_logps"],
+                                 rlhf.group_advantages(rewards, G), mask, beta=0.1, epsilon=0.2,
+                                 loss_type=loss_type, max_completion_length=6, kl_ratio_correction=correction)
+    assert 0 < stats["clip_ratio"] < 1
+    assert loss.item() == pytest.approx(trl_loss, abs=1e-5)
+    mode = trainer._metrics["eval"]
+    assert stats["kl_k3"] == pytest.approx(mode["kl"][-1], abs=1e-5)
+
+
+# ================================================================================================================
+# PPO against the last TRL PPO trainer's step
+# ================================================================================================================
+INVALID_LOGPROB = 1.0
+
+
+def _trl_masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+def _trl_masked_whiten(values, mask, shift_mean=True):
+    mean = _trl_masked_mean(values, mask)
+    var = _trl_masked_mean((values - mean) ** 2, mask) * mask.sum() / (mask.sum() - 1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def _trl_ppo_step(responses, logprobs, ref_logprobs, values, scores, new_logprobs, vpred, pad_id, args):
+    """PPOTrainer.train's rollout post-processing and one minibatch loss, from trl/experimental/ppo/ppo_trainer.py
+    (huggingface/trl 0062ee10), variable names kept. `responses` are already truncated after the stop token."""
+    from trl.experimental.utils import first_true_indices
+
+    sequence_lengths = first_true_indices(responses == pad_id) - 1
+    response_idxs = torch.arange(responses.shape[1]).repeat(responses.shape[0], 1)
+    padding_mask = response_idxs > sequence_lengths.unsqueeze(1)
+    logprobs = torch.masked_fill(logprobs, padding_mask, INVALID_LOGPROB)
+    ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
+    sequence_lengths_p1 = sequence_lengths + 1
+    padding_mask_p1 = response_idxs > (sequence_lengths_p1.unsqueeze(1))
+    values = torch.masked_fill(values, padding_mask_p1, 0)
+    logr = ref_logprobs - logprobs
+    kl = -logr if args["kl_estimator"] == "k1" else (logr.exp() - 1) - logr
+    non_score_reward = -args["kl_coef"] * kl
+    rewards = non_score_reward.clone()
+    actual_start = torch.arange(rewards.size(0))
+    actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
+    rewards[actual_start, actual_end] += scores
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = responses.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + args["gamma"] * nextvalues - values[:, t]
+        lastgaelam = delta + args["gamma"] * args["lam"] * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    returns = advantages + values
+    advantages = _trl_masked_whiten(advantages, ~padding_mask)
+    advantages = torch.masked_fill(advantages, padding_mask, 0)
+    # one minibatch (the whole batch)
+    new_logprobs = torch.masked_fill(new_logprobs, padding_mask, INVALID_LOGPROB)
+    vpred = torch.masked_fill(vpred, padding_mask_p1, 0)
+    vpredclipped = torch.clamp(vpred, values - args["cliprange_value"], values + args["cliprange_value"])
+    vf_losses1 = torch.square(vpred - returns)
+    vf_losses2 = torch.square(vpredclipped - returns)
+    vf_loss = 0.5 * _trl_masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1)
+    ratio = torch.exp(new_logprobs - logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - args["cliprange"], 1.0 + args["cliprange"])
+    pg_loss = _trl_masked_mean(torch.max(pg_losses, pg_losses2), ~padding_mask)
+    pg_clipfrac = _trl_masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
+    return dict(rewards=rewards, advantages=advantages, returns=returns, pg_loss=pg_loss, vf_loss=vf_loss,
+                pg_clipfrac=pg_clipfrac, padding_mask=padding_mask, padding_mask_p1=padding_mask_p1)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_ppo_equals_trl_ppo_step(estimator):
+    pytest.importorskip("trl")
+    g = torch.Generator().manual_seed(0)
+    B, T, pad = 5, 7, 0
+    responses = torch.randint(3, 20, (B, T), generator=g)
+    for b, n in enumerate([3, 7, 1, 5, 6]):  # real tokens per row (the stop token is the pad id here, as in TRL)
+        responses[b, n:] = pad
+    logprobs = -torch.rand(B, T, generator=g) * 3
+    ref_logprobs = logprobs + 0.3 * torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    scores = torch.randn(B, generator=g)
+    new_logprobs = logprobs + 0.4 * torch.randn(B, T, generator=g)
+    vpred = values + 0.5 * torch.randn(B, T, generator=g)
+    args = dict(kl_estimator=estimator, kl_coef=0.2, gamma=0.99, lam=0.9, cliprange=0.2, cliprange_value=0.2)
+    ref = _trl_ppo_step(responses, logprobs, ref_logprobs, values, scores, new_logprobs, vpred, pad, args)
+
+    # TRL keeps two masks: the policy's tokens, and one token more (its stop token) for values and rewards; its
+    # log-probs outside the first are a constant, so their KL is 0. Our functions take the masks they are given.
+    pmask, vmask = (~ref["padding_mask"]).long(), (~ref["padding_mask_p1"]).long()
+    rewards, _ = rlhf.kl_penalized_rewards(scores, logprobs * pmask, ref_logprobs * pmask, vmask, 0.2, estimator)
+    torch.testing.assert_close(rewards, ref["rewards"], atol=1e-6, rtol=1e-6)
+    adv, returns = rlhf.gae(rewards, values, vmask, gamma=0.99, lam=0.9)
+    torch.testing.assert_close(returns, ref["returns"], atol=1e-5, rtol=1e-5)
+    adv = rlhf.masked_whiten(adv, pmask) * pmask
+    torch.testing.assert_close(adv, ref["advantages"], atol=1e-5, rtol=1e-5)
+    pg, pg_stats = rlhf.ppo_policy_loss(new_logprobs, logprobs, adv, pmask, 0.2)
+    vf, _ = rlhf.ppo_value_loss(vpred, values * vmask, returns, vmask, 0.2)
+    assert pg.item() == pytest.approx(ref["pg_loss"].item(), abs=1e-5)
+    assert vf.item() == pytest.approx(ref["vf_loss"].item(), abs=1e-5)
+    assert pg_stats["clipfrac"] == pytest.approx(ref["pg_clipfrac"].item(), abs=1e-6)
