@@ -5,6 +5,7 @@
     lmforge import path/to/hf-model --out runs/imported      # any format `lmforge.load` reads -> lmforge directory
     lmforge export runs/demo --format hf --out runs/demo-hf  # -> transformers.AutoModelForCausalLM loads it
     lmforge export runs/demo --format gguf --out demo.gguf   # -> llama.cpp
+    lmforge export runs/demo --format onnx --out runs/demo-onnx   # -> ONNX Runtime (KV cache as inputs/outputs)
     lmforge attention-map runs/demo --prompt "The cat sat on the mat" --layer 0 --head 1 --out attn.png
 """
 
@@ -43,12 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     im.add_argument("--overwrite", action="store_true", help="write into --out even if it already holds a model")
     im.set_defaults(func=cmd_import)
 
-    ex = subparsers.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file",
+    ex = subparsers.add_parser("export", help="write a model as a Hugging Face directory, a GGUF file or ONNX",
                                description="Export a model for other runtimes: --format hf (transformers, vLLM, "
-                                           "TGI) or --format gguf (llama.cpp).")
+                                           "TGI), --format gguf (llama.cpp) or --format onnx (ONNX Runtime; a "
+                                           "directory with model.onnx, float32).")
     ex.add_argument("model", help="the model to export (anything `lmforge.load` accepts)")
-    ex.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf or gguf")
-    ex.add_argument("--out", required=True, type=Path, help="output directory (hf) or .gguf file (gguf)")
+    ex.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"], help="hf, gguf or onnx")
+    ex.add_argument("--out", required=True, type=Path, help="output directory (hf, onnx) or .gguf file (gguf)")
     ex.add_argument("--dtype", default=None,
                     help="hf: float32, bfloat16, float16 (default: as loaded); gguf: the GGUF tensor type")
     ex.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
@@ -162,11 +164,19 @@ def cmd_export(args) -> int:
     from lmforge.formats.hf import export_hf
     from lmforge.loader import load
 
-    check_output(args.out, overwrite=args.overwrite, kind="dir" if args.format == "hf" else "file")
+    if args.format == "onnx" and args.dtype not in (None, "float32", "fp32"):
+        raise ConfigError(f"--dtype {args.dtype}: ONNX export writes float32 only")
+    check_output(args.out, overwrite=args.overwrite, kind="file" if args.format == "gguf" else "dir")
     lm = load(str(args.model))
     if args.format == "hf":
         export_hf(lm, args.out, dtype=args.dtype)
         print(f"wrote {args.out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+    elif args.format == "onnx":
+        from lmforge.formats.onnx import export_onnx
+
+        print(f"exporting {lm!r} to ONNX (tracing the graph takes a while)...", flush=True)
+        export_onnx(lm, args.out)
+        print(f"wrote {args.out}: run it with lmforge.formats.onnx.OnnxDecoder({str(args.out)!r}) or onnxruntime")
     else:
         from lmforge.formats.gguf import export_gguf
 

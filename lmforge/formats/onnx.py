@@ -157,6 +157,8 @@ def _check_exportable(model: nn.Module) -> None:
 
     if not isinstance(model, Transformer):
         raise ConfigError(f"ONNX export handles decoder models (lmforge Transformer), not {type(model).__name__}")
+    if getattr(model.config, "num_experts", 0):
+        raise ConfigError("ONNX export does not handle mixture-of-experts models yet (their routing is data-dependent)")
     if getattr(model, "quantization_config", None):
         raise ConfigError("ONNX export needs float weights; this model is quantized: export the original model")
     for name, mod in model.named_modules():
