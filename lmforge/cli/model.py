@@ -126,6 +126,12 @@ def info_lines(config: ModelConfig, context: int | None = None) -> list[str]:
         f": {n_body:,} ({_short(n_body)})",
         f"{'dtype':<6}{'weights':>12}{'KV cache @' + str(ctx):>22}",
     ]
+    if config.num_experts:  # a mixture of experts: each token uses only k experts' weights
+        used, shared = config.num_params(active=True), config.shared_expert_intermediate_size
+        plus = f", plus a shared one of width {shared}" if shared else ""
+        lines.insert(4, f"experts: {config.num_experts} per layer of width {config.moe_intermediate_size}, "
+                     f"{config.num_experts_per_tok} per token{plus}; parameters used per token: {used:,} "
+                     f"({_short(used)})")
     for name, b in BYTES_PER_PARAM.items():
         kv = human_bytes(kv_per_token * ctx * b) if name in ("fp32", "bf16", "int8") else "-"
         lines.append(f"{name:<6}{human_bytes(n * b):>12}{kv:>22}")

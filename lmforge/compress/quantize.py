@@ -452,8 +452,10 @@ def gptq_quantize_weight(w: torch.Tensor, H: torch.Tensor, scheme: str, group_si
 # Whole models
 # ----------------------------------------------------------------------------------------------------------------
 def _linear_names(model: nn.Module) -> list[str]:
-    """Linear layers inside the transformer blocks, in forward order."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    """Linear layers inside the transformer blocks, in forward order. A mixture of experts' routers stay float (as
+    GPTQ/AWQ tools keep Mixtral's gate): a rounding error there flips which experts a token gets; they are tiny."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")
+            and not n.endswith(".mlp.router")]
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -569,7 +571,10 @@ def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = 32,
             hs = _collect_hessians(model, block_names, batches)
             for n in block_names:
                 lin, sch = model.get_submodule(n), schemes[n]
-                codes, s, z = gptq_quantize_weight(lin.weight.detach(), hs[n], sch, group_size)
+                if n not in hs:  # an expert no calibration token was routed to: nothing to weigh, round to nearest
+                    codes, s, z = _rtn(lin.weight.detach(), sch, group_size)
+                else:
+                    codes, s, z = gptq_quantize_weight(lin.weight.detach(), hs[n], sch, group_size)
                 _set_module(model, n, QuantLinear.from_float(lin, sch, gs_of(sch), codes=codes, scale=s, zero=z))
                 modules[n] = {"scheme": sch, "group_size": gs_of(sch)}
                 bar.update(1)

@@ -31,6 +31,17 @@ Two things the conversion must get right
 
 Supported: the `llama` family (RoPE, RMSNorm, SwiGLU, no biases, optional GQA, tied or untied head) and the `gpt2`
 family (learned positions, LayerNorm, GELU, biases; q/k/v fused into `attn_qkv` as llama.cpp expects).
+
+Mixture of experts (Mixtral) is llama.cpp's `llama` architecture too, with `llama.expert_count` (E) and
+`llama.expert_used_count` (k) set and, per layer, the router and the experts stacked into 3-D tensors:
+
+    blk.{i}.ffn_gate_inp.weight    (E, C)       the router
+    blk.{i}.ffn_gate_exps.weight   (E, He, C)   every expert's gate_proj, expert j at [j]
+    blk.{i}.ffn_up_exps.weight     (E, He, C)
+    blk.{i}.ffn_down_exps.weight   (E, C, He)
+
+(numpy shapes; ggml lists them innermost first). llama.cpp's `llama` MoE renormalizes the top-k weights, so only
+`norm_topk_prob=True` models without a shared expert (Mixtral's block) are written this way.
 """
 
 from __future__ import annotations
@@ -66,6 +77,11 @@ def _gguf():
 def gguf_arch(config: ModelConfig) -> str:
     """'llama' or 'gpt2' for a config llama.cpp runs under that architecture, else a one-line ConfigError."""
     c = config
+    if c.num_experts and (c.shared_expert_intermediate_size or not c.norm_topk_prob):
+        raise ConfigError("GGUF export of a mixture of experts supports Mixtral's block (llama.cpp's llama "
+                          "architecture): no shared expert and norm_topk_prob=True; this model has "
+                          f"shared_expert_intermediate_size={c.shared_expert_intermediate_size}, "
+                          f"norm_topk_prob={c.norm_topk_prob}")
     if (c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.qkv_bias
             and not c.o_bias and not c.mlp_bias and not c.sliding_window and not c.rope_scaling
             and c.head_dim * c.n_head == c.n_embd):
@@ -187,9 +203,16 @@ def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict
             out[name(N.ATTN_K)] = hf_to_meta_rope(k, config.n_kv_head).numpy()
             out[name(N.ATTN_V)] = _weight(model, p + "attn.v_proj")
             out[name(N.ATTN_OUT)] = _weight(model, p + "attn.o_proj")
-            out[name(N.FFN_GATE)] = _weight(model, p + "mlp.gate_proj")
-            out[name(N.FFN_UP)] = _weight(model, p + "mlp.up_proj")
-            out[name(N.FFN_DOWN)] = _weight(model, p + "mlp.down_proj")
+            if config.num_experts:  # the router, and each matrix of every expert stacked: (E, out, in)
+                experts = range(config.num_experts)
+                out[name(N.FFN_GATE_INP)] = _weight(model, p + "mlp.router")
+                for t, proj in ((N.FFN_GATE_EXP, "gate_proj"), (N.FFN_UP_EXP, "up_proj"),
+                                (N.FFN_DOWN_EXP, "down_proj")):
+                    out[name(t)] = np.stack([_weight(model, f"{p}mlp.experts.{j}.{proj}") for j in experts])
+            else:
+                out[name(N.FFN_GATE)] = _weight(model, p + "mlp.gate_proj")
+                out[name(N.FFN_UP)] = _weight(model, p + "mlp.up_proj")
+                out[name(N.FFN_DOWN)] = _weight(model, p + "mlp.down_proj")
         else:
             out[name(N.ATTN_NORM, "bias")] = _bias(model, p + "norm_1")
             out[name(N.FFN_NORM, "bias")] = _bias(model, p + "norm_2")
@@ -244,7 +267,10 @@ def export_gguf(lm, path: str | os.PathLike, dtype: str = "f32") -> Path:
         w.add_context_length(config.block_size)
         w.add_embedding_length(config.n_embd)
         w.add_block_count(config.n_layer)
-        w.add_feed_forward_length(config.intermediate_size)
+        w.add_feed_forward_length(config.moe_intermediate_size if config.num_experts else config.intermediate_size)
+        if config.num_experts:
+            w.add_expert_count(config.num_experts)
+            w.add_expert_used_count(config.num_experts_per_tok)
         w.add_head_count(config.n_head)
         w.add_vocab_size(config.vocab_size)
         if arch == "llama":
@@ -370,6 +396,9 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
                   n_head=int(kv("attention.head_count")), n_embd=int(kv("embedding_length")),
                   intermediate_size=int(kv("feed_forward_length")), name=str(_field(reader, "general.name", "")))
     arrays = {name: _tensor_array(t) for name, t in tensors.items()}
+    n_experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if n_experts:  # Mixtral's block: every expert feed_forward_length wide, top-k weights renormalized
+        common.update(num_experts=n_experts, num_experts_per_tok=int(kv("expert_used_count")), norm_topk_prob=True)
     if arch == "llama":
         config = ModelConfig(**common, n_kv_head=int(kv("attention.head_count_kv", common["n_head"])),
                              pos_embedding="rope", norm="rmsnorm", mlp="swiglu",
@@ -400,13 +429,21 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
         sd[p + "norm_1.weight"] = t(b + "attn_norm.weight")
         sd[p + "norm_2.weight"] = t(b + "ffn_norm.weight")
         sd[p + "attn.o_proj.weight"] = t(b + "attn_output.weight")
-        sd[p + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
-        sd[p + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
+        if n_experts:  # stacked (E, out, in) -> one (out, in) matrix per expert
+            sd[p + "mlp.router.weight"] = t(b + "ffn_gate_inp.weight")
+            for proj, stacked in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"),
+                                  ("down_proj", "ffn_down_exps")):
+                for j, w in enumerate(t(b + stacked + ".weight")):
+                    sd[p + f"mlp.experts.{j}.{proj}.weight"] = w.clone()
+        else:
+            sd[p + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
+            sd[p + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
         if arch == "llama":
             sd[p + "attn.q_proj.weight"] = meta_to_hf_rope(t(b + "attn_q.weight"), config.n_head)
             sd[p + "attn.k_proj.weight"] = meta_to_hf_rope(t(b + "attn_k.weight"), config.n_kv_head)
             sd[p + "attn.v_proj.weight"] = t(b + "attn_v.weight")
-            sd[p + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
+            if not n_experts:
+                sd[p + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
         else:
             for x in ("norm_1", "norm_2"):
                 sd[p + x + ".bias"] = t(b + ("attn_norm" if x == "norm_1" else "ffn_norm") + ".bias")

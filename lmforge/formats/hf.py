@@ -16,6 +16,12 @@ A Hugging Face checkpoint and an lmforge model hold the same numbers; they diffe
    `nn.Linear`'s `(out, in)`, and it fuses q, k and v into one `c_attn` matrix of width 3*C. On import we transpose
    and split; on export we fuse and transpose back (nanoGPT's `from_pretrained` does the same).
 
+4. **Experts.** A mixture-of-experts checkpoint on the Hub stores each expert's three matrices as separate tensors
+   (`experts.{j}.w1/w2/w3` for Mixtral, `experts.{j}.gate_proj/up_proj/down_proj` for Qwen2-MoE), and that is what
+   both transformers 4 and 5 write. transformers 5 holds them in memory fused, one 3-D tensor per layer
+   (`experts.gate_up_proj` (E, 2He, C), `experts.down_proj` (E, C, He)); `_split_experts` turns that layout back into
+   the per-expert one, so a live transformers-5 model (or a file saved fused) imports too.
+
 RoPE needs no permutation here: lmforge uses HF's rotate-half layout (pairs `(i, i + hd/2)`). Meta's original
 checkpoints (and llama2.c) rotate adjacent pairs `(2i, 2i+1)`; `lmforge.formats.llama2c` permutes their q/k rows.
 
@@ -72,6 +78,27 @@ LLAMA_NAMES: dict[str, str] = {
 QWEN2_NAMES: dict[str, str] = dict(LLAMA_NAMES)
 MISTRAL_NAMES: dict[str, str] = dict(LLAMA_NAMES)
 
+# Mixture-of-experts families: Llama's attention and norms, and per layer a router plus `{j}` = 0..E-1 experts
+# (`SparseMoE`). These are the names on the Hub, which transformers 5 still writes (it fuses the experts into 3-D
+# tensors only in memory). Mixtral calls the SwiGLU matrices w1 (gate), w3 (up) and w2 (down).
+_LLAMA_ATTENTION = {k: v for k, v in LLAMA_NAMES.items() if ".mlp." not in k}
+MIXTRAL_NAMES: dict[str, str] = {
+    **_LLAMA_ATTENTION,
+    "blocks.{i}.mlp.router.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "blocks.{i}.mlp.experts.{j}.gate_proj.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight",
+    "blocks.{i}.mlp.experts.{j}.up_proj.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight",
+    "blocks.{i}.mlp.experts.{j}.down_proj.weight": "model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight",
+}
+QWEN2_MOE_NAMES: dict[str, str] = {
+    **_LLAMA_ATTENTION,
+    "blocks.{i}.mlp.router.weight": "model.layers.{i}.mlp.gate.weight",
+    **{f"blocks.{{i}}.mlp.experts.{{j}}.{m}.weight": f"model.layers.{{i}}.mlp.experts.{{j}}.{m}.weight"
+       for m in ("gate_proj", "up_proj", "down_proj")},
+    **{f"blocks.{{i}}.mlp.shared_expert.{m}.weight": f"model.layers.{{i}}.mlp.shared_expert.{m}.weight"
+       for m in ("gate_proj", "up_proj", "down_proj")},
+    "blocks.{i}.mlp.shared_expert_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+
 # GPT-2. The q/k/v rows are virtual names: `c_attn` is split into them on import and fused from them on export
 # (see `_gpt2_unfuse` / `_gpt2_fuse`); every `c_*` weight is stored transposed (Conv1D).
 GPT2_NAMES: dict[str, str] = {
@@ -100,25 +127,27 @@ GPT2_NAMES: dict[str, str] = {
 
 NAME_MAPS: dict[str, dict[str, str]] = {
     "gpt2": GPT2_NAMES, "llama": LLAMA_NAMES, "qwen2": QWEN2_NAMES, "mistral": MISTRAL_NAMES,
+    "mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN2_MOE_NAMES,
 }
 ARCHITECTURES: dict[str, str] = {
     "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
+    "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 # Tensors some HF checkpoints carry that are not weights: causal-mask buffers (old GPT-2) and cached RoPE
 # frequencies (old Llama). They are recomputed from the config, so they are skipped.
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|\.rotary_emb\.inv_freq$)")
 
 
-def expand_names(table: Mapping[str, str], n_layer: int) -> dict[str, str]:
-    """The template table for a concrete depth: {"blocks.{i}.x": "h.{i}.x"} -> {"blocks.0.x": "h.0.x", ...}."""
+def expand_names(table: Mapping[str, str], n_layer: int, num_experts: int = 0) -> dict[str, str]:
+    """The template table for a concrete depth (and expert count, `{j}`):
+    {"blocks.{i}.x": "h.{i}.x"} -> {"blocks.0.x": "h.0.x", "blocks.1.x": "h.1.x", ...}."""
     out = {}
     for ours, theirs in table.items():
-        if "{i}" in ours:
-            for i in range(n_layer):
-                out[ours.format(i=i)] = theirs.format(i=i)
-        else:
-            out[ours] = theirs
+        layers = range(n_layer) if "{i}" in ours else [0]
+        experts = range(num_experts) if "{j}" in ours else [0]
+        for i in layers:
+            for j in experts:
+                out[ours.format(i=i, j=j)] = theirs.format(i=i, j=j)
     return out
 
 
@@ -195,15 +224,18 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         raise ConfigError(f"{mt} hidden_act={act!r} is not supported; lmforge's SwiGLU uses silu")
     theta, scaling = _rope_from_hf(hf)
     n_head = hf["num_attention_heads"]
-    if mt == "qwen2":
-        qkv_bias, o_bias, mlp_bias = True, False, False
+    moe = _moe_from_hf(hf, mt)
+    if mt in ("qwen2", "qwen2_moe"):
+        qkv_bias, o_bias, mlp_bias = bool(hf.get("qkv_bias", True)), False, False
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        if window and mt == "qwen2_moe":
+            raise ConfigError("Qwen2-MoE with use_sliding_window (on alternate layers) is not supported")
         if window and hf.get("max_window_layers", hf["num_hidden_layers"]) < hf["num_hidden_layers"]:
             raise ConfigError("Qwen2 with sliding window on only some layers (max_window_layers) is not supported")
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         mlp_bias = bool(hf.get("mlp_bias", False))
-        window = hf.get("sliding_window") if mt == "mistral" else None
+        window = hf.get("sliding_window") if mt in ("mistral", "mixtral") else None
     return ModelConfig(
         vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
         n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=hf["hidden_size"],
@@ -213,12 +245,38 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", qkv_bias=qkv_bias,
         o_bias=o_bias, mlp_bias=mlp_bias, tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=window or None, dropout=0.0, init_std=float(hf.get("initializer_range", 0.02)),
-        name=hf.get("_name_or_path", "") or "", extra={"hf_config": keep})
+        name=hf.get("_name_or_path", "") or "", extra={"hf_config": keep}, **moe)
+
+
+def _moe_from_hf(hf: Mapping[str, Any], mt: str) -> dict[str, Any]:
+    """The ModelConfig mixture-of-experts fields of a Mixtral or Qwen2-MoE config.json ({} for dense families)."""
+    if mt == "mixtral":  # every expert is intermediate_size wide, and the top-k weights are renormalized
+        return dict(num_experts=int(hf.get("num_local_experts", 8)),
+                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    if mt == "qwen2_moe":
+        n = hf["num_hidden_layers"]
+        step, dense = int(hf.get("decoder_sparse_step", 1)), list(hf.get("mlp_only_layers") or [])
+        if step != 1 or dense:
+            raise ConfigError(f"Qwen2-MoE with dense MLP layers (decoder_sparse_step={step}, mlp_only_layers="
+                              f"{dense}) is not supported; lmforge puts experts in all {n} layers")
+        shared = int(hf.get("shared_expert_intermediate_size") or 0)
+        if not shared:
+            raise ConfigError("Qwen2-MoE without a shared expert (shared_expert_intermediate_size=0) is not supported")
+        return dict(num_experts=int(hf.get("num_experts", 60)),
+                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 4)),
+                    moe_intermediate_size=int(hf["moe_intermediate_size"]),
+                    norm_topk_prob=bool(hf.get("norm_topk_prob", False)), shared_expert_intermediate_size=shared,
+                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    return {}
 
 
 def family_for(config: ModelConfig) -> str:
     """Which HF family can hold this config exactly, or a one-line error saying why none can."""
     orig = (config.extra or {}).get("hf_config", {}).get("model_type")
+    if config.num_experts:
+        return _moe_family_for(config)
     if config.pos_embedding == "learned":
         problems = []
         if config.norm != "layernorm" or config.mlp != "gelu":
@@ -246,6 +304,31 @@ def family_for(config: ModelConfig) -> str:
     if orig in ("mistral", "qwen2") and not (config.qkv_bias or config.o_bias or config.mlp_bias):
         return orig
     return "llama"
+
+
+def _moe_family_for(config: ModelConfig) -> str:
+    """'mixtral' (no shared expert) or 'qwen2_moe' (a shared expert), or a one-line error saying why neither fits."""
+    c, problems = config, []
+    if c.pos_embedding != "rope" or c.norm != "rmsnorm":
+        problems.append("both use RoPE and RMSNorm")
+    if c.o_bias or c.mlp_bias:
+        problems.append("neither has output-projection or MLP biases")
+    if c.shared_expert_intermediate_size:
+        family = "qwen2_moe"
+        if not c.qkv_bias:
+            problems.append("Qwen2-MoE has q/k/v biases (qkv_bias=True)")
+        if c.sliding_window:
+            problems.append("Qwen2-MoE's sliding window is not supported")
+    else:
+        family = "mixtral"
+        if c.qkv_bias:
+            problems.append("Mixtral has no q/k/v biases (a model with them needs a shared expert: Qwen2-MoE)")
+        if not c.norm_topk_prob:
+            problems.append("Mixtral renormalizes the top-k weights (norm_topk_prob=True)")
+    if problems:
+        raise ConfigError(f"cannot export this mixture-of-experts model as Hugging Face {family}: "
+                          f"{'; '.join(problems)}")
+    return family
 
 
 def config_to_hf(config: ModelConfig, dtype: torch.dtype | str = "float32") -> dict[str, Any]:
@@ -284,6 +367,18 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype | str = "float32") -> d
         hf.update(sliding_window=config.sliding_window)
     elif mt == "qwen2":
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    elif mt == "mixtral":  # one width for every expert: intermediate_size
+        hf.update(intermediate_size=config.moe_intermediate_size, num_local_experts=config.num_experts,
+                  num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.router_aux_loss_coef,
+                  sliding_window=config.sliding_window, output_router_logits=False)
+        hf.setdefault("router_jitter_noise", 0.0)
+    elif mt == "qwen2_moe":
+        hf.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                  moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=config.norm_topk_prob,
+                  shared_expert_intermediate_size=config.shared_expert_intermediate_size,
+                  router_aux_loss_coef=config.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                  qkv_bias=True, use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer,
+                  output_router_logits=False)
     return hf
 
 
@@ -335,6 +430,35 @@ def _gpt2_fuse(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: (t.t().contiguous() if _CONV1D.search(n) else t) for n, t in out.items()}
 
 
+_FUSED_EXPERTS = re.compile(r"^(.*layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+def _split_experts(sd: Mapping[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """transformers 5's in-memory expert layout -> the per-expert tensors of the Hub layout (see point 4 above):
+    `...experts.gate_up_proj` (E, 2He, C) -> experts.{j}.gate and up (He, C) each; `down_proj` (E, C, He) -> down.
+    Mixtral's router is also called `mlp.gate` there (`block_sparse_moe.gate` on the Hub)."""
+    names = {"gate": "w1", "up": "w3", "down": "w2"} if family == "mixtral" else \
+        {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    sparse = ".block_sparse_moe." if family == "mixtral" else ".mlp."
+    out = {}
+    for name, t in sd.items():
+        m = _FUSED_EXPERTS.match(name)
+        if m is None:
+            if family == "mixtral" and re.search(r"layers\.\d+\.mlp\.gate\.weight$", name):
+                name = name.replace(".mlp.", sparse)
+            out[name] = t
+            continue
+        layer, kind = m.groups()
+        for j in range(t.shape[0]):
+            prefix = f"{layer}{sparse}experts.{j}."
+            if kind == "gate_up_proj":
+                gate, up = t[j].chunk(2, dim=0)  # (He, C) each
+                out[prefix + names["gate"] + ".weight"], out[prefix + names["up"] + ".weight"] = gate, up
+            else:
+                out[prefix + names["down"] + ".weight"] = t[j]  # (C, He)
+    return out
+
+
 def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], config: ModelConfig, expected: Mapping[str, tuple],
                        source: str = "checkpoint", family: str | None = None) -> dict[str, torch.Tensor]:
     """Rename (and for GPT-2 transpose/split) HF tensors to lmforge names, checking every name and shape.
@@ -343,11 +467,13 @@ def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], config: ModelConfig, e
     Errors name the exact tensor: a missing one, one the config has no place for, or a shape mismatch.
     """
     mt = family or (config.extra or {}).get("hf_config", {}).get("model_type") or family_for(config)
-    table = expand_names(NAME_MAPS[mt], config.n_layer)
+    table = expand_names(NAME_MAPS[mt], config.n_layer, config.num_experts)
     full = _strip_prefix([n for n in hf_sd if not IGNORED.search(n)], "transformer." if mt == "gpt2" else "model.")
     sd = {full_name: hf_sd[orig] for full_name, orig in full.items()}
     if mt == "gpt2":
         sd = _gpt2_unfuse(sd, config.n_head * config.head_dim)
+    if config.num_experts:
+        sd = _split_experts(sd, mt)
     out, used = {}, set()
     for ours, shape in expected.items():
         theirs = table.get(ours)
@@ -373,7 +499,7 @@ def state_dict_from_hf(hf_sd: Mapping[str, torch.Tensor], config: ModelConfig, e
 def state_dict_to_hf(sd: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """lmforge names -> HF names (GPT-2: fused and transposed). A tied lm_head is left out, as HF saves it."""
     mt = family_for(config)
-    table = expand_names(NAME_MAPS[mt], config.n_layer)
+    table = expand_names(NAME_MAPS[mt], config.n_layer, config.num_experts)
     out = {}
     for ours, t in sd.items():
         if ours == "lm_head.weight" and config.tie_word_embeddings:

@@ -366,11 +366,13 @@ _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyD
 
 def decoder_for(model: torch.nn.Module, compile: bool = False, mode: str | None = None) -> Decoder | None:
     """The model's `Decoder` (kept with the model, so compiled graphs are reused across generate calls), or None
-    when the step does not apply: not lmforge's `Transformer` (a wrapper with another forward, e.g. a fake), or a
-    model in training mode with dropout (the step applies none)."""
+    when the step does not apply: not lmforge's `Transformer` (a wrapper with another forward, e.g. a fake), a
+    model in training mode with dropout (the step applies none), or a mixture of experts."""
     if not (isinstance(model, Transformer) and type(model).forward is Transformer.forward):
         return None
     if model.training and model.config.dropout:
+        return None
+    if model.config.num_experts:  # the step lays out dense MLPs only; a mixture of experts decodes by its forward
         return None
     per_model = _DECODERS.setdefault(model, {})
     key = (compile, mode)

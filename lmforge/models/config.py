@@ -12,6 +12,19 @@ GPT-2, Llama, Qwen2 and Mistral are the same decoder-only transformer with diffe
 | mlp_bias          | yes            | no             | no             | no             |
 | tied lm_head      | yes            | 3.2: yes       | small: yes     | no             |
 
+Mixture-of-experts families are the same again with `num_experts > 0`: each block's MLP becomes a router and
+`num_experts` SwiGLU experts, of which each token uses `num_experts_per_tok` (see `SparseMoE` in
+`lmforge.models.decoder`). The MoE fields are named as Hugging Face names them:
+
+| field                           | Mixtral 8x7B      | Qwen1.5-MoE-A2.7B  |
+|---------------------------------|-------------------|--------------------|
+| num_experts                     | 8                 | 60                 |
+| num_experts_per_tok             | 2                 | 4                  |
+| moe_intermediate_size           | = intermediate    | 1408               |
+| norm_topk_prob                  | yes               | no                 |
+| shared_expert_intermediate_size | 0 (none)          | 5632 (sigmoid gate)|
+| qkv_bias                        | no                | yes                |
+
 Presets are data (a table of dicts), not code: `ModelConfig.from_name("gpt2")`.
 """
 
@@ -48,6 +61,13 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral: each token sees at most this many previous positions
     dropout: float = 0.0
     init_std: float = 0.02
+    # Mixture of experts (Mixtral, Qwen2-MoE): num_experts > 0 replaces every block's MLP by a sparse MoE layer
+    num_experts: int = 0  # experts per layer; 0 = the dense MLP
+    num_experts_per_tok: int = 2  # top-k: how many experts each token is sent to
+    moe_intermediate_size: int | None = None  # each expert's hidden width; None -> intermediate_size (Mixtral)
+    norm_topk_prob: bool = True  # rescale the k chosen router probabilities to sum to 1 (Mixtral yes, Qwen2-MoE no)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on, sigmoid-gated expert this wide; 0 = none
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss added to the training loss
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific values kept for a faithful export
 
@@ -79,15 +99,39 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            raise ConfigError(f"num_experts must be 0 (a dense MLP) or a positive integer, got {self.num_experts!r}")
+        if self.num_experts:
+            if self.moe_intermediate_size is None:
+                self.moe_intermediate_size = self.intermediate_size
+            if self.mlp != "swiglu":
+                raise ConfigError(f"mixture-of-experts layers use SwiGLU experts; set mlp='swiglu' (got {self.mlp!r})")
+            if not isinstance(self.num_experts_per_tok, int) or not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok must be between 1 and num_experts={self.num_experts}, "
+                                  f"got {self.num_experts_per_tok!r}")
+            if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+                raise ConfigError(f"moe_intermediate_size must be a positive integer, got "
+                                  f"{self.moe_intermediate_size!r}")
+            if not isinstance(self.shared_expert_intermediate_size, int) or self.shared_expert_intermediate_size < 0:
+                raise ConfigError("shared_expert_intermediate_size must be 0 (no shared expert) or a positive integer, "
+                                  f"got {self.shared_expert_intermediate_size!r}")
+            if not self.router_aux_loss_coef >= 0:
+                raise ConfigError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
 
     # ---- sizes -------------------------------------------------------------------------------------------------
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Parameter count computed from the numbers alone (no model built)."""
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count computed from the numbers alone (no model built). `active=True` counts, for a mixture
+        of experts, only the weights one token passes through (router, its k experts, the shared expert)."""
         C, V, L, hd = self.n_embd, self.vocab_size, self.n_layer, self.head_dim
         q, kv = self.n_head * hd, self.n_kv_head * hd
         attn = C * (q + 2 * kv) + q * C + (q + 2 * kv) * self.qkv_bias + C * self.o_bias
         n_mats = 3 if self.mlp == "swiglu" else 2
         mlp = n_mats * C * self.intermediate_size + (self.intermediate_size + C) * self.mlp_bias
+        if self.num_experts:
+            used = self.num_experts_per_tok if active else self.num_experts
+            shared = self.shared_expert_intermediate_size
+            mlp = (C * self.num_experts + used * 3 * C * self.moe_intermediate_size  # router + experts
+                   + (3 * C * shared + C if shared else 0))  # shared expert + its gate
         norm = C * (2 if self.norm == "layernorm" else 1)
         total = L * (attn + mlp + 2 * norm) + norm
         emb = V * C + (self.block_size * C if self.pos_embedding == "learned" else 0)
@@ -157,6 +201,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": dict(_LLAMA, vocab_size=32768, block_size=32768, n_layer=32, n_head=32, n_kv_head=8,
                        n_embd=4096, intermediate_size=14336, norm_eps=1e-5, rope_theta=1000000.0,
                        tie_word_embeddings=False),
+    # Mixture of experts: Mixtral's block (top-2 of 8 SwiGLU experts) in a CPU-sized model. Each expert is half
+    # llama-tiny's MLP, so a token's compute matches llama-tiny's while the MLP holds 4x the weights.
+    "mixtral-tiny": dict(_LLAMA, vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                         intermediate_size=192, norm_eps=1e-5, tie_word_embeddings=True, num_experts=8,
+                         num_experts_per_tok=2, router_aux_loss_coef=0.01),
+    "mixtral-8x7b": dict(_LLAMA, vocab_size=32000, block_size=32768, n_layer=32, n_head=32, n_kv_head=8,
+                         n_embd=4096, intermediate_size=14336, norm_eps=1e-5, rope_theta=1000000.0,
+                         tie_word_embeddings=False, num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.02),
     "tinyllama-1.1b": dict(_LLAMA, vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4,
                            n_embd=2048, intermediate_size=5632, norm_eps=1e-5, tie_word_embeddings=False),
 }

@@ -21,6 +21,9 @@ each new token only computes its own q/k/v. The cache keeps a length per batch r
 (left-padded batches, or a serving engine's slots) live in one tensor; `key_mask` marks which stored slots hold
 real tokens (padding slots are never attended to).
 
+Mixture of experts (`SparseMoE`, used when `config.num_experts > 0`; Mixtral, Qwen2-MoE): the MLP of each block is
+replaced by several MLPs ("experts") and a router that sends each token to a few of them. See `SparseMoE`.
+
 This file is the readable model and nothing else: every forward, training or decoding, goes through `forward`.
 The fast one-token decode steps (fused weights, a static-shape step for torch.compile) are speed code kept beside
 it, in `lmforge.generation.decode`, tested against this forward; callers choose them explicitly.
@@ -28,7 +31,10 @@ it, in `lmforge.generation.decode`, tested against this forward; callers choose 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -247,11 +253,12 @@ def _attention_with_weights(q, k, v, mask, is_causal):
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu(up(x))).  Llama (SwiGLU): down(silu(gate(x)) * up(x)) — a learned gate per channel."""
+    """GPT-2: down(gelu(up(x))).  Llama (SwiGLU): down(silu(gate(x)) * up(x)) — a learned gate per channel.
+    `hidden` overrides the width H (a mixture-of-experts layer builds its experts this way)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, hidden: int | None = None):
         super().__init__()
-        C, H, bias = config.n_embd, config.intermediate_size, config.mlp_bias
+        C, H, bias = config.n_embd, hidden or config.intermediate_size, config.mlp_bias
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
             self.gate_proj = nn.Linear(C, H, bias=bias)
@@ -268,13 +275,144 @@ class MLP(nn.Module):
         return self.dropout(h) if self.dropout.p else h
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Mixture of experts
+# ----------------------------------------------------------------------------------------------------------------
+class SparseMoE(nn.Module):
+    """A sparse mixture-of-experts MLP: a router picks `k` of `E` SwiGLU experts for each token.
+
+    References: Shazeer et al. 2017 (sparsely-gated MoE), Fedus et al. 2021 (Switch Transformer: top-1 and the
+    load-balancing loss), Jiang et al. 2024 (Mixtral: top-2 of 8 in every block), Qwen1.5-MoE / Qwen2-MoE (many
+    small experts plus a shared one). Notation: N = B*T tokens, E experts, k = experts per token, He expert width.
+
+    The idea: a dense MLP spends every one of its weights on every token. An MoE layer holds E MLPs but runs only
+    k of them per token, so the model can hold E/k times more MLP weights for the same compute per token (Mixtral
+    8x7B: 47B weights, 13B used per token). Which experts a token gets is learned:
+
+        logits = router(x)                      # (N, E)   one linear layer, no bias
+        p      = softmax(logits)                # (N, E)   the router's preference over experts
+        w, e   = topk(p, k)                     # (N, k)   the k best experts and their probabilities
+        w      = w / w.sum(-1)   (norm_topk_prob: Mixtral; Qwen2-MoE keeps the raw probabilities)
+        y      = sum_j  w[:, j] * expert_{e[:, j]}(x)
+        y     += sigmoid(shared_gate(x)) * shared_expert(x)     (Qwen2-MoE only: one expert every token uses)
+
+    Top-k is not differentiable, but the weights w are: the gradient through w teaches the router which experts
+    help a token. Left alone, a router tends to collapse onto a few experts (they train faster, so they win more
+    tokens); `load_balancing_loss` is the training term that pushes the load back toward uniform.
+
+    Dispatch: rather than running every expert on every token (E times the compute), the N*k (token, expert)
+    assignments are sorted by expert, so each expert runs once on exactly the rows routed to it (a gather), and
+    the weighted outputs are added back into their tokens' rows (a scatter-add, `index_add_`).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        C, E = config.n_embd, config.num_experts
+        self.num_experts, self.top_k, self.norm_topk_prob = E, config.num_experts_per_tok, config.norm_topk_prob
+        self.router = nn.Linear(C, E, bias=False)
+        self.experts = nn.ModuleList(MLP(config, hidden=config.moe_intermediate_size) for _ in range(E))
+        shared = config.shared_expert_intermediate_size
+        self.shared_expert = MLP(config, hidden=shared) if shared else None
+        self.shared_expert_gate = nn.Linear(C, 1, bias=False) if shared else None
+
+    def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, E) router logits -> the k experts of each token (N, k) and their weights (N, k).
+        The softmax runs in fp32 (as Hugging Face does), so bf16 logits pick the same experts."""
+        probs = router_logits.float().softmax(dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k) each, best first
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(router_logits.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C): routing is per token, rows and positions do not matter
+        router_logits = self.router(x)  # (N, E)
+        record = _ROUTER_LOGITS.get()
+        if record is not None:  # training collects them for the load-balancing loss (see collect_router_logits)
+            record.append(router_logits)
+        weights, experts = self.route(router_logits)  # (N, k) each
+        N, k = experts.shape
+
+        # sort the N*k assignments by expert: expert e's rows are then one contiguous slice
+        flat = experts.flatten()  # (N*k,) the expert of assignment a = token a // k, choice a % k
+        order = flat.argsort(stable=True)  # (N*k,) assignments grouped by expert, tokens in order within a group
+        token = order // k  # (N*k,) the token each sorted assignment reads
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # rows per expert
+        rows = x[token]  # (N*k, C) each token copied once per expert it goes to
+        outs = []
+        for expert, chunk, n in zip(self.experts, rows.split(counts), counts):
+            if n or self.training:  # (training runs idle experts on no rows too: every weight then has a
+                outs.append(expert(chunk))  # gradient, zero, as DDP expects)
+        out = torch.cat(outs) * weights.flatten()[order, None]  # (N*k, C) each expert's output, weighted
+        y = torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # (N, C) each token: sum over its k experts
+        if self.shared_expert is not None:
+            y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, 1) * (N, C)
+        return y.view(B, T, C)
+
+
+# Router logits of every SparseMoE forward, collected while `collect_router_logits` is active in this thread (or
+# context): None otherwise, which costs the forward one lookup.
+_ROUTER_LOGITS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "lmforge_router_logits", default=None)
+
+
+@contextlib.contextmanager
+def collect_router_logits() -> Iterator[list[torch.Tensor]]:
+    """Within the block, each `SparseMoE` forward run by this thread appends its router logits (N, E) to the
+    yielded list, first layer first (the load-balancing loss and the router statistics of training read them).
+
+        with collect_router_logits() as router_logits:
+            logits = model(ids)
+        aux = load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok)
+
+    A context variable rather than an attribute on the modules: training on several cores runs one forward per
+    thread on the same modules at once, and each thread must get its own forward's logits."""
+    logits: list[torch.Tensor] = []
+    token = _ROUTER_LOGITS.set(logits)
+    try:
+        yield logits
+    finally:
+        _ROUTER_LOGITS.reset(token)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2021, eqs. 4-6), as Mixtral trains with.
+
+        f_e = share of the (token, choice) assignments that went to expert e    (counts / N; sums to k)
+        P_e = mean router probability of expert e                               (sums to 1)
+        loss = E * sum_e f_e * P_e
+
+    f is a count, so it has no gradient; P does, and the product pushes probability away from the experts that are
+    already busy. A uniform router with uniform loads gives f_e = k/E, P_e = 1/E and loss = k, the minimum for a
+    balanced load; a collapsed router that sends everything to the same k experts gives loss = E.
+
+    router_logits: one (N, E) tensor per MoE layer (N tokens each); the layers are pooled, as in Hugging Face's
+    `load_balancing_loss_func`, which this equals. attention_mask (B, T) with N = B*T leaves padding out.
+    """
+    logits = torch.cat([lg.float() for lg in router_logits])  # (L*N, E) every layer's tokens
+    probs = logits.softmax(dim=-1)  # (L*N, E)
+    chosen = probs.topk(top_k, dim=-1).indices  # (L*N, k)
+    if attention_mask is None:
+        keep = torch.ones(probs.shape[0], device=probs.device)  # (L*N,)
+    else:
+        keep = attention_mask.reshape(-1).float().to(probs.device).repeat(len(router_logits))  # (L*N,)
+    counts = torch.zeros(num_experts, device=probs.device).index_add_(
+        0, chosen.flatten(), keep.repeat_interleave(top_k))  # (E,) assignments per expert
+    n = keep.sum()
+    f = counts / n  # (E,) sums to k
+    P = (probs * keep[:, None]).sum(dim=0) / n  # (E,) sums to 1
+    return num_experts * (f * P).sum()
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.norm_1 = make_norm(config)
         self.attn = Attention(config)
         self.norm_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.num_experts else MLP(config)
 
     def forward(self, x, need_weights=False, **attn_kwargs):
         a, weights = self.attn(self.norm_1(x), need_weights=need_weights, **attn_kwargs)

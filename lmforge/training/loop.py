@@ -69,6 +69,7 @@ from lmforge.generation.sampling import SamplingParams
 from lmforge.training.batch import count_tokens, next_token_loss, to_device, unique_trainable
 from lmforge.training.cores import CoreParallel, dropout_active, linear_shapes, pick_matmul
 from lmforge.training.heap import retain_freed_memory
+from lmforge.training.moe import plot_router_load, router_aux_loss_for
 from lmforge.utils import atomic_dir, atomic_write, atomic_write_json, parse_device
 
 TRAIN_STATE_DIR = "train_state"
@@ -712,6 +713,9 @@ def train(
             step_loss = torch.compile(loss_fn)
         else:  # DDP/FSDP: compile the (wrapped) model, as before
             fwd_model = torch.compile(fwd_model)
+    router = router_aux_loss_for(raw_model, step_loss)  # experts: + load-balancing loss (lmforge.training.moe)
+    if router is not None:
+        step_loss = router
     autocast = _autocast(device, cfg.dtype)
     params = [p for _, p in unique_trainable(raw_model)]
     cores = _core_parallel(cfg, raw_model, loss_fn, device, dist_info, log, state)
@@ -746,6 +750,8 @@ def train(
                         dist_info, fsdp)
         if dist_info.is_main:
             plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
+            if router is not None:
+                plot_router_load(read_metrics(out / "metrics.jsonl"), out / "router_load.png")
 
     # --- the loop -------------------------------------------------------------------------------------------
     held = contextlib.ExitStack()  # what the run holds until it ends, released in the `finally` below
@@ -805,8 +811,12 @@ def train(
             rec = {"step": step + 1, "tokens": tokens, "loss": train_loss, "lr": lr, "tok_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
+            moe = router.pop_stats() if router is not None else {}  # aux_loss, router_load, router_entropy
+            rec.update(moe)
             record(rec)
-            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            shown = {"aux": f"{moe['aux_loss']:.3f}", "max_load": f"{max(map(max, moe['router_load'])):.2f}"} \
+                if moe else {}  # the load-balancing loss, and the busiest expert's share of its layer's tokens
+            bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **shown, refresh=False)
             bar.update(1)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.max_steps:
