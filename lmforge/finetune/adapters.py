@@ -66,8 +66,13 @@ PEFT_TYPE = "BOTTLENECK"  # the adapter_config.json type tag (PEFT's own types a
 FORMAT_VERSION = 1
 
 SITES = {"attn": "attn.o_proj", "mlp": "mlp.down_proj"}  # where an adapter goes: after this projection
-ACTIVATIONS = {"gelu": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "silu": F.silu, "swish": F.silu,
-               "tanh": torch.tanh}
+
+
+def _gelu(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")  # GPT-2's GELU
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,9 +214,9 @@ def add_adapters(model: nn.Module, size: int = 16, where: str | Sequence[str] = 
     if not isinstance(blocks, nn.ModuleList) or not len(blocks):
         raise ConfigError(f"bottleneck adapters need an lmforge decoder (a model with .blocks), not "
                           f"{type(model).__name__}")
-    done = []
+    sites, done = parse_sites(where), []
     for i in range(len(blocks)):
-        for site in parse_sites(where):
+        for site in sites:
             lname = f"blocks.{i}.{SITES[site]}"
             layer = model.get_submodule(lname)
             if not isinstance(layer, AdaptedProjection):
