@@ -30,9 +30,10 @@ REF_ACT = {"gelu": lambda h: F.gelu(h, approximate="tanh"), "relu": F.relu, "sil
 
 def tiny(family: str = "llama", seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    name = "llama-tiny" if family == "llama" else "gpt-tiny"
-    cfg = ModelConfig.from_name(name, vocab_size=97, n_layer=2, n_embd=32, n_head=4, n_kv_head=2 if family == "llama"
-                                else 4, intermediate_size=64, block_size=64, dropout=0.0)
+    name = {"llama": "llama-tiny", "gpt": "gpt-tiny", "moe": "mixtral-tiny"}[family]
+    extra = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16} if family == "moe" else {}
+    cfg = ModelConfig.from_name(name, vocab_size=97, n_layer=2, n_embd=32, n_head=4, n_kv_head=4 if family == "gpt"
+                                else 2, intermediate_size=64, block_size=64, dropout=0.0, **extra)
     return Transformer(cfg).eval()
 
 
@@ -64,7 +65,8 @@ def reference_logits(base: Transformer, adapted: Transformer, name: str, x: torc
 
 
 @pytest.mark.parametrize("family,where,act", [("llama", ("attn", "mlp"), "gelu"), ("gpt", ("mlp",), "relu"),
-                                              ("gpt", ("attn",), "silu"), ("llama", ("attn", "mlp"), "tanh")])
+                                              ("gpt", ("attn",), "silu"), ("llama", ("attn", "mlp"), "tanh"),
+                                              ("moe", ("attn", "mlp"), "gelu")])
 def test_zero_init_is_the_base_and_trained_weights_match_the_definition(family, where, act):
     base = tiny(family)
     model = tiny(family)

@@ -34,8 +34,9 @@ GPT-2 124M (0.5%).
   gives the bare base back.
 
 How lmforge does it, by composition (as LoRA): `add_adapters` replaces each block's `attn.o_proj` and/or
-`mlp.down_proj` with an `AdaptedProjection` that *holds* the original layer (`.base`) and adds the active
-adapter to its output. There is no second model class. Generation needs nothing special: the fast decode step
+`mlp.down_proj` (for a mixture-of-experts MLP, which has no single down projection: the whole `mlp` layer) with
+an `AdaptedProjection` that *holds* the original layer (`.base`) and adds the active adapter to its output.
+There is no second model class. Generation needs nothing special: the fast decode step
 (`lmforge.generation.decode`) lays out only plain `nn.Linear` projections, so a model with adapters runs the
 step through its own modules (`DecodeWeights.form` returns None for it), which includes the adapters.
 
@@ -107,13 +108,16 @@ class AdaptedProjection(nn.Module):
     adapters: name -> Bottleneck          active: the adapter used in forward, or None for the bare base
     """
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, dim: int | None = None):
+        """`dim`: the output width, for a base without `out_features` (a mixture-of-experts layer)."""
         super().__init__()
         if isinstance(base, AdaptedProjection):
             raise ConfigError("cannot wrap an AdaptedProjection in another one")
         self.base = base
-        self.in_features = int(base.in_features)
-        self.out_features = int(base.out_features)
+        self.out_features = int(getattr(base, "out_features", dim or 0))
+        self.in_features = int(getattr(base, "in_features", self.out_features))
+        if self.out_features <= 0:
+            raise ConfigError(f"cannot tell the output width of {type(base).__name__} to put an adapter after it")
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
 
@@ -164,6 +168,15 @@ def parse_sites(where: str | Sequence[str]) -> list[str]:
         raise ConfigError(f"adapter sites must be some of {', '.join(SITES)} (comma-separated), got "
                           f"{','.join(where) or 'nothing'}")
     return [w for w in SITES if w in where]  # a fixed order: attn before mlp
+
+
+def site_module(model: nn.Module, block: int, site: str) -> str:
+    """The name of the module an adapter at `site` of block `block` follows: its output projection
+    (`blocks.0.attn.o_proj`, `blocks.0.mlp.down_proj`), or for a mixture-of-experts MLP, which has no single
+    down projection, the whole layer (`blocks.0.mlp`: its output is the experts' weighted sum)."""
+    if site == "mlp" and not hasattr(model.blocks[block].mlp, "down_proj"):
+        return f"blocks.{block}.mlp"
+    return f"blocks.{block}.{SITES[site]}"
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -217,10 +230,10 @@ def add_adapters(model: nn.Module, size: int = 16, where: str | Sequence[str] = 
     sites, done = parse_sites(where), []
     for i in range(len(blocks)):
         for site in sites:
-            lname = f"blocks.{i}.{SITES[site]}"
+            lname = site_module(model, i, site)
             layer = model.get_submodule(lname)
             if not isinstance(layer, AdaptedProjection):
-                layer = AdaptedProjection(layer)
+                layer = AdaptedProjection(layer, dim=getattr(getattr(model, "config", None), "n_embd", None))
                 _set(model, lname, layer)
             layer.add_adapter(name, size, activation, dropout)
             done.append(lname)
@@ -296,7 +309,7 @@ def _layout(model: nn.Module, name: str) -> dict:
         raise ConfigError(f"no bottleneck adapter named {name!r} in this model "
                           f"(adapters: {', '.join(adapter_names(model)) or 'none'})")
     first = layers[0][1].adapters[name]
-    sites = [s for s, suffix in SITES.items() if any(n.endswith("." + suffix) for n, _ in layers)]
+    sites = [s for s in SITES if any(n == site_module(model, int(n.split(".")[1]), s) for n, _ in layers)]
     drop = first.dropout
     return {"adapter_size": first.size, "where": sites, "activation": first.activation,
             "dropout": float(drop.p) if isinstance(drop, nn.Dropout) else 0.0,
@@ -375,7 +388,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", free
     expected: dict[str, tuple[int, ...]] = {}
     for i in range(int(cfg.get("n_layer") or len(model.blocks))):
         for site in parse_sites(cfg["where"]):
-            lname = f"blocks.{i}.{SITES[site]}"
+            lname = site_module(model, i, site)
             expected.update({f"{lname}.down.weight": (size, C), f"{lname}.down.bias": (size,),
                              f"{lname}.up.weight": (C, size), f"{lname}.up.bias": (C,)})
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
