@@ -190,6 +190,7 @@ def pretraining_text(cfg: SFTConfig, lm, log=print) -> dict[str, tuple[Any, Any]
     once. The tail is the last `heldout_fraction`: what `lmforge pretrain` with that val_fraction held out."""
     parts = {}
     for source in dict.fromkeys(s for s in (cfg.forgetting_data, cfg.replay_data) if s):
+        log(f"tokenizing pretraining text {source} ...")
         tokens = D.text_tokens(lm.tokenizer, source)
         parts[source] = train_val_split(tokens, cfg.heldout_fraction)
         log(f"pretraining text {source}: {len(tokens):,} tokens, the last {len(parts[source][1]):,} held out")
