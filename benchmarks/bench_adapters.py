@@ -130,7 +130,8 @@ def stage_plot(work: Path) -> None:
     a2.set_ylabel("perplexity")
     a2.set_title("War and Peace held-out perplexity after SFT", fontsize=10)
     a2.legend(fontsize=8)
-    fig.suptitle(f"Same base, data, {runs[order[0]]['steps']} steps and seed; about equal trainable budgets", fontsize=10)
+    fig.suptitle(f"Same base, data, {runs[order[0]]['steps']} steps and seed; about equal trainable budgets",
+                 fontsize=10)
     fig.tight_layout()
     out = ROOT / "docs" / "img" / "adapters.png"
     with atomic_write(out, "wb") as f:
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-forgetting"), help="holds base/ (made if missing)")
     ap.add_argument("--methods", default="lora,bottleneck,prompt,full")
     ap.add_argument("--budget", type=int, default=12288, help="trainable numbers per method (about)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every method (0: each its own)")
     ap.add_argument("--forgetting-tokens", type=int, default=16384)
     ap.add_argument("--pretrain-minutes", type=float, default=20.0)

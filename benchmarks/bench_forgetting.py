@@ -62,8 +62,6 @@ def stage_pretrain(work: Path, args) -> Path:
 def sft_config(base: Path, out: Path, args, **kw):
     """The one SFT setting every run of both benchmarks shares (bench_adapters reuses it): Alpaca 85/5/10 split,
     batch 8, `--steps` steps, cosine to 10%, seed 1337, War and Peace held-out perplexity before and after."""
-    from lmforge.recipes.sft import SFTConfig
-
     settings = dict(model=str(base), data=str(shared_data_dir() / "instruction-data.json"), out=str(out),
                     overwrite=True, max_steps=args.steps, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=0,
                     eval_batches=0, eval_generate=0, progress=not args.quiet, device="cpu", seed=1337,
@@ -83,7 +81,8 @@ def stage_sft(work: Path, args) -> None:
         t = time.time()
         m = run_sft(cfg)
         emit(work, {"stage": "sft", "run": name, "replay_ratio": ratio, "steps": m["steps"],
-                    "ppl_before": round(m["forgetting_ppl_before"], 2), "ppl_after": round(m["forgetting_ppl_after"], 2),
+                    "ppl_before": round(m["forgetting_ppl_before"], 2),
+                    "ppl_after": round(m["forgetting_ppl_after"], 2),
                     "ppl_tokens": m["forgetting_tokens"], "sft_val_loss_before": round(m["val_loss_before"], 4),
                     "sft_val_loss_after": round(m["val_loss_after"], 4), "seconds": round(time.time() - t, 1)})
 
@@ -144,8 +143,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-forgetting"))
     ap.add_argument("--stages", default="pretrain,sft,plot")
-    ap.add_argument("--pretrain-minutes", type=float, default=8.0)
-    ap.add_argument("--steps", type=int, default=300, help="SFT optimizer steps per run (batch 8)")
+    ap.add_argument("--pretrain-minutes", type=float, default=20.0)
+    ap.add_argument("--steps", type=int, default=200, help="SFT optimizer steps per run (batch 8)")
     ap.add_argument("--ratios", default="0,0.1,0.3", help="replay ratios to run (0: no replay)")
     ap.add_argument("--forgetting-tokens", type=int, default=16384)
     ap.add_argument("--quiet", action="store_true")
