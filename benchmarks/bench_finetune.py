@@ -5,11 +5,12 @@
 
 Stages (each reuses the previous stage's output directory under --work):
   pretrain   a Llama-style model pretrained by lmforge on the embedded corpus (the TRAIN recipe; no downloads)
-  sms        classify the SMS Spam Collection, fixed seeded 70/10/20 split; target test accuracy >= 96% in < 10 min
+  sms        classify the SMS Spam Collection, fixed seeded 70/10/20 split; settings chosen on validation, test
+             accuracy reported apart for the full (87% ham) and the balanced (50/50) data
   sft        instruction fine-tuning on instruction-data.json (85/5/10): held-out loss and ROUGE-L before/after
   dpo        DPO (LoRA, reference = adapters off) from the SFT model on the preference set: held-out preference
              accuracy before/after (target >= 80%)
-  lora-speed LoRA training steps/s, lmforge vs transformers+peft on the same exported model, same batch (ratio)
+  lora-speed LoRA training step time, lmforge vs transformers+peft: same model, modules, initial adapter, batch
 
 Shared data comes from `lmforge.utils.shared_data_dir()` (../shared/data). Results are printed as JSON lines
 and appended to <work>/results.jsonl; benchmarks/results/finetune.md records a run.
@@ -56,28 +57,41 @@ def stage_pretrain(work: Path, args) -> None:
 
 
 def stage_sms(work: Path, args) -> None:
+    """Each variant (full data; balanced = spam/ham undersampled to equal counts, the course's setting) trains every
+    (lr, epochs) setting of its grid, keeps the one with the best validation accuracy (first on a tie) and reports
+    that one's test accuracy. The test sets differ: the full variant's test split is 87% ham, the balanced one's is
+    50/50, so the two figures are reported apart; the course's 95.67% is a balanced-set figure."""
     from lmforge.recipes.classify import ClassifyConfig, run_classify
 
     data = shared_data_dir() / "sms_spam_collection" / "SMSSpamCollection"
     for name, undersample in (("full", False), ("balanced", True)):
         if args.sms_variant not in ("both", name):
             continue
-        epochs = args.sms_epochs if name == "full" else args.sms_balanced_epochs
-        out = work / f"sms-{name}"
-        cfg = ClassifyConfig(model=str(work / "base"), data=str(data), out=str(out), split=[0.7, 0.1, 0.2],
-                             split_seed=123, undersample=undersample, train_layers=-1, epochs=epochs,
-                             lr=args.sms_lr, schedule="cosine", warmup_steps=20, batch_size=16, max_length=128,
-                             eval_every=0, weight_decay=0.1, progress=not args.quiet, device="cpu",
-                             seed=1)
-        t = time.time()
-        res = run_classify(cfg)
-        secs = time.time() - t
-        emit(work, {"stage": "sms", "variant": name, "test_accuracy": res["test"]["accuracy"],
-                    "val_accuracy": res["val"]["accuracy"], "train_accuracy": res["train"]["accuracy"],
+        grid = [tuple(float(v) for v in g.split(":")) for g in
+                (args.sms_grid if name == "full" else args.sms_balanced_grid).split(",")]
+        runs = []
+        for lr, epochs in grid:
+            out = work / f"sms-{name}-lr{lr:g}-ep{epochs:g}"
+            cfg = ClassifyConfig(model=str(work / "base"), data=str(data), out=str(out), split=[0.7, 0.1, 0.2],
+                                 split_seed=123, undersample=undersample, train_layers=-1, epochs=epochs,
+                                 lr=lr, schedule="cosine", warmup_steps=20, batch_size=16, max_length=128,
+                                 eval_every=0, weight_decay=0.1, progress=not args.quiet, device="cpu",
+                                 seed=1)
+            t = time.time()
+            res = run_classify(cfg)
+            runs.append((res["val"]["accuracy"], -len(runs), lr, epochs, res, time.time() - t))
+            print(f"sms {name}: lr {lr:g}, {epochs:g} epochs: validation accuracy {res['val']['accuracy']:.4f}",
+                  flush=True)
+        val, _, lr, epochs, res, secs = max(runs)
+        emit(work, {"stage": "sms", "variant": name, "test_set": "full split (87% ham)" if name == "full"
+                    else "balanced split (50% spam)", "chosen_on_validation": {"lr": lr, "epochs": epochs},
+                    "grid_val_accuracy": {f"lr {r[2]:g}, {r[3]:g} ep": r[0] for r in runs},
+                    "test_accuracy": res["test"]["accuracy"], "val_accuracy": val,
+                    "train_accuracy": res["train"]["accuracy"],
                     "test_spam_f1": res["test"]["per_class"]["spam"]["f1"],
                     "test_spam_precision": res["test"]["per_class"]["spam"]["precision"],
                     "test_spam_recall": res["test"]["per_class"]["spam"]["recall"],
-                    "test_n": res["test"]["n"], "seconds": round(secs, 1), "epochs": epochs,
+                    "test_n": res["test"]["n"], "seconds_chosen_run": round(secs, 1),
                     "course_gpt2_124m_test_accuracy": "95.67% (balanced set, last block + head)"})
 
 
@@ -108,7 +122,12 @@ def stage_dpo(work: Path, args) -> None:
 
 
 def stage_lora_speed(work: Path, args) -> None:
-    """LoRA (r=8, q/v) training steps on the same model in lmforge and in transformers+peft."""
+    """LoRA (r=8 on q_proj and v_proj) training steps on the same Llama-shaped model in lmforge and in
+    transformers+peft: the same modules (Llama keeps q/k/v apart in both libraries), the same initial adapter
+    weights (lmforge's adapter saved in PEFT layout and loaded by peft), the same batch, fused AdamW on both. Steps
+    alternate (lmforge, peft, lmforge, ...) so both see the same load; each step's two losses are compared."""
+    import statistics
+
     import peft
     import transformers
 
@@ -120,36 +139,46 @@ def stage_lora_speed(work: Path, args) -> None:
     from lmforge.models.decoder import Transformer
 
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("gpt2", n_layer=6, n_embd=384, n_head=6, vocab_size=8192, block_size=256)
+    cfg = ModelConfig.from_name("llama-small", n_layer=6, n_embd=384, n_head=6, n_kv_head=6,
+                                intermediate_size=1024, vocab_size=8192, block_size=256)
     hf_dir = work / "lora-speed-hf"
     export_hf(LM(Transformer(cfg), None, cfg), hf_dir)
     x = torch.randint(0, cfg.vocab_size, (8, 256))
 
-    def bench(model, fwd) -> float:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        times = []
-        for i in range(args.speed_steps + 2):
-            t = time.perf_counter()
-            logits = fwd(model, x)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t)
-        times = sorted(times[2:])
-        return times[len(times) // 2]  # median step time
-
     ours = lmforge.load(hf_dir).model.train()
     lora.add_lora(ours, ["q_proj", "v_proj"], r=8, alpha=16)
-    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
-                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True)).train()
-    t_theirs = bench(theirs, lambda m, ids: m(input_ids=ids).logits)
-    t_ours = bench(ours, lambda m, ids: m(ids))
-    emit(work, {"stage": "lora-speed", "model": "GPT-2 shape 6x384, vocab 8192, 8x256 tokens, LoRA r=8 on q,v "
-                                                "(lmforge) / c_attn (peft)",
-                "lmforge_step_s": round(t_ours, 4), "peft_step_s": round(t_theirs, 4),
-                "speedup": round(t_theirs / t_ours, 3), "lmforge_trainable": lora.count_params(ours)[0],
+    torch.manual_seed(1)
+    for _, m in lora.lora_layers(ours):  # non-zero B, so the adapters change the loss from the first step
+        torch.nn.init.normal_(m.lora_B["default"], std=0.02)
+    lora.save_peft(ours, work / "lora-speed-adapter")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
+                                            str(work / "lora-speed-adapter"), is_trainable=True).train()
+    sides = {"lmforge": (ours, lambda ids: ours(ids)), "peft": (theirs, lambda ids: theirs(input_ids=ids).logits)}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, fused=True)
+            for k, (m, _) in sides.items()}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    losses: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(args.speed_steps + 2):
+        for k, (_, fwd) in sides.items():
+            t = time.perf_counter()
+            logits = fwd(x)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+            times[k].append(time.perf_counter() - t)
+            losses[k].append(float(loss.detach()))
+    med = {k: statistics.median(v[2:]) for k, v in times.items()}
+    ratios = [b / a for a, b in zip(times["lmforge"][2:], times["peft"][2:])]
+    emit(work, {"stage": "lora-speed", "model": "Llama shape 6x384 (MHA), vocab 8192, 8x256 tokens, LoRA r=8 on "
+                                                "q_proj,v_proj in both, same initial adapter weights, fused AdamW",
+                "lmforge_step_s": round(med["lmforge"], 4), "peft_step_s": round(med["peft"], 4),
+                "lmforge_step_range": [round(min(times["lmforge"][2:]), 4), round(max(times["lmforge"][2:]), 4)],
+                "peft_step_range": [round(min(times["peft"][2:]), 4), round(max(times["peft"][2:]), 4)],
+                "speedup_median_of_pairs": round(statistics.median(ratios), 3),
+                "loss_step1": [round(losses["lmforge"][0], 6), round(losses["peft"][0], 6)],
+                "max_rel_loss_diff": float(f"{max(abs(a - b) / b for a, b in zip(losses['lmforge'], losses['peft'])):.2e}"),
+                "lmforge_trainable": lora.count_params(ours)[0],
                 "peft_trainable": theirs.get_nb_trainable_parameters()[0]})
 
 
@@ -163,9 +192,10 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/lmforge-bench-finetune")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a loaded box)")
     p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--sms-epochs", type=float, default=2)
-    p.add_argument("--sms-balanced-epochs", type=float, default=8)
-    p.add_argument("--sms-lr", type=float, default=5e-4)
+    p.add_argument("--sms-grid", default="5e-4:2,5e-4:4,1e-3:2",
+                   help="lr:epochs settings tried on the full data; validation picks one")
+    p.add_argument("--sms-balanced-grid", default="5e-4:4,5e-4:8,1e-3:8",
+                   help="lr:epochs settings tried on the balanced data; validation picks one")
     p.add_argument("--sms-variant", default="both", choices=["both", "full", "balanced"])
     p.add_argument("--sft-epochs", type=float, default=2)
     p.add_argument("--eval-generate", type=int, default=110, help="test records answered for ROUGE-L")
