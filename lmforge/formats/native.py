@@ -240,7 +240,7 @@ def load_dir_tokenizer(d: Path):
     if (d / "tokenizer.bin").exists() and not (d / "tokenizer.json").exists():  # llama2.c's format, kept as is
         return Llama2cTokenizer.load(d / "tokenizer.bin")
     if not any((d / f).exists() for f in ("tokenizer.json", "vocab.json")):
-        return None
+        return load_tokenizer(d) if any(d.glob("*.tiktoken")) else None  # an OpenAI rank file (tiktoken_file)
     if (d / "tokenizer.json").exists():
         return load_tokenizer(d)
     if (d / "vocab.json").exists() and (d / "merges.txt").exists():

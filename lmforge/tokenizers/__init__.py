@@ -5,6 +5,7 @@
 | `bpe`             | byte-level BPE (GPT-2's scheme): training, encoding, tokenizer.json; `HFTokenizer` for other tokenizer.json files |
 | `basic`           | the teaching tokenizers: one token per word, one per character                           |
 | `llama2c`         | llama2.c's SentencePiece-score tokenizer `.bin`                                           |
+| `tiktoken_file`   | OpenAI's `.tiktoken` rank files (cl100k_base, o200k_base, ...) as byte-level BPE          |
 | `chat_template`   | rendering chat messages to the text a model was trained on (Jinja, as Hugging Face does)  |
 | `wordpiece`       | BERT's WordPiece (encoders)                                                               |
 | `unigram`         | SentencePiece's Unigram (T5)                                                              |
@@ -14,5 +15,6 @@
 
 from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer  # registers the word/char kinds with the loader
 from lmforge.tokenizers.bpe import HFTokenizer, Tokenizer, load_tokenizer
+from lmforge.tokenizers.tiktoken_file import load_tiktoken
 
-__all__ = ["Tokenizer", "HFTokenizer", "WordTokenizer", "CharTokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "HFTokenizer", "WordTokenizer", "CharTokenizer", "load_tokenizer", "load_tiktoken"]

@@ -1076,8 +1076,15 @@ def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None =
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """Load any tokenizer lmforge knows: a tokenizer.json, a llama2.c tokenizer .bin, or a directory holding one."""
+    """Load any tokenizer lmforge knows: a tokenizer.json, a llama2.c tokenizer .bin, a `.tiktoken` rank file, or a
+    directory holding one."""
     path = Path(path)
+    if path.suffix == ".tiktoken" or (path.is_dir() and not (path / "tokenizer.json").exists()):
+        from lmforge.tokenizers.tiktoken_file import find_tiktoken_file, load_tiktoken  # (it imports this module)
+
+        tiktoken_file = path if path.suffix == ".tiktoken" else find_tiktoken_file(path)
+        if tiktoken_file is not None:
+            return load_tiktoken(tiktoken_file)
     config: dict[str, Any] = {}
     template = None
     llama2c = path / "tokenizer.bin" if path.is_dir() else path
