@@ -2,6 +2,8 @@
 
     lmforge generate runs/demo "The def statement" --max-new-tokens 40 --temperature 0.8 --top-p 0.95
     lmforge generate stories260K.bin --tokenizer tok512.bin --prompt "Once upon a time" --temperature 0 --stream
+    lmforge generate runs/demo "A user record:" --json-schema user.schema.json  # output parses and follows it
+    lmforge fewshot stories260K.bin --data SMSSpamCollection --shots 0,1,4 --method score   # in-context learning
     echo "Hello" | lmforge generate runs/demo --seed 0             # the prompt from stdin
     lmforge chat runs/chat-model --system "You are terse."          # /reset clears history, /exit quits
 
@@ -14,9 +16,13 @@ not a terminal (so it can be scripted: `printf 'Hi\\n/exit\\n' | lmforge chat MO
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from lmforge.errors import GenerationError
+from lmforge import argconf
+from lmforge.errors import ConfigError, GenerationError
+from lmforge.recipes.fewshot import FewShotConfig, run_fewshot
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +35,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     g.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (one-time compile cost, then faster steps)")
+    g.add_argument("--json", action="store_true", default=None,
+                   help="constrain the output to one JSON object (it ends when the object is complete)")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="constrain the output to JSON following this JSON schema file (implies --json)")
     _control_args(g)
     g.set_defaults(func=cmd_generate)
+
+    f = subparsers.add_parser("fewshot", help="zero/one/few-shot classification of a labelled data set (no training)",
+                              description="In-context learning: k demonstrations in the prompt, then each test "
+                                          "example; accuracy, balanced accuracy and a confusion matrix per k.")
+    f.add_argument("model", metavar="MODEL", help="model directory, HF dir or Hub id, .gguf or llama2.c .bin")
+    f.add_argument("--config", "-c", help="YAML file of config fields")
+    argconf.add_arguments(f, FewShotConfig, skip=("model",))
+    f.set_defaults(func=cmd_fewshot)
 
     c = subparsers.add_parser("chat", help="interactive chat with a model (history, streamed replies)",
                               description="Chat with a model in the terminal. /reset clears the history, /exit quits.")
@@ -73,7 +91,25 @@ def _params(lm, args: argparse.Namespace, chat: bool = False):
     controls = {k: getattr(args, k) for k in CONTROLS if getattr(args, k, None) is not None}
     if "stop" in controls:
         controls["stop"] = [_unescape(s) for s in controls["stop"]]
+    if getattr(args, "json", None):
+        controls["json"] = True
+    if getattr(args, "json_schema", None):
+        controls["json_schema"] = read_schema(args.json_schema)
     return chat_params(lm, **controls) if chat else resolve_params(lm, controls)
+
+
+def read_schema(path: str) -> dict:
+    """A JSON schema file as a dict; a missing file, bad JSON or a non-object is a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: JSON schema file not found")
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON file ({getattr(e, 'msg', e)})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{path}: a JSON schema must be a JSON object, got a {type(schema).__name__}")
+    return schema
 
 
 def _unescape(text: str) -> str:
@@ -117,6 +153,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(generate(lm, prompt, params, truncate=args.truncate, compile=args.compile))
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    run_fewshot(argconf.from_cli(FewShotConfig, args, args.config, model=args.model))
     return 0
 
 

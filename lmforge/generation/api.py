@@ -15,6 +15,7 @@ Public API (what `lmforge.lm.LM` delegates to):
     stream(lm, prompt, ...) -> iterator of text deltas
     chat(lm, [{"role": "user", "content": "Hi"}], ...) -> str
     score(lm, prompt, continuation) -> Score(logprob=sum, token_logprobs=[...])
+    generate(lm, "A user as JSON:", json_schema={"type": "object", ...}) -> a str that parses and follows it
 Lower level, for the serving engine: `SamplingParams`, `sample_next_token`, `StopChecker`, `generate_ids`,
 `token_logprobs`. Speed: `generate(..., compile=True)` decodes through a static-shape step compiled with
 torch.compile (`lmforge.generation.decode.Decoder`).
@@ -28,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 from lmforge.errors import GenerationError
 from lmforge.generation import beam
+from lmforge.generation.constrain import request_constraints
 from lmforge.generation.loop import Score, _eval_mode, _new_checker, decode_steps, generate_ids, token_logprobs
 from lmforge.generation.sampling import SamplingParams
 from lmforge.tokenizers.chat_template import apply_chat_template, end_of_turn_markers
@@ -141,7 +143,9 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], params: SamplingPa
 
     Controls: a `SamplingParams` (`params`), and/or its fields as keywords (max_new_tokens, temperature, top_k,
     top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty, stop, stop_token_ids, seed, logprobs,
-    top_logprobs, ignore_eos), which override it; defaults come from `lm.generation_config`. Beam controls
+    top_logprobs, ignore_eos, json, json_schema), which override it; defaults come from `lm.generation_config`.
+    json=True constrains the output to one JSON object, json_schema=schema to JSON following the schema
+    (`lmforge.generation.constrain`; the text ends, finish_reason "stop", when the document is complete). Beam controls
     (num_beams, ...) run a beam search (`generate_beams`). Run options: truncate=True (keep the end of a too-long
     prompt), use_cache=False (reference path), compile=True (decode steps through torch.compile: a one-time
     compile, then faster steps; see `decode.Decoder`), static=True (the same static-shape step, not compiled).
@@ -155,8 +159,9 @@ def generate(lm, prompt: str | Sequence[int] | Sequence[str], params: SamplingPa
     if batch and not all(isinstance(p, str) or (isinstance(p, (list, tuple))) for p in prompts):
         raise GenerationError("prompts must be strings or lists of token ids")
     params, ids, pad, block_size = _prepare(lm, prompts, controls, params=params, truncate=truncate)
+    constraints = request_constraints(lm.tokenizer, lm.model.config.vocab_size, params, len(ids))
     outs = generate_ids(lm.model, ids, params, lm.tokenizer, use_cache=use_cache, pad_id=pad, max_len=block_size,
-                        compile=compile, static=static)
+                        compile=compile, static=static, constraints=constraints)
     return outs if batch else outs[0]
 
 
@@ -173,9 +178,10 @@ def stream(lm, prompt: str | Sequence[int], params: SamplingParams | None = None
 
 def _stream_ids(lm, ids, params, pad, block_size, use_cache, compile=False, static=None) -> Iterator[str]:
     checker = _new_checker(lm.tokenizer, params, ids[0])
+    constraints = request_constraints(lm.tokenizer, lm.model.config.vocab_size, params, 1)
     with _eval_mode(lm.model):
         for events in decode_steps(lm.model, ids, params, [checker], use_cache=use_cache, pad_id=pad,
-                                   max_len=block_size, compile=compile, static=static):
+                                   max_len=block_size, compile=compile, static=static, constraints=constraints):
             for _, delta in events:
                 if delta:
                     yield delta
@@ -314,6 +320,9 @@ def generate_beams(lm, prompt, params: SamplingParams | None = None, *, truncate
     batch = _is_batch(prompt)
     params, ids, pad, block_size = _prepare(lm, list(prompt) if batch else [prompt], controls, params=params,
                                             truncate=truncate)
+    if params.json:
+        raise GenerationError("json / json_schema constrain greedy or sampled decoding, not beam search: drop "
+                              "num_beams (or set it to 1)")
     hyps = beam.decoder_beam_search_batch(lm.model, ids, bp, params.max_new_tokens, params.stop_token_ids, params,
                                           max_len=block_size, pad_id=pad)
     outs = []

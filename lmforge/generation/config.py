@@ -16,7 +16,8 @@ from lmforge.generation.sampling import SamplingParams
 
 
 # per-request switches of SamplingParams that are not a model's defaults: never written to generation_config.json
-_REQUEST_ONLY = ("logprobs", "top_logprobs", "ignore_eos")
+# (a JSON constraint is a property of one request's answer, not of the model; the key in a file goes to `extra`)
+_REQUEST_ONLY = ("logprobs", "top_logprobs", "ignore_eos", "json", "json_schema")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from lmforge.errors import GenerationError
-from lmforge.generation import decode
+from lmforge.generation import constrain, decode
 from lmforge.generation.sampling import SamplingParams, make_generators, sample_next_token, token_counts
 from lmforge.generation.stops import StopChecker
 
@@ -80,7 +80,7 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
                  checkers: Sequence[StopChecker], *, use_cache: bool = True, pad_id: int = 0,
                  generators: Sequence[torch.Generator] | None = None,
                  max_len: int | None = None, compile: bool | str = False,
-                 static: bool | None = None) -> Iterator[list[tuple[int, str]]]:
+                 static: bool | None = None, constraints: Sequence | None = None) -> Iterator[list[tuple[int, str]]]:
     """The generation loop over token ids. Yields, after each step, the (row, text delta) pairs of that step.
 
     prompts: token id lists (B rows, any lengths >= 1); one `StopChecker` per row records tokens, logprobs and
@@ -88,7 +88,9 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
     Finished rows keep being fed a padding token (their cache rows are simply ignored) until all rows are done.
     compile: decode steps run through `torch.compile` (`decode.Decoder`; a string is the torch.compile mode);
     static: run the eager step with the compiled step's static shapes (whole cache, masked; a check of what
-    compile runs). Prefill is always the model's forward.
+    compile runs). Prefill is always the model's forward. constraints: one `TokenConstraint` per row (JSON mode,
+    `constrain.request_constraints`): each row draws only allowed tokens and ends ("stop") when its document is
+    complete; it acts on the logits after the step, so it works with every step above.
     """
     B = len(prompts)
     if B == 0:
@@ -169,7 +171,11 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
                                logits_to_keep=1)[:, -1]  # (B, V)
             else:
                 logits = feed_step(next_ids, tokens, step)
-            next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
+            if constraints is None:
+                next_ids = sample_next_token(logits, params, generators, seen, output_counts)  # (B,)
+            else:  # JSON mode: allowed tokens only; None where a row's constraint allows nothing
+                picked = constrain.next_tokens(logits, params, generators, constraints, alive, seen, output_counts)
+                next_ids = torch.tensor([pad_id if t is None else t for t in picked], device=device)  # (B,)
             if params.logprobs:
                 logp = logits.float().log_softmax(dim=-1)  # (B, V) the model's own distribution
                 chosen = logp.gather(1, next_ids[:, None])[:, 0].tolist()
@@ -182,12 +188,20 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
             if not alive[i]:
                 continue
             c = checkers[i]
+            if constraints is not None and picked[i] is None:  # nothing may follow: the document is over
+                alive[i] = False
+                events.append((i, c.flush("stop")))
+                continue
             n_before = len(c.token_ids)
             delta = c.push(t)
             if params.logprobs and len(c.token_ids) > n_before:  # a stop token is not part of the output
                 c.logprobs.append(chosen[i])
                 if params.top_logprobs:
                     c.top_logprobs.append(dict(zip(top_ids[i], top_vals[i])))
+            if constraints is not None and not c.finished:
+                constraints[i].advance(t)
+                if constraints[i].is_complete():  # a whole JSON document: stop here, as the server does
+                    delta += c.flush("stop")
             if not c.finished and step + 1 >= steps_row[i]:
                 delta += c.flush("length")
             if c.finished:
@@ -202,13 +216,14 @@ def decode_steps(model: torch.nn.Module, prompts: Sequence[Sequence[int]], param
 def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  tokenizer=None, *, use_cache: bool = True, pad_id: int = 0,
                  max_len: int | None = None, compile: bool | str = False,
-                 static: bool | None = None) -> list[Completion]:
+                 static: bool | None = None, constraints: Sequence | None = None) -> list[Completion]:
     """Generate for a batch of tokenized prompts; returns one `Completion` per prompt (text is "" without a
-    tokenizer). Stop strings need a tokenizer; stop token ids do not. compile/static: see `decode_steps`."""
+    tokenizer). Stop strings need a tokenizer; stop token ids do not. compile/static/constraints: see
+    `decode_steps`."""
     checkers = [_new_checker(tokenizer, params, p) for p in prompts]
     with _eval_mode(model):
         for _ in decode_steps(model, prompts, params, checkers, use_cache=use_cache, pad_id=pad_id,
-                              max_len=max_len, compile=compile, static=static):
+                              max_len=max_len, compile=compile, static=static, constraints=constraints):
             pass
     return [_completion(c, len(p)) for c, p in zip(checkers, prompts)]
 

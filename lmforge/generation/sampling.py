@@ -49,6 +49,9 @@ class SamplingParams:
     logprobs            record the log-probability of each generated token (under the model, before controls)
     top_logprobs        also record the n most likely alternatives at each step (implies logprobs)
     ignore_eos          keep going past stop tokens (benchmarks)
+    json                the output is one JSON object: constrained decoding (lmforge.generation.constrain)
+    json_schema         the output is JSON following this schema (a dict; the subset `constrain.schema_machine`
+                        reads); implies json
     """
 
     max_new_tokens: int = 256
@@ -65,6 +68,8 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    json: bool = False
+    json_schema: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -98,6 +103,13 @@ class SamplingParams:
         check_seed(self.seed, error=GenerationError)  # an int torch can seed with (the server answers 400)
         if any(not isinstance(s, str) for s in self.stop):
             raise GenerationError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        if not isinstance(self.json, bool):
+            raise GenerationError(f"json must be True or False, got {self.json!r}")
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise GenerationError(f"json_schema must be a JSON schema object (a dict), got "
+                                      f"{type(self.json_schema).__name__}")
+            self.json = True
 
     @property
     def greedy(self) -> bool:

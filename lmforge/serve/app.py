@@ -62,7 +62,7 @@ from lmforge.errors import ConfigError, LmforgeError
 from lmforge.generation.api import chat_prompt, encode_chat, end_of_turn_stops, eos_token_ids
 from lmforge.generation.sampling import SamplingParams
 from lmforge.generation.stops import StopChecker
-from lmforge.serve.constrain import json_constraint, tool_call_constraint
+from lmforge.generation.constrain import json_constraint, tool_call_constraint
 from lmforge.serve.engine import Engine, EngineBusyError, EngineStoppedError, Event
 
 log = logging.getLogger("lmforge.serve")
@@ -345,7 +345,7 @@ class ServerState:
     def token_bytes(self) -> list[bytes]:
         """bytes of every id (b"" for special tokens: a constraint never lets them through)."""
         if self._token_bytes is None:  # what each id adds after other text (SentencePiece keeps its space)
-            from lmforge.serve.constrain import vocabulary_bytes
+            from lmforge.generation.constrain import vocabulary_bytes
 
             self._token_bytes = vocabulary_bytes(self.tok, self.lm.model.config.vocab_size)
         return self._token_bytes
