@@ -274,3 +274,234 @@ def test_ppo_equals_trl_ppo_step(estimator):
     assert pg.item() == pytest.approx(ref["pg_loss"].item(), abs=1e-5)
     assert vf.item() == pytest.approx(ref["vf_loss"].item(), abs=1e-5)
     assert pg_stats["clipfrac"] == pytest.approx(ref["pg_clipfrac"].item(), abs=1e-6)
+
+
+# ================================================================================================================
+# Rollouts, references, updates
+# ================================================================================================================
+def _tiny_lm(vocab_text="0123456789+= abcdefgh", block_size=48, seed=0):
+    from lmforge.lm import LM
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
+
+    tok = Tokenizer.train([vocab_text], vocab_size=257, progress=False)  # bytes + <|endoftext|>
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name("llama-tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2,
+                                n_kv_head=1, intermediate_size=64, block_size=block_size)
+    model = Transformer(cfg)
+    with torch.no_grad():  # make EOS likely enough that some rollouts stop early
+        model.lm_head.weight[tok.eos_token_id] += 0.5 * model.norm_f.weight.sign()
+    return LM(model, tok, cfg)
+
+
+def test_rollouts_logprobs_match_generation():
+    lm = _tiny_lm()
+    prompts = ["1+2=", "33+44=", "a"]  # different lengths: left padding
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, logprobs=True)
+    ro = rlhf.sample_completions(lm.model, lm.tokenizer, prompts, params, 3, seed=5, pad_id=0)
+    assert ro.prompt_ids.shape[0] == 9 and ro.group == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({tuple(r) for r in ro.completion_ids[:3].tolist()}) > 1  # samples of one prompt differ
+    eos = lm.tokenizer.eos_token_id
+    stopped = [b for b in range(9) if eos in ro.completion_ids[b][ro.completion_mask[b].bool()].tolist()]
+    assert stopped and len(stopped) < 9  # some rows ended with EOS (kept, masked in), some ran to the limit
+    for b in stopped:
+        n = int(ro.completion_mask[b].sum())
+        assert ro.completion_ids[b, n - 1] == eos
+    lp = rlhf.policy_logprobs(lm.model, ro)
+    again = rlhf.sample_completions(lm.model, lm.tokenizer, prompts, params, 3, seed=5, pad_id=0)
+    assert torch.equal(again.completion_ids, ro.completion_ids)  # seeded: reproducible
+    # the generation loop's own log-probs of the sampled tokens (recorded while sampling, EOS not recorded)
+    from lmforge.generation.loop import decode_steps
+    from lmforge.generation.stops import StopChecker
+
+    rows = [lm.tokenizer.encode(p) for p in prompts for _ in range(3)]
+    checkers = [StopChecker(lm.tokenizer, [], [eos], context_ids=r) for r in rows]
+    for c in checkers:
+        c.logprobs, c.top_logprobs = [], None
+    gens = [torch.Generator().manual_seed(5 * 1_000_003 + r) for r in range(9)]
+    for _ in decode_steps(lm.model, rows, params, checkers, pad_id=0, generators=gens, max_len=48):
+        pass
+    for b, c in enumerate(checkers):
+        torch.testing.assert_close(lp[b, :len(c.logprobs)], torch.tensor(c.logprobs), atol=1e-5, rtol=1e-5)
+
+
+def test_lora_reference_is_the_base_model():
+    from lmforge.finetune import lora
+
+    lm = _tiny_lm()
+    ro = rlhf.sample_completions(lm.model, lm.tokenizer, ["1+2="], SamplingParams(max_new_tokens=4), 2, pad_id=0)
+    base = rlhf.policy_logprobs(lm.model, ro).detach()
+    lora.add_lora(lm.model, ["q_proj", "v_proj"], r=4, alpha=8)
+    for _, layer in lora.lora_layers(lm.model):  # move the adapters away from zero
+        for p in layer.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.3)
+    assert not torch.allclose(rlhf.policy_logprobs(lm.model, ro), base, atol=1e-4)
+    torch.testing.assert_close(rlhf.reference_logprobs(lm.model, None, ro), base)
+
+
+def test_updates_move_logprobs_along_the_advantages():
+    """One small SGD step on each loss: sum_i A_i * (change of log π(y_i)) > 0 (first order: lr * |grad|^2)."""
+    lm = _tiny_lm()
+    ro = rlhf.sample_completions(lm.model, lm.tokenizer, ["1+2=", "4+4="], SamplingParams(max_new_tokens=5), 4,
+                                 seed=1, pad_id=0)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+
+    def seq_lp():
+        with torch.no_grad():
+            return (rlhf.policy_logprobs(lm.model, ro) * ro.completion_mask).sum(1)
+
+    before = seq_lp()
+    b = rlhf.grpo_batch(lm.model, None, ro, rewards, 4, beta=0.0)
+    rlhf.grpo_update(lm.model, torch.optim.SGD(lm.model.parameters(), lr=1e-3), b, beta=0.0, grad_clip=0)
+    assert (b.advantages * (seq_lp() - before)).sum() > 0
+
+    model = rlhf.PolicyWithValue(lm.model)
+    before = seq_lp()
+    pb = rlhf.ppo_batch(model, copy_of(lm.model), ro, rewards, kl_coef=0.0)
+    per_seq_adv = (pb.advantages * ro.completion_mask).sum(1)
+    rlhf.ppo_update(model, torch.optim.SGD(model.parameters(), lr=1e-3), pb, epochs=1, vf_coef=0.0, grad_clip=0)
+    assert (per_seq_adv * (seq_lp() - before)).sum() > 0
+
+
+def test_rollouts_after_an_update_use_the_updated_weights():
+    """The fused AdamW the recipes use does not bump the weights' version counters, which the fast decode step's
+    weight copies are keyed on; the updates mark the weights changed, so the next rollout samples the new policy."""
+    from lmforge.training.loop import TrainConfig, configure_optimizer
+
+    lm = _tiny_lm()
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, logprobs=True)
+    ro = rlhf.sample_completions(lm.model, lm.tokenizer, ["1+2=", "4+4="], params, 4, seed=1, pad_id=0)
+    opt = configure_optimizer(lm.model, TrainConfig(lr=5e-2, weight_decay=0.0))
+    assert opt.param_groups[0].get("fused")
+    b = rlhf.grpo_batch(lm.model, None, ro, torch.tensor([1.0, 0, 0, 0, 0, 1, 0, 0]), 4, beta=0.0)
+    rlhf.grpo_update(lm.model, opt, b, beta=0.0)
+    from lmforge.generation.loop import generate_ids
+
+    prompt = lm.tokenizer.encode("1+2=")
+    c = generate_ids(lm.model, [prompt], SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=True),
+                     lm.tokenizer)[0]
+    n = len(c.token_ids)
+    assert n >= 2
+    again = rlhf.Rollout(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long),
+                         torch.tensor([c.token_ids]), torch.ones(1, n, dtype=torch.long), [""], [""])
+    torch.testing.assert_close(rlhf.policy_logprobs(lm.model, again)[0], torch.tensor(c.logprobs), atol=1e-5,
+                               rtol=1e-5)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def test_builtin_rewards():
+    assert rlhf.arithmetic_reward(["12+7=", "3*4=", "10-3=", "Q: 5+5="], ["19", " 11", "7\n", "10"]) == [
+        1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(lmforge.errors.DataError):
+        rlhf.arithmetic_reward(["hello"], ["1"])
+    assert rlhf.length_reward(4)(["p", "p"], ["a b c d", "a b"]) == [1.0, 0.5]
+    prompts = rlhf.arithmetic_prompts(50, 9, "+-", seed=3)
+    assert prompts == rlhf.arithmetic_prompts(50, 9, "+-", seed=3) and all(p.endswith("=") for p in prompts)
+
+
+# ================================================================================================================
+# Recipes and the command line
+# ================================================================================================================
+@pytest.fixture(scope="module")
+def rl_files(tmp_path_factory):
+    import random
+
+    d = tmp_path_factory.mktemp("rl")
+    lm = _tiny_lm("0123456789+= abcdefgh\n#:.,ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz", block_size=96)
+    lm.save(d / "base")
+    rng = random.Random(0)
+    recs = [{"instruction": f"say {w}", "input": "", "output": w, "chosen": w, "rejected": f"{w} no"}
+            for w in (rng.choice(["ab", "cd", "ef"]) + str(i) for i in range(30))]
+    (d / "prefs.json").write_text(json.dumps(recs))
+    return d
+
+
+def test_reward_recipe_and_cli(rl_files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    out = tmp_path / "rm"
+    rc = main(["finetune", "reward", str(rl_files / "base"), "--data", str(rl_files / "prefs.json"), "--out", str(out),
+               "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--progress", "false", "--device", "cpu",
+               "--eval-every", "3"])
+    assert rc == 0
+    log = capsys.readouterr().out
+    assert "held-out (test) pairwise accuracy before" in log and "after" in log
+    m = json.loads((out / "metrics.json").read_text())
+    from lmforge.finetune import data as D
+    from lmforge.recipes.sft import load_splits
+    from lmforge.recipes.rlhf import RewardConfig, pairwise_eval
+
+    parts = load_splits(RewardConfig(model="x", data=str(rl_files / "prefs.json"), out="y"))
+    assert m["held_out_split"] == "test" and m["after"]["pairs"] == len(parts["test"]) > 0  # never trained on
+    train_prompts = {r["instruction"] for r in parts["train"]}
+    assert not any(r["instruction"] in train_prompts for r in parts["test"])
+    rm_lm, rm, cfg = rlhf.load_reward_model(out)
+    assert cfg["pooling"] == "last_token"
+    # the saved head and base give the rewards the recipe measured on the held-out pairs
+    L = rm_lm.config.block_size
+    rows = [[rlhf.reward_input(rm_lm.tokenizer, D.alpaca_prompt(r), r[k], L) for r in parts["test"]]
+            for k in ("chosen", "rejected")]
+    assert max(len(x) for x in rows[0]) == L  # long inputs keep their end: the chosen and rejected rows differ
+    b = D.classification_collate([(x, 0) for x in rows[0] + rows[1]], rm_lm.tokenizer.eos_token_id)
+    again = pairwise_eval(rm, [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}])
+    assert again["pairwise_accuracy"] == m["after"]["pairwise_accuracy"]
+    assert m["after"]["margin"] != 0
+    assert again["margin"] == pytest.approx(m["after"]["margin"], abs=1e-5)
+    assert lmforge.load(out).model is not None  # still an ordinary model directory
+
+
+def test_ppo_with_a_reward_model_and_grpo_with_arithmetic(rl_files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    rm_dir = tmp_path / "rm"
+    assert main(["finetune", "reward", str(rl_files / "base"), "--data", str(rl_files / "prefs.json"), "--out",
+                 str(rm_dir), "--max-steps", "2", "--batch-size", "4", "--progress", "false", "--device", "cpu"]) == 0
+    out = tmp_path / "ppo"
+    assert main(["finetune", "ppo", str(rl_files / "base"), "--reward", str(rm_dir), "--data",
+                 str(rl_files / "prefs.json"), "--out", str(out), "--max-steps", "2", "--prompts-per-step", "2",
+                 "--max-new-tokens", "4", "--eval-prompts", "2", "--ppo-epochs", "2", "--device", "cpu",
+                 "--lora-r", "4"]) == 0
+    recs = [json.loads(x) for x in (out / "rl_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "reward" in r] == [1, 2]
+    assert all(k in recs[1] for k in ("reward", "kl", "policy_loss", "value_loss", "clipfrac"))
+    assert (out / "adapter_model.safetensors").is_file() and (out / rlhf.VALUE_HEAD).is_file()
+    assert (out / "rlhf.png").is_file() and "eval_reward_after" in json.loads((out / "metrics.json").read_text())
+
+    out = tmp_path / "grpo"
+    assert main(["finetune", "grpo", str(rl_files / "base"), "--reward", "arithmetic", "--out", str(out),
+                 "--max-steps", "2", "--prompts-per-step", "2", "--samples-per-prompt", "3", "--max-new-tokens", "3",
+                 "--eval-prompts", "4", "--num-prompts", "20", "--device", "cpu"]) == 0
+    recs = [json.loads(x) for x in (out / "rl_metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 1 and "clip_ratio" in recs[0] and "kl" in recs[0]
+    assert lmforge.load(out).model is not None  # a whole model directory (no LoRA)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["grpo", "--reward", "nonsense"], "--reward must be arithmetic, length or a reward model directory"),
+    (["grpo", "--reward", "length"], "needs prompts: pass --data"),
+    (["grpo", "--reward", "arithmetic", "--samples-per-prompt", "1"], "samples_per_prompt must be >= 2"),
+    (["ppo", "--reward", "arithmetic", "--kl-estimator", "k2"], "kl_estimator must be k1 or k3"),
+    (["ppo"], "no reward given"),
+])
+def test_cli_errors_are_one_line(rl_files, tmp_path, capsys, argv, message):
+    from lmforge.cli import main
+
+    rc = main(["finetune", argv[0], str(rl_files / "base"), "--out", str(tmp_path / "o"), *argv[1:]])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_reward_dir_error(rl_files, tmp_path, capsys):
+    from lmforge.cli import main
+
+    rc = main(["finetune", "ppo", str(rl_files / "base"), "--reward", str(rl_files / "base"), "--data",
+               str(rl_files / "prefs.json"), "--out", str(tmp_path / "o")])
+    assert rc != 0 and "not a reward model directory" in capsys.readouterr().err

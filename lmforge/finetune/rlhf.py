@@ -136,6 +136,14 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     return loss
 
 
+def reward_input(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    """What a reward model reads: [BOS] prompt response EOS, its *last* max_length tokens. The reward is read at
+    the final token, so a long input loses the start of its prompt, never the response's end."""
+    from lmforge.finetune.data import encode_prompt_response
+
+    return encode_prompt_response(tokenizer, prompt, response).ids[-max_length:]
+
+
 def pairwise_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     """Fraction of pairs ranked right (a tie counts half, so an untrained constant reward scores 50%)."""
     return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean().item()
@@ -153,7 +161,7 @@ def save_reward_model(rm: RewardModel, lm, path: str | Path, max_length: int, ex
         save_file({k: v.detach().cpu().contiguous() for k, v in rm.head.state_dict().items()},
                   str(tmp / REWARD_HEAD), metadata={"format": "pt"})
         atomic_write_json(tmp / REWARD_CONFIG, {"pooling": "last_token", "max_length": max_length,
-                                                "format": "prompt + response + EOS, right-padded", **(extra or {})})
+                                                "format": "prompt + response + EOS, last max_length tokens, right-padded", **(extra or {})})
     return Path(path)
 
 
@@ -229,11 +237,10 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        from lmforge.finetune.data import classification_collate, encode_prompt_response
+        from lmforge.finetune.data import classification_collate
 
         device = next(self.rm.parameters()).device
-        rows = [encode_prompt_response(self.tokenizer, p, c).ids[:self.max_length]
-                for p, c in zip(prompts, completions)]
+        rows = [reward_input(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         out: list[float] = []
         for s in range(0, len(rows), self.batch_size):
             batch = classification_collate([(r, 0) for r in rows[s:s + self.batch_size]], pad_id=0)
@@ -293,6 +300,9 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], para
         g.manual_seed(seed * 1_000_003 + r)
         gens.append(g)
     checkers = [StopChecker(tokenizer, [], stops, context_ids=ids) for ids in rows]
+    for c in checkers:  # the loop records each sampled token's log-prob here when params.logprobs is set
+        c.logprobs = [] if params.logprobs else None
+        c.top_logprobs = [] if params.top_logprobs else None
     was = model.training
     model.eval()
     try:
@@ -451,6 +461,17 @@ def save_value_head(model: PolicyWithValue, path: str | Path) -> Path:
     return Path(path) / VALUE_HEAD
 
 
+def _step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float) -> None:
+    """Clip, step, and mark the weights as changed. PyTorch's fused AdamW (what `training.loop.configure_optimizer`
+    builds) updates weights without bumping their version counters, and the generation loop's fast decode step
+    keeps copies of the weights that it remakes only when those counters move (`generation.decode.fused_weights`):
+    without the bump, the next rollout would be sampled by the weights of the first one."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    torch.autograd.graph.increment_version(params)
+
+
 @dataclass
 class PPOBatch:
     """A rollout with everything PPO's epochs reuse (all (B, T) but scores (B,)), computed once, no gradients."""
@@ -506,9 +527,7 @@ def ppo_update(model: PolicyWithValue, optimizer: torch.optim.Optimizer, batch: 
             loss = pg + vf_coef * vf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            _step(optimizer, params, grad_clip)
             for k, v in {"policy_loss": pg.item(), "value_loss": vf.item(), **pg_stats, **vf_stats}.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
@@ -626,9 +645,7 @@ def grpo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: GRPO
                                     kl_ratio_correction=kl_ratio_correction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            _step(optimizer, params, grad_clip)
             for k, v in {"loss": loss.item(), **stats}.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1

@@ -96,9 +96,19 @@ def run_reward(cfg: RewardConfig, log=print) -> dict:
     parts = load_splits(cfg)
     L = common.max_length(cfg, lm.model)
     pad = common.pad_id(tok)
-    # each side is prompt + response + EOS, cut to L tokens (the reward is read at the last one kept)
-    pairs = {k: [tuple(e.ids[:L] for e in D.preference_examples(tok, r, i, f"{k} data")) for i, r in enumerate(v)]
-             for k, v in parts.items()}
+    # each side is prompt + response + EOS; a long one keeps its last L tokens (the reward is read at the end)
+    pairs: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for k, v in parts.items():
+        for i, r in enumerate(v):
+            D.require(r, ("instruction", "chosen", "rejected"), i, f"{k} data")
+        prompts = [D.alpaca_prompt(r) for r in v]
+        pairs[k] = [(rlhf.reward_input(tok, p, r["chosen"], L), rlhf.reward_input(tok, p, r["rejected"], L))
+                    for p, r in zip(prompts, v)]
+    cut = sum(len(D.encode_prompt_response(tok, D.alpaca_prompt(r), r[s]).ids) > L
+              for r in parts["train"] for s in ("chosen", "rejected"))
+    if cut:
+        log(f"note: {cut} of {2 * len(parts['train'])} training sequences are longer than {L} tokens; they keep "
+            f"their last {L} (the start of the prompt is cut, the response is kept)")
     rm = rlhf.RewardModel(lm.model)
     uses_lora = common.maybe_lora(lm.model, cfg, log)
     set_trainable(rm, 0 if uses_lora else cfg.train_layers)  # with LoRA: adapters + final norm + head
@@ -195,6 +205,8 @@ class RLConfig(common.FinetuneConfig):
             raise ConfigError(f"no {'model' if not self.model else 'out'} given: pass it (or set it in the config)")
         if not self.reward:
             raise ConfigError("no reward given: pass --reward arithmetic, --reward length or --reward RM_DIR")
+        if self.reward not in ("arithmetic", "length") and not Path(self.reward).is_dir():
+            raise ConfigError(f"--reward must be arithmetic, length or a reward model directory; got {self.reward!r}")
         if not self.data and self.reward != "arithmetic":
             raise ConfigError(f"--reward {self.reward} needs prompts: pass --data (Alpaca records)")
         check_output(self.out, overwrite=self.overwrite)
