@@ -15,6 +15,6 @@
 
 from lmforge.tokenizers.basic import CharTokenizer, WordTokenizer  # registers the word/char kinds with the loader
 from lmforge.tokenizers.bpe import HFTokenizer, Tokenizer, load_tokenizer
-from lmforge.tokenizers.tiktoken_file import load_tiktoken
+from lmforge.tokenizers.tiktoken_file import load_tiktoken  # registers .tiktoken files with the loader
 
 __all__ = ["Tokenizer", "HFTokenizer", "WordTokenizer", "CharTokenizer", "load_tokenizer", "load_tiktoken"]

@@ -993,6 +993,9 @@ def _is_byte_level_decoder(dec: Any) -> bool:
 # (lmforge.tokenizers.basic does, for its word and character tokenizers), so this loader reads them without
 # importing them: the dependency points from the plug-in to the loader, never back.
 TOKENIZER_KINDS: dict[str, type] = {}
+# Readers of other file formats, tried first by `load_tokenizer`: reader(path) -> a tokenizer, or None if the path
+# (a file, or a directory holding one) is not theirs. Modules register here, as for TOKENIZER_KINDS.
+FILE_READERS: list = []
 
 
 def tokenizer_from_hf_dict(data: dict[str, Any], config: dict[str, Any] | None = None,
@@ -1079,12 +1082,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     """Load any tokenizer lmforge knows: a tokenizer.json, a llama2.c tokenizer .bin, a `.tiktoken` rank file, or a
     directory holding one."""
     path = Path(path)
-    if path.suffix == ".tiktoken" or (path.is_dir() and not (path / "tokenizer.json").exists()):
-        from lmforge.tokenizers.tiktoken_file import find_tiktoken_file, load_tiktoken  # (it imports this module)
-
-        tiktoken_file = path if path.suffix == ".tiktoken" else find_tiktoken_file(path)
-        if tiktoken_file is not None:
-            return load_tiktoken(tiktoken_file)
+    for reader in FILE_READERS:  # formats defined in other modules (.tiktoken files: lmforge.tokenizers.tiktoken_file)
+        tok = reader(path)
+        if tok is not None:
+            return tok
     config: dict[str, Any] = {}
     template = None
     llama2c = path / "tokenizer.bin" if path.is_dir() else path

@@ -41,7 +41,8 @@ import os
 from pathlib import Path
 
 from lmforge.errors import TokenizerError
-from lmforge.tokenizers.bpe import GPT2_PATTERN, GPT4_PATTERN, ENDOFTEXT, Tokenizer, resolve_pattern
+from lmforge.tokenizers.bpe import (ENDOFTEXT, FILE_READERS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer,
+                                    resolve_pattern)
 
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, ENDOFPROMPT = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|endofprompt|>"
 
@@ -202,3 +203,16 @@ def find_tiktoken_file(directory: str | os.PathLike) -> Path | None:
     if len(files) > 1:
         raise TokenizerError(f"{directory}: several .tiktoken files ({', '.join(f.name for f in files)}); name one")
     return files[0] if files else None
+
+
+def _read_for_loader(path: Path) -> Tokenizer | None:
+    """`load_tokenizer`'s hook: a .tiktoken file, or a directory with one and no tokenizer.json; else None."""
+    if path.suffix == ".tiktoken":
+        return load_tiktoken(path)
+    if path.is_dir() and not (path / "tokenizer.json").exists():
+        found = find_tiktoken_file(path)
+        return load_tiktoken(found) if found is not None else None
+    return None
+
+
+FILE_READERS.append(_read_for_loader)
