@@ -96,16 +96,18 @@ def layer_timing(n_tokens: int = 2048, repeats: int = 20) -> None:
     except Exception as e:  # transformers is a test extra
         print(f"(transformers' block not timed: {type(e).__name__})")
     print(f"one MoE layer forward, {n_tokens} tokens, C={cfg.n_embd}, E={cfg.num_experts}, k=2, "
-          f"He={cfg.moe_intermediate_size}, {torch.get_num_threads()} threads, median of {repeats}")
+          f"He={cfg.moe_intermediate_size}, {torch.get_num_threads()} threads, median of {repeats} (interleaved)")
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for name, fn in fns.items():
-            fn()
-            times = []
-            for _ in range(repeats):
+            fn()  # warm-up
+        for _ in range(repeats):  # the ways take turns, so a busy moment of the machine hits them alike
+            for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t0)
-            print(f"  {name:36s} {statistics.median(times) * 1e3:7.2f} ms")
+                times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        print(f"  {name:36s} {statistics.median(ts) * 1e3:7.2f} ms")
     with torch.no_grad():  # the two ways compute the same thing
         torch.testing.assert_close(moe(x).reshape(-1, cfg.n_embd), all_experts(x), atol=1e-5, rtol=1e-4)
 

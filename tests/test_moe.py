@@ -390,12 +390,17 @@ def test_gguf_refuses_a_shared_expert(tmp_path):
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_greedy_equals_lmforge_moe(tiny_moe_lm, tmp_path):
-    from test_gguf import _ours_greedy, llama_cpp_greedy
+def test_llama_cpp_runs_the_moe_export_as_lmforge_does(tiny_moe_lm, tmp_path):
+    from test_gguf import _ours_greedy, llama_cpp_greedy, llama_cpp_nll
 
     path = export_gguf(tiny_moe_lm, tmp_path / "moe.gguf", "f32")
     prompt = tiny_moe_lm.tokenizer.encode("The def statement")
     assert llama_cpp_greedy(path, prompt, 30) == _ours_greedy(tiny_moe_lm, prompt, 30)[:30]
+    ids = tiny_moe_lm.tokenizer.encode("The def statement defines a function object and binds it to a name.")
+    with torch.no_grad():
+        ours = torch.nn.functional.cross_entropy(tiny_moe_lm.model(torch.tensor([ids]))[0, :-1],
+                                                 torch.tensor(ids[1:])).item()
+    assert abs(llama_cpp_nll(path, ids) - ours) < 1e-3  # the same next-token distribution, position by position
 
 
 # ------------------------------------------------------------------------------------------------------------------

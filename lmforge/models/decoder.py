@@ -278,6 +278,12 @@ class MLP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Mixture of experts
 # ----------------------------------------------------------------------------------------------------------------
+# Router logits of every SparseMoE forward, collected while `collect_router_logits` is active in this thread (or
+# context): None otherwise, which costs the forward one lookup.
+_ROUTER_LOGITS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
+    "lmforge_router_logits", default=None)
+
+
 class SparseMoE(nn.Module):
     """A sparse mixture-of-experts MLP: a router picks `k` of `E` SwiGLU experts for each token.
 
@@ -349,12 +355,6 @@ class SparseMoE(nn.Module):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # (N, 1) * (N, C)
         return y.view(B, T, C)
-
-
-# Router logits of every SparseMoE forward, collected while `collect_router_logits` is active in this thread (or
-# context): None otherwise, which costs the forward one lookup.
-_ROUTER_LOGITS: contextvars.ContextVar[list[torch.Tensor] | None] = contextvars.ContextVar(
-    "lmforge_router_logits", default=None)
 
 
 @contextlib.contextmanager
