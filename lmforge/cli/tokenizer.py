@@ -1,9 +1,10 @@
-"""`lmforge tokenizer train|encode|decode|info`: train a byte-level BPE and look inside it.
+"""`lmforge tokenizer train|encode|decode|info|compare`: train a byte-level BPE, look inside it, compare tokenizers.
 
     lmforge tokenizer train --vocab-size 2048 --out runs/tok            # the embedded corpus, no download
     lmforge tokenizer encode -t runs/tok --show "The def statement"     # ids and the pieces they stand for
     lmforge tokenizer decode -t runs/tok 464 825 2643
     lmforge tokenizer info -t runs/tok
+    lmforge tokenizer compare "Tokenization isn't free: 12345" --tokenizers char,word,../shared/data/gpt2,runs/tok
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("--sample", type=Path, help="text file to measure bytes/token on (default: embedded corpus)")
     i.add_argument("--merges", type=int, default=10, help="how many first merges to print")
     i.set_defaults(func=cmd_info)
+
+
+    c = sub.add_parser("compare", help="how several tokenizers split the same text (pieces, counts, chars/token)",
+                       description="Show the pieces each tokenizer cuts the text into, with token counts and "
+                                   "characters per token.")
+    c.add_argument("text", nargs="?", help="text to split (default: --file or stdin)")
+    c.add_argument("--file", type=Path, help="split this file's text instead")
+    c.add_argument("--tokenizers", required=True, action="append", metavar="A,B,...",
+                   help="comma-separated (repeatable): char or word (teaching tokenizers trained on the embedded "
+                        "corpus: unseen words/characters become <|unk|>), a tokenizer.json, a model directory, a "
+                        ".tiktoken file, a llama2.c tokenizer .bin, a folder with GPT-2's encoder.json + vocab.bpe, "
+                        "or a Hub id (owner/name; downloads its tokenizer files)")
+    c.set_defaults(func=cmd_compare)
 
 
 def _tok_arg(p: argparse.ArgumentParser) -> None:
@@ -182,4 +196,47 @@ def cmd_info(args: argparse.Namespace) -> int:
     where = f"{limit // 1000} KB of {args.sample or 'the embedded corpus'}"
     print(f"compression:     {n_bytes / max(1, len(ids)):.2f} bytes/token on {where} "
           f"({len(ids)} tokens, {n_bytes / max(dt, 1e-9) / 1e6:.1f} MB/s)")
+    return 0
+
+
+def resolve_tokenizer(spec: str):
+    """A tokenizer from one `compare` spec (see its --tokenizers help)."""
+    from lmforge.tokenizers import CharTokenizer, Tokenizer, WordTokenizer
+
+    if spec in ("char", "word"):
+        from lmforge.training.data import builtin_corpus
+
+        return (CharTokenizer if spec == "char" else WordTokenizer).train([builtin_corpus()])
+    path = Path(spec)
+    if path.is_dir() and (path / "encoder.json").exists() and (path / "vocab.bpe").exists() and not (
+            path / "tokenizer.json").exists():  # OpenAI's GPT-2 release files
+        return Tokenizer.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
+    if path.exists():
+        return _load(path)
+    from lmforge.loader import HUB_ID, download
+
+    if "/" in spec and HUB_ID.match(spec):
+        return _load(download(spec, config_only=True))
+    raise TokenizerError(f"tokenizer {spec!r}: not char, word, an existing file or directory, nor a Hub id "
+                         "(owner/name)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lmforge.tokenizers.bpe import read_text_file
+    from lmforge.tokenizers.compare import compare_tokenizers, format_comparison
+
+    specs = [s.strip() for group in args.tokenizers for s in group.split(",") if s.strip()]
+    if not specs:
+        raise TokenizerError("--tokenizers names no tokenizer")
+    if args.file is not None:
+        text = read_text_file(args.file)
+    else:
+        text = args.text if args.text is not None else sys.stdin.read()
+    names = [s if s in ("char", "word") or not Path(s).exists() else Path(s).resolve().name for s in specs]
+    if len(set(names)) < len(names):  # two paths with the same last part: show them in full
+        names = specs
+    tokenizers = {name: resolve_tokenizer(spec) for name, spec in zip(names, specs)}
+    splits = compare_tokenizers(text, tokenizers)
+    colour = _use_colour()
+    print(format_comparison(text, splits, colours=_COLOURS if colour else None, reset=_RESET if colour else ""))
     return 0

@@ -6,6 +6,7 @@
 | `basic`           | the teaching tokenizers: one token per word, one per character                           |
 | `llama2c`         | llama2.c's SentencePiece-score tokenizer `.bin`                                           |
 | `tiktoken_file`   | OpenAI's `.tiktoken` rank files (cl100k_base, o200k_base, ...) as byte-level BPE          |
+| `compare`         | how several tokenizers cut the same text: pieces, token counts, characters per token      |
 | `chat_template`   | rendering chat messages to the text a model was trained on (Jinja, as Hugging Face does)  |
 | `wordpiece`       | BERT's WordPiece (encoders)                                                               |
 | `unigram`         | SentencePiece's Unigram (T5)                                                              |
