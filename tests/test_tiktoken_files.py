@@ -15,10 +15,10 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks  # noqa: E402
 from tiktoken_ext import openai_public  # noqa: E402
 
-from lmforge.errors import TokenizerError  # noqa: E402
+from lmforge.errors import NetworkError, TokenizerError  # noqa: E402
 from lmforge.tokenizers import load_tokenizer  # noqa: E402
-from lmforge.tokenizers.tiktoken_file import (ENCODINGS, load_tiktoken, read_tiktoken_ranks,  # noqa: E402
-                                              recover_merges, write_tiktoken_ranks)
+from lmforge.tokenizers.tiktoken_file import (ENCODINGS, FILES, download_tiktoken, load_tiktoken,  # noqa: E402
+                                              read_tiktoken_ranks, recover_merges, write_tiktoken_ranks)
 
 from helpers import shared_data_dir  # noqa: E402
 
@@ -173,3 +173,58 @@ def test_bad_files_are_one_line_errors(tmp_path):
         load_tiktoken(short)
     with pytest.raises(TokenizerError, match="not the join of two"):
         recover_merges({**{bytes([i]): i for i in range(256)}, b"abc": 256})
+
+
+def test_download_urls_and_hashes_match_tiktoken(monkeypatch):
+    """FILES pins the same files and SHA-256 as tiktoken's own constructors."""
+    from lmforge.tokenizers.tiktoken_file import BASE_URL
+
+    for name, (file, sha) in FILES.items():
+        seen = {}
+        monkeypatch.setattr(openai_public, "load_tiktoken_bpe",
+                            lambda url, expected_hash=None: seen.update(url=url, sha=expected_hash) or {})
+        openai_public.ENCODING_CONSTRUCTORS[name]()
+        assert seen == {"url": f"{BASE_URL}/{file}.tiktoken", "sha": sha}
+
+
+@pytest.fixture
+def server(files):
+    """A local HTTP server on 127.0.0.1 serving the folder that holds cl100k_base.tiktoken (GPT-2's ranks)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files["cl100k_base"].parent))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_by_name_from_a_local_server(files, server, tmp_path, monkeypatch):
+    import hashlib
+
+    sha = hashlib.sha256(files["cl100k_base"].read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(NetworkError, match="SHA-256"):  # the pinned hash of OpenAI's file: ours differs
+        download_tiktoken("cl100k_base", base_url=server, cache=cache)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing cached
+    path = download_tiktoken("cl100k_base", base_url=server, sha256=sha, cache=cache)
+    assert path.read_bytes() == files["cl100k_base"].read_bytes()
+    # cached: a second call needs no server (a dead URL) and returns the same file
+    assert download_tiktoken("cl100k_base", base_url="http://127.0.0.1:9", sha256=sha, cache=cache) == path
+    # load_tiktoken("cl100k_base") goes through the download, with the cache directory from the environment
+    monkeypatch.setenv("LMFORGE_TIKTOKEN_CACHE", str(cache))
+    monkeypatch.setitem(FILES, "cl100k_base", ("cl100k_base", sha))
+    monkeypatch.chdir(tmp_path)  # no local file of that name
+    assert load_tiktoken("cl100k_base").encode("hello world") == load_tiktoken(files["cl100k_base"]).encode(
+        "hello world")
+    # a file:// base URL works too; an unreachable server is a one-line NetworkError
+    other = download_tiktoken("cl100k_base", base_url=files["cl100k_base"].parent.as_uri(), sha256=sha,
+                              cache=tmp_path / "cache2")
+    assert other.read_bytes() == path.read_bytes()
+    with pytest.raises(NetworkError, match="cannot download http://127.0.0.1:9/cl100k_base.tiktoken"):
+        download_tiktoken("cl100k_base", base_url="http://127.0.0.1:9", sha256=sha, cache=tmp_path / "c3")

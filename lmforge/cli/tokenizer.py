@@ -70,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="comma-separated (repeatable): char or word (teaching tokenizers trained on the embedded "
                         "corpus: unseen words/characters become <|unk|>), a tokenizer.json, a model directory, a "
                         ".tiktoken file, a llama2.c tokenizer .bin, a folder with GPT-2's encoder.json + vocab.bpe, "
-                        "or a Hub id (owner/name; downloads its tokenizer files)")
+                        "an OpenAI encoding name (cl100k_base, o200k_base, ...; downloaded once) or a Hub id "
+                        "(owner/name; downloads its tokenizer files)")
     c.set_defaults(func=cmd_compare)
 
 
@@ -213,12 +214,16 @@ def resolve_tokenizer(spec: str):
         return Tokenizer.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
     if path.exists():
         return _load(path)
+    from lmforge.tokenizers.tiktoken_file import FILES, load_tiktoken
+
+    if spec in FILES:  # an OpenAI encoding by name: downloaded once, then cached
+        return load_tiktoken(spec)
     from lmforge.loader import HUB_ID, download
 
     if "/" in spec and HUB_ID.match(spec):
         return _load(download(spec, config_only=True))
-    raise TokenizerError(f"tokenizer {spec!r}: not char, word, an existing file or directory, nor a Hub id "
-                         "(owner/name)")
+    raise TokenizerError(f"tokenizer {spec!r}: not char, word, an existing file or directory, an OpenAI encoding "
+                         "name, nor a Hub id (owner/name)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -29,6 +29,11 @@ reachable that way is refused rather than encoded differently.
     tok = load_tiktoken("cl100k_base.tiktoken")                 # the name gives pattern and special tokens
     tok = load_tiktoken("mine.tiktoken", pattern="gpt4", special_tokens={"<|endoftext|>": 1000})
     lmforge.tokenizers.load_tokenizer("dir/")                   # a directory holding one .tiktoken file
+    tok = load_tiktoken("cl100k_base")                          # by name: downloaded once, checked, cached
+
+Downloads: a known name that is not a local file is fetched from OpenAI's public storage (the URLs tiktoken uses),
+checked against the SHA-256 tiktoken pins, and kept in a cache directory ($LMFORGE_TIKTOKEN_CACHE, default
+~/.cache/lmforge/tiktoken); later loads read the cache and need no network.
 
 Reference: tiktoken (`tiktoken/load.py` reads the format; `tiktoken/_educational.py` shows the rank rule).
 """
@@ -37,10 +42,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import os
 from pathlib import Path
 
-from lmforge.errors import TokenizerError
+from lmforge.errors import NetworkError, TokenizerError
 from lmforge.tokenizers.bpe import (ENDOFTEXT, FILE_READERS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer,
                                     resolve_pattern)
 
@@ -152,6 +158,63 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Downloading by name
+# ----------------------------------------------------------------------------------------------------------------
+#: Where OpenAI publishes the rank files (tiktoken_ext/openai_public.py), and their SHA-256 as tiktoken pins them.
+#: (gpt2 is published as encoder.json + vocab.bpe, the files `Tokenizer.from_gpt2_files` reads, and r50k_base
+#: holds the same ranks; p50k_edit and o200k_harmony reuse p50k_base's and o200k_base's files.)
+BASE_URL = "https://openaipublic.blob.core.windows.net/encodings"
+FILES = {
+    "r50k_base": ("r50k_base", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"),
+    "p50k_base": ("p50k_base", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069"),
+    "p50k_edit": ("p50k_base", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069"),
+    "cl100k_base": ("cl100k_base", "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+    "o200k_base": ("o200k_base", "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+    "o200k_harmony": ("o200k_base", "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_TIKTOKEN_CACHE") or Path.home() / ".cache" / "lmforge" / "tiktoken")
+
+
+def download_tiktoken(name: str, *, base_url: str = BASE_URL, sha256: str | None = None,
+                      cache: str | os.PathLike | None = None, timeout: float = 60.0) -> Path:
+    """The local path of encoding `name`'s rank file, downloading it into the cache the first time.
+
+    The download must have the SHA-256 tiktoken pins (or `sha256`, for a `base_url` that serves other files);
+    anything else is refused and nothing is cached. `base_url` may be any http(s):// or file:// URL holding
+    `<file>.tiktoken` (a mirror, or a local copy).
+    """
+    import urllib.error
+    import urllib.request
+
+    if name not in FILES:
+        raise TokenizerError(f"no published .tiktoken file for {name!r}; known: {', '.join(FILES)}")
+    file, pinned = FILES[name]
+    want = sha256 or pinned
+    path = Path(cache or cache_dir()) / f"{file}.tiktoken"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == want:
+        return path
+    url = f"{base_url.rstrip('/')}/{file}.tiktoken"
+    print(f"downloading {url}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise NetworkError(f"cannot download {url}: {reason}") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != want:
+        raise NetworkError(f"{url}: SHA-256 {got[:16]}... is not the expected {want[:16]}... (a corrupt or "
+                           "different file); nothing was cached")
+    from lmforge.utils import atomic_write_bytes  # (lmforge.utils imports torch: only when writing)
+
+    atomic_write_bytes(path, data)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
 def encoding_name(path: str | os.PathLike) -> str:
@@ -168,7 +231,11 @@ def load_tiktoken(path: str | os.PathLike, *, name: str | None = None, pattern: 
     cl100k_base.tiktoken -> "cl100k_base"; see `ENCODINGS`). pattern: a regex, or a name lmforge knows ("gpt2",
     "gpt4"/"cl100k", "llama3", "o200k"), overriding the encoding's. special_tokens: {text: id}, overriding the
     encoding's. <|endoftext|> (when present) becomes BOS and EOS, as GPT-2 and tiktoken use it.
+    A known encoding name that is not a local file ("cl100k_base") is downloaded once (`download_tiktoken`).
     """
+    if not Path(path).exists() and str(path) in FILES:
+        name = name or str(path)
+        path = download_tiktoken(str(path))
     path = Path(path)
     name = name or encoding_name(path)
     known = ENCODINGS.get(name)
