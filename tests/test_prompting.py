@@ -210,11 +210,36 @@ def test_score_method_result(exported):
         evaluate_fewshot(lm, [], TEST, method="vote")
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def test_cli_fewshot(exported, tmp_path, capsys):
+def test_calibration_divides_out_the_content_free_prior(exported):
+    """Zhao et al. 2021: p_cf(label) from the content-free queries, renormalized over the labels and averaged;
+    predictions are argmax of log p(label | prompt) - log p_cf(label). Recomputed here with api.score."""
+    import math
+
     lm = exported["gpt"][0]
+    labels = ["ham", "spam"]
+    shots = draw_shots(POOL, 2, seed=0, balanced=True)
+    r = evaluate_fewshot(lm, shots, TEST, labels, calibrate=True)
+    per_query = []
+    for q in ("N/A", "", "[MASK]"):
+        lps = [api.score(lm, render_plain(shots, q), " " + x).logprob for x in labels]
+        z = sum(math.exp(v) for v in lps)
+        per_query.append([math.exp(v) / z for v in lps])
+    prior = [sum(p[j] for p in per_query) / 3 for j in range(2)]
+    assert r.calibrated and r.label_prior == pytest.approx(prior, abs=1e-6)
+    expected = [labels[max(range(2), key=lambda j: row[j] - math.log(prior[j]))] for row in r.label_logprobs]
+    assert r.predictions == expected
+    with pytest.raises(ConfigError, match="needs method 'score'"):
+        evaluate_fewshot(lm, shots, TEST, labels, method="generate", calibrate=True)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------------
+def test_cli_fewshot(tmp_path, capsys):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("gpt-tiny", vocab_size=257, block_size=512, n_layer=2, n_embd=32, init_std=0.2)
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], special_tokens={"<|endoftext|>": 256},
+                    eos_token="<|endoftext|>")
     model = tmp_path / "model"
-    lm.save(model)
+    LM(Transformer(cfg).eval(), tok, cfg).save(model)
     data = tmp_path / "sms.tsv"
     data.write_text("".join(f"{e.label}\t{e.input}\n" for e in POOL * 3 + TEST * 3), encoding="utf-8")
     out = tmp_path / "fs"

@@ -23,6 +23,13 @@ Two ways to read the model's answer:
   a label; this is how lm-evaluation-harness runs multiple choice. The sum over a label's tokens favours labels of
   fewer tokens; for one-word labels that rarely matters.
 
+**Contextual calibration** (Zhao et al. 2021, `calibrate=True`, score method). A model has a prior for the labels
+that has nothing to do with the input: the prompt's demonstrations, the label's frequency in its training text.
+Estimate it by asking with a *content-free* input ("N/A", "", "[MASK]") in place of the query: p_cf(label), the
+label probabilities renormalized over the labels and averaged over those inputs. Then divide it out: predict
+argmax_label p(label | prompt) / p_cf(label), i.e. subtract log p_cf from each label's log-likelihood. A model that
+says "ham" to everything because "ham" is its prior then has to find evidence in the message.
+
 Two ways to lay the prompt out (`PromptFormat.style`):
 
 * **plain**: "Input: ...\\nLabel: ...\\n\\n" blocks, the format base (not chat-tuned) models read best;
@@ -43,6 +50,7 @@ balanced-accurate: chance is 1/number of labels); and the confusion matrix (rows
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +62,7 @@ from lmforge.finetune.metrics import confusion_matrix
 from lmforge.generation import api
 
 UNPARSED = "(none)"  # the confusion matrix's extra column: a generated answer that names no label
+CONTENT_FREE = ("N/A", "", "[MASK]")  # Zhao et al. 2021's content-free inputs, for calibration
 
 
 @dataclass(frozen=True)
@@ -77,14 +86,9 @@ def examples_from_records(records: Sequence[Mapping[str, Any]], input_field: str
     [Example(input='Add 2 and 3.', label='5')]
     """
     out = []
+    fields = (input_field or "text", label_field or "label")
     for i, r in enumerate(records):
-        if input_field or label_field:
-            fields = (input_field or "text", label_field or "label")
-        elif "instruction" in r and "output" in r:
-            fields = None
-        else:
-            fields = ("text", "label")
-        if fields is None:
+        if not (input_field or label_field) and "instruction" in r and "output" in r:  # Alpaca
             text = str(r["instruction"]) + (f"\n\n{r['input']}" if r.get("input") else "")
             out.append(Example(text, str(r["output"])))
             continue
@@ -306,6 +310,8 @@ class FewShotResult:
     columns: list[str]
     unparsed: int = 0
     truncated: int = 0
+    calibrated: bool = False
+    label_prior: list[float] | None = None  # calibrated: p_cf(label), the content-free label probabilities
     predictions: list[str | None] = field(default_factory=list, repr=False)
     label_logprobs: list[list[float]] | None = field(default=None, repr=False)
 
@@ -316,7 +322,8 @@ class FewShotResult:
 
     def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("shots", "method", "labels", "n", "accuracy", "balanced_accuracy",
-                                           "confusion", "columns", "unparsed", "truncated")}
+                                           "confusion", "columns", "unparsed", "truncated", "calibrated",
+                                           "label_prior")}
         if with_predictions:
             d["predictions"] = self.predictions
         return d
@@ -344,13 +351,30 @@ def classification_scores(y_true: Sequence[str], y_pred: Sequence[str | None], l
     return accuracy, (sum(recalls) / len(recalls) if recalls else 0.0), m, columns
 
 
+def label_prior(lm, shots: Sequence[Example], labels: Sequence[str], fmt: PromptFormat,
+                content_free: Sequence[str] = CONTENT_FREE) -> list[float]:
+    """p_cf(label): the label probabilities after `shots` for content-free queries, each renormalized over the
+    labels, averaged over the queries (Zhao et al. 2021)."""
+    prompts = [model_input(lm, build_prompt(shots, q, fmt, lm), fmt) for q in content_free]
+    _, rows = classify_by_score(lm, prompts, labels, fmt)
+    probs = []
+    for row in rows:
+        top = max(row)
+        z = sum(math.exp(x - top) for x in row)
+        probs.append([math.exp(x - top) / z for x in row])
+    return [sum(p[j] for p in probs) / len(probs) for j in range(len(labels))]
+
+
 def evaluate_fewshot(lm, shots: Sequence[Example], test: Sequence[Example], labels: Sequence[str] | None = None,
                      method: str = "score", fmt: PromptFormat | None = None, batch_size: int = 16,
-                     log=None) -> FewShotResult:
+                     calibrate: bool = False, log=None) -> FewShotResult:
     """Classify every test example with the same demonstrations `shots` (k = len(shots); [] is zero-shot) and score
-    the answers against the test labels. labels: the classes to choose from (default: the test set's, sorted)."""
+    the answers against the test labels. labels: the classes to choose from (default: the test set's, sorted).
+    calibrate (score method): divide out the content-free label prior (`label_prior`)."""
     if method not in ("score", "generate"):
         raise ConfigError(f"method must be 'score' or 'generate', got {method!r}")
+    if calibrate and method != "score":
+        raise ConfigError("calibration adjusts label log-likelihoods: it needs method 'score'")
     if not test:
         raise DataError("no test examples to evaluate")
     fmt = fmt or PromptFormat()
@@ -359,13 +383,17 @@ def evaluate_fewshot(lm, shots: Sequence[Example], test: Sequence[Example], labe
     longest_label = max(len(api.encode_text(lm.tokenizer, label_continuation(x, fmt))) for x in labels)
     lengths = [len(p) if not isinstance(p, str) else len(api.encode_prompt(lm, p)) for p in prompts]
     truncated = sum(n + longest_label > lm.model.config.block_size for n in lengths)  # these keep their end
-    logprobs = None
+    logprobs = prior = None
     if method == "score":
         preds, logprobs = classify_by_score(lm, prompts, labels, fmt, batch_size, log)
+        if calibrate:
+            prior = label_prior(lm, shots, labels, fmt)
+            adjusted = [[lp - math.log(max(p0, 1e-30)) for lp, p0 in zip(row, prior)] for row in logprobs]
+            preds = [labels[max(range(len(labels)), key=row.__getitem__)] for row in adjusted]
     else:
         preds = classify_by_generate(lm, prompts, labels, fmt, batch_size, log=log)
     acc, bal, m, columns = classification_scores([ex.label for ex in test], preds, labels)
     return FewShotResult(shots=len(shots), method=method, labels=labels, n=len(test), accuracy=acc,
                          balanced_accuracy=bal, confusion=m, columns=columns,
-                         unparsed=sum(p is None for p in preds), truncated=truncated, predictions=list(preds),
-                         label_logprobs=logprobs)
+                         unparsed=sum(p is None for p in preds), truncated=truncated, calibrated=calibrate,
+                         label_prior=prior, predictions=list(preds), label_logprobs=logprobs)

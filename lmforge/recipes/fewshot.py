@@ -38,6 +38,8 @@ class FewShotConfig:
     per_label: int = field(default=100, metadata={"help": "test examples per label (balanced test set)"})
     pool_fraction: float = field(default=0.5, metadata={
         "help": "share of the data demonstrations are drawn from; the test set comes from the rest"})
+    calibrate: bool = field(default=False, metadata={
+        "help": "score method: divide out the label prior measured on content-free inputs (Zhao et al. 2021)"})
     balanced: bool = field(default=True, metadata={"help": "draw demonstrations balanced across labels"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed (demonstrations)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward"})
@@ -49,6 +51,8 @@ class FewShotConfig:
             raise ConfigError("fewshot needs a model and --data")
         if self.method not in ("score", "generate"):
             raise ConfigError(f"method must be 'score' or 'generate', got {self.method!r}")
+        if self.calibrate and self.method != "score":
+            raise ConfigError("--calibrate adjusts label log-likelihoods: it needs --method score")
         if not 0 < self.pool_fraction < 1:
             raise ConfigError(f"pool_fraction must be in (0, 1), got {self.pool_fraction}")
         if self.per_label < 1 or not self.shots or min(self.shots) < 0 or not self.seeds:
@@ -76,7 +80,8 @@ def run_fewshot(cfg: FewShotConfig, log=print) -> dict:
         results = []
         for seed in cfg.seeds:
             shots = prompting.draw_shots(pool, k, seed=seed, balanced=cfg.balanced)
-            r = prompting.evaluate_fewshot(lm, shots, test, labels, cfg.method, fmt, cfg.batch_size, log=log)
+            r = prompting.evaluate_fewshot(lm, shots, test, labels, cfg.method, fmt, cfg.batch_size, cfg.calibrate,
+                                           log=log)
             results.append(r)
             runs.append({"seed": seed, **r.to_dict()})
             log(f"{k}-shot seed {seed}: accuracy {r.accuracy:.3f}, balanced accuracy {r.balanced_accuracy:.3f}"
@@ -91,7 +96,8 @@ def run_fewshot(cfg: FewShotConfig, log=print) -> dict:
             png = plot_confusion(results[0].confusion_square(), results[0].columns, Path(cfg.out) /
                                  f"confusion_{k}shot.png", title=f"{k}-shot, {cfg.method} (seed {cfg.seeds[0]})")
             log(f"confusion matrix: {png}")
-    report = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "style": cfg.style, "labels": labels,
+    report = {"model": cfg.model, "data": cfg.data, "method": cfg.method, "style": cfg.style,
+              "calibrate": cfg.calibrate, "labels": labels,
               "n_test": len(test), "chance_balanced_accuracy": 1 / len(labels), "summary": summary, "runs": runs}
     if cfg.out:
         atomic_write_json(Path(cfg.out) / "metrics.json", report)
