@@ -505,3 +505,16 @@ def test_reward_dir_error(rl_files, tmp_path, capsys):
     rc = main(["finetune", "ppo", str(rl_files / "base"), "--reward", str(rl_files / "base"), "--data",
                str(rl_files / "prefs.json"), "--out", str(tmp_path / "o")])
     assert rc != 0 and "not a reward model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe,name", [("reward", "reward"), ("grpo", "grpo-arithmetic"), ("ppo", "ppo-arithmetic")])
+def test_shipped_configs_load(recipe, name):
+    from pathlib import Path
+
+    from lmforge import argconf
+    from lmforge.cli.finetune import _recipe
+
+    cls, _ = _recipe(recipe)
+    cfg = argconf.build(cls, argconf.load_yaml(Path(__file__).resolve().parent.parent / "configs" / "finetune" /
+                                               f"{name}.yaml"))
+    assert cfg.batch_size >= 1 and (recipe == "reward" or cfg.reward == "arithmetic")
