@@ -103,6 +103,12 @@ def stage_rl(work: Path, args, algo: str) -> None:
                           ppo_epochs=args.epochs or 4, mini_batches=args.mini_batches or 2, vf_coef=0.1)
         run = R.run_ppo
     m = run(cfg, log=print)
+    import lmforge
+
+    train_prompts = R.load_prompts(cfg)["train"]
+    for when, d in (("before", work / "base"), ("after", work / algo)):  # greedy on the sums RL trained on
+        lm = lmforge.load(d)
+        m[f"train_prompts_greedy_{when}"] = _greedy_accuracy(lm.model, lm.tokenizer, train_prompts)
     emit(work, {"stage": algo, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()},
                 "config": {k: getattr(cfg, k) for k in ("prompts_per_step", "samples_per_prompt", "lr", "max_steps")}})
 

@@ -131,7 +131,7 @@ def run_reward(cfg: RewardConfig, log=print) -> dict:
 
     def on_step(rec: dict) -> None:
         if rec["step"] % every == 0 and loss.last:
-            log(f"step {rec['step']}: loss {rec.get('train_loss', float('nan')):.4f}, batch accuracy "
+            log(f"step {rec['step']}: loss {rec.get('loss', float('nan')):.4f}, batch accuracy "
                 f"{loss.last['accuracy']:.0%}, margin {loss.last['margin']:+.3f}")
 
     def save(d: Path) -> None:
