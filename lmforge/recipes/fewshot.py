@@ -27,7 +27,8 @@ class FewShotConfig:
     model: str = field(default="", metadata={"help": "model directory, HF dir or Hub id, .gguf or llama2.c .bin"})
     data: str = field(default="", metadata={"help": "labelled data: TSV label<TAB>text, JSON/JSONL records"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer file for a llama2.c .bin model"})
-    shots: list[int] = field(default_factory=lambda: [0, 1, 4], metadata={"help": "numbers of demonstrations"})
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4], metadata={
+        "help": "numbers of demonstrations, comma-separated (default: 0,1,4)"})
     method: str = field(default="score", metadata={
         "help": "score (log p of each label) or generate (greedy answer, parsed)"})
     style: str = field(default="plain", metadata={"help": "plain (Input:/Label: blocks) or chat (chat template)"})
@@ -41,7 +42,8 @@ class FewShotConfig:
     calibrate: bool = field(default=False, metadata={
         "help": "score method: divide out the label prior measured on content-free inputs (Zhao et al. 2021)"})
     balanced: bool = field(default=True, metadata={"help": "draw demonstrations balanced across labels"})
-    seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "one run per seed (demonstrations)"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "one run per seed of the demonstrations, comma-separated (default: 0)"})
     batch_size: int = field(default=16, metadata={"help": "sequences per forward"})
     out: str = field(default="", metadata={"help": "directory for metrics.json and confusion PNGs (optional)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the metrics.json already in --out"})
