@@ -31,9 +31,9 @@ How the graph is made
 traces `DecoderWithPast.forward` below. It does not re-implement the model: it runs lmforge's own `Block`s
 (attention, MLP and norms, the very modules `Transformer.forward` runs) and passes them a cache made of plain
 tensors: each layer's past concatenated with room for the T new slots, which `Attention.forward` fills (its
-per-row `write_idx` path, a scatter) as it does for a `KVCache`. Only what `Transformer.forward` does around the blocks (embeddings, positions, the mask) is
-written out here, in its simplest form: always an explicit boolean mask, never the shortcuts that depend on
-Python-level facts about the cache. So the exported graph computes the same numbers as the PyTorch model; the
+per-row `write_idx` path, a scatter) as it does for a `KVCache`. Only what `Transformer.forward` does around the
+blocks (embeddings, positions, the mask) is written out here, in its simplest form: always an explicit boolean
+mask, never the shortcuts that depend on Python-level facts about the cache. So the exported graph computes the same numbers as the PyTorch model; the
 tests compare logits (within 1e-4) and greedy ids (equal) with `lm.generate`.
 
 The export directory (`export_onnx`):
@@ -55,7 +55,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

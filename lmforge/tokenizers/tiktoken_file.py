@@ -50,7 +50,8 @@ from lmforge.errors import NetworkError, TokenizerError
 from lmforge.tokenizers.bpe import (ENDOFTEXT, FILE_READERS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer,
                                     resolve_pattern)
 
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, ENDOFPROMPT = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|endofprompt|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+ENDOFPROMPT = "<|endofprompt|>"
 
 #: o200k_base (GPT-4o): words split on case changes (a capitalized word is one piece, "CamelCase" two), contractions
 #: kept on the word, numbers in groups of at most 3 digits, punctuation runs that may swallow a trailing "/".
