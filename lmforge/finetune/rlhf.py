@@ -59,7 +59,6 @@ gradient accumulation inside a rollout).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -659,6 +658,76 @@ def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.
 
 
 # ================================================================================================================
+# The loop PPO and GRPO share: sample -> score -> update
+# ================================================================================================================
+@torch.no_grad()
+def greedy_reward(policy: nn.Module, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, max_new_tokens: int,
+                  pad_id: int = 0, batch_size: int = 32) -> float:
+    """Mean reward of the greedy completions of `prompts` (the held-out score of a policy); nan for no prompts."""
+    if not prompts:
+        return float("nan")
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    scores: list[float] = []
+    for s in range(0, len(prompts), batch_size):
+        ro = sample_completions(policy, tokenizer, prompts[s:s + batch_size], greedy, pad_id=pad_id)
+        scores += reward_fn(ro.prompts, ro.completions)
+    return sum(scores) / len(scores)
+
+
+UpdateFn = Callable[[Rollout, torch.Tensor, int], tuple[dict, torch.Tensor, torch.Tensor]]
+
+
+def rl_loop(policy: nn.Module, tokenizer, prompts: Sequence[str], reward_fn: RewardFn, update: UpdateFn, *,
+            steps: int, prompts_per_step: int, params: SamplingParams, samples_per_prompt: int = 1, seed: int = 0,
+            pad_id: int = 0, evaluate: Callable[[], float] | None = None, eval_every: int = 0,
+            on_record: Callable[[dict, Rollout], None] | None = None) -> list[dict]:
+    """`steps` times: take the next `prompts_per_step` prompts (a fresh seeded shuffle each pass over them), sample
+    `samples_per_prompt` completions of each with `policy`, score them with `reward_fn`, and hand rollout and
+    scores (B,) to update(rollout, scores, step) -> (stats, log π (B, T), log π_ref (B, T)).
+
+    Returns one record per step: reward (mean score), kl (`sequence_kl`), completion_tokens and the update's stats,
+    plus eval_reward from `evaluate()` every `eval_every` steps; `on_record(record, rollout)` sees each as it comes.
+    """
+    import random
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    records = []
+    for step in range(steps):
+        while len(order) < prompts_per_step:
+            perm = list(range(len(prompts)))
+            rng.shuffle(perm)
+            order += perm
+        batch = [prompts[i] for i in order[:prompts_per_step]]
+        del order[:prompts_per_step]
+        ro = sample_completions(policy, tokenizer, batch, params, samples_per_prompt, seed=seed + step, pad_id=pad_id)
+        device = ro.completion_ids.device
+        scores = torch.tensor(reward_fn(ro.prompts, ro.completions), dtype=torch.float32, device=device)
+        stats, logprobs, ref_logprobs = update(ro, scores, step)
+        rec = {"step": step + 1, "reward": scores.mean().item(),
+               "kl": sequence_kl(logprobs, ref_logprobs, ro.completion_mask),
+               "completion_tokens": ro.completion_mask.sum(1).float().mean().item(), **stats}
+        if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            rec["eval_reward"] = evaluate()
+        records.append(rec)
+        if on_record is not None:
+            on_record(rec, ro)
+    return records
+
+
+def summarize(records: Sequence[dict]) -> dict[str, float]:
+    """Mean reward of the first and last 10% of the steps, mean KL of the last 10%, and the largest KL."""
+    trained = [r for r in records if "reward" in r]
+    if not trained:
+        return {}
+    k = max(1, len(trained) // 10)
+    return {"reward_first_10pct": sum(r["reward"] for r in trained[:k]) / k,
+            "reward_last_10pct": sum(r["reward"] for r in trained[-k:]) / k,
+            "kl_last_10pct": sum(r["kl"] for r in trained[-k:]) / k,
+            "kl_max": max(r["kl"] for r in trained)}
+
+
+# ================================================================================================================
 # Curves
 # ================================================================================================================
 def plot_rl_curves(records: Sequence[dict], path: str | Path, title: str = "") -> bool:
@@ -694,9 +763,3 @@ def plot_rl_curves(records: Sequence[dict], path: str | Path, title: str = "") -
     plt.close(fig)
     return True
 
-
-def mean_std(xs: Sequence[float]) -> tuple[float, float]:
-    if not xs:
-        return math.nan, math.nan
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1)) ** 0.5

@@ -6,9 +6,9 @@
 
 `reward` trains a scalar head on the last token with the Bradley-Terry loss through the one training loop and
 reports held-out pairwise accuracy (before and after) on the test split it never trained on. `ppo` and `grpo`
-run their own loop (sample -> score -> update; `finetune.rlhf` holds the math): each step samples
+run `finetune.rlhf.rl_loop` (sample -> score -> update; `finetune.rlhf` holds the math): each step samples
 `prompts_per_step` x `samples_per_prompt` completions with lmforge's generation, scores them, and updates the
-policy. The reference is the starting model, frozen (with LoRA: the same weights, adapters off). Logged per step
+policy with `ppo_update` or `grpo_update`. The reference is the starting model, frozen (with LoRA: the same weights, adapters off). Logged per step
 to rl_metrics.jsonl: reward, KL to the reference (nats per completion), completion length and the losses; every
 `eval_every` steps the greedy completions of held-out prompts are scored (`eval_reward`). rlhf.png plots reward and
 KL. The rewards: `arithmetic` (prompts made up here, or the --data records' prompts ending in "a+b="), `length`
@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,22 +243,9 @@ def load_prompts(cfg: RLConfig) -> dict[str, list[str]]:
     return {"train": prompts["train"], "eval": (prompts["test"] or prompts["val"])[:cfg.eval_prompts]}
 
 
-@torch.no_grad()
-def eval_reward(policy, tok, prompts: list[str], reward_fn, cfg: RLConfig, pad: int) -> float:
-    """Mean reward of greedy completions of held-out prompts."""
-    if not prompts:
-        return float("nan")
-    greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    scores = []
-    for s in range(0, len(prompts), 32):
-        ro = rlhf.sample_completions(policy, tok, prompts[s:s + 32], greedy, pad_id=pad)
-        scores += reward_fn(ro.prompts, ro.completions)
-    return sum(scores) / len(scores)
-
-
 def _run_rl(cfg: RLConfig, algo: str, make_step, log=print) -> dict:
-    """The loop both recipes share. make_step(policy, uses_lora, device) -> step_fn, and
-    step_fn(rollout, scores (B,), lr) -> (stats dict, old log-probs (B, T), reference log-probs (B, T))."""
+    """What both recipes share: load, pick the reward and prompts, run `rlhf.rl_loop`, evaluate, save, plot.
+    make_step(policy, uses_lora, device) -> the loop's update(rollout, scores, step)."""
     lm = common.load_base(cfg)
     tok, out = lm.tokenizer, Path(cfg.out)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
@@ -269,63 +255,47 @@ def _run_rl(cfg: RLConfig, algo: str, make_step, log=print) -> dict:
     prompts = load_prompts(cfg)
     pad = common.pad_id(tok)
     uses_lora = common.maybe_lora(lm.model, cfg, log)
-    step_fn = make_step(lm.model, uses_lora, device)
+    update = make_step(lm.model, uses_lora, device)
     log(f"{algo}: {len(prompts['train'])} training prompts, {len(prompts['eval'])} held-out | "
         f"{cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples per step | reward {cfg.reward}")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "rl_metrics.jsonl"
     log_path.unlink(missing_ok=True)
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
-    order_rng = random.Random(cfg.seed)
-    order: list[int] = []
-    records: list[dict] = []
-    metrics: dict[str, Any] = {"eval_reward_before": eval_reward(lm.model, tok, prompts["eval"], reward_fn, cfg, pad)}
-    log(f"held-out reward (greedy) before: {metrics['eval_reward_before']:.4f}")
-    records.append({"step": 0, "eval_reward": metrics["eval_reward_before"]})
-    tc = cfg.train_config(1)
+
+    def evaluate() -> float:
+        return rlhf.greedy_reward(lm.model, tok, prompts["eval"], reward_fn, cfg.max_new_tokens, pad)
+
     t0 = time.perf_counter()
-    for step in range(cfg.max_steps):
-        while len(order) < cfg.prompts_per_step:  # walk through the prompts in a fresh shuffle each pass
-            perm = list(range(len(prompts["train"])))
-            order_rng.shuffle(perm)
-            order += perm
-        batch_prompts = [prompts["train"][i] for i in order[:cfg.prompts_per_step]]
-        del order[:cfg.prompts_per_step]
-        ro = rlhf.sample_completions(lm.model, tok, batch_prompts, params, cfg.samples_per_prompt,
-                                     seed=cfg.seed + step, pad_id=pad)
-        scores = torch.tensor(reward_fn(ro.prompts, ro.completions), dtype=torch.float32, device=device)
-        stats, old, ref = step_fn(ro, scores, lr_at(step, tc))
-        rec = {"step": step + 1, "reward": scores.mean().item(),
-               "kl": rlhf.sequence_kl(old, ref, ro.completion_mask),
-               "completion_tokens": ro.completion_mask.sum(1).float().mean().item(), **stats}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            rec["eval_reward"] = eval_reward(lm.model, tok, prompts["eval"], reward_fn, cfg, pad)
-        records.append(rec)
+
+    def on_record(rec: dict, ro: rlhf.Rollout) -> None:
         with open(log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-        if (step + 1) % cfg.log_every == 0 or step == 0:
+        if rec["step"] % cfg.log_every == 0 or rec["step"] == 1:
             ev = f", held-out {rec['eval_reward']:.3f}" if "eval_reward" in rec else ""
-            log(f"step {step + 1}/{cfg.max_steps}: reward {rec['reward']:.3f}{ev}, KL {rec['kl']:.3f}, "
+            log(f"step {rec['step']}/{cfg.max_steps}: reward {rec['reward']:.3f}{ev}, KL {rec['kl']:.3f}, "
                 f"{rec['completion_tokens']:.1f} tokens ({time.perf_counter() - t0:.0f}s) | "
                 f"sample: {ro.prompts[0][-30:]!r} -> {ro.completions[0][:40]!r}")
-    metrics["eval_reward_after"] = eval_reward(lm.model, tok, prompts["eval"], reward_fn, cfg, pad)
-    records[-1]["eval_reward"] = metrics["eval_reward_after"]
+
+    metrics: dict[str, Any] = {"eval_reward_before": evaluate()}
+    log(f"held-out reward (greedy) before: {metrics['eval_reward_before']:.4f}")
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k or None)
+    records = rlhf.rl_loop(lm.model, tok, prompts["train"], reward_fn, update, steps=cfg.max_steps,
+                           prompts_per_step=cfg.prompts_per_step, samples_per_prompt=cfg.samples_per_prompt,
+                           params=params, seed=cfg.seed, pad_id=pad, evaluate=evaluate, eval_every=cfg.eval_every,
+                           on_record=on_record)
+    metrics["eval_reward_after"] = evaluate()
+    final = {"step": cfg.max_steps, "eval_reward": metrics["eval_reward_after"]}
     with open(log_path, "a", encoding="utf-8") as f:  # the final evaluation, as its own record
-        f.write(json.dumps({"step": cfg.max_steps, "eval_reward": metrics["eval_reward_after"]}) + "\n")
-    trained = [r for r in records if "reward" in r]
-    k = max(1, len(trained) // 10)
-    metrics.update({"steps": cfg.max_steps, "minutes": (time.perf_counter() - t0) / 60,
-                    "reward_first_10pct": sum(r["reward"] for r in trained[:k]) / k,
-                    "reward_last_10pct": sum(r["reward"] for r in trained[-k:]) / k,
-                    "kl_last_10pct": sum(r["kl"] for r in trained[-k:]) / k,
-                    "kl_max": max(r["kl"] for r in trained)})
+        f.write(json.dumps(final) + "\n")
+    metrics.update({"steps": cfg.max_steps, "minutes": (time.perf_counter() - t0) / 60, **rlhf.summarize(records)})
     log(f"held-out reward (greedy) after: {metrics['eval_reward_after']:.4f} | KL at the end "
         f"{metrics['kl_last_10pct']:.3f} nats (max {metrics['kl_max']:.3f})")
     lm.model.cpu()
     common.lm_saver(lm, cfg, uses_lora)(out)
     common.finish(lm, cfg, uses_lora, log)
     atomic_write_json(out / "metrics.json", metrics)
-    if rlhf.plot_rl_curves(records, out / "rlhf.png", f"{algo.upper()} on {Path(cfg.model).name}, reward {cfg.reward}"):
+    curves = [{"step": 0, "eval_reward": metrics["eval_reward_before"]}, *records, final]
+    if rlhf.plot_rl_curves(curves, out / "rlhf.png", f"{algo.upper()} on {Path(cfg.model).name}, reward {cfg.reward}"):
         log(f"reward and KL curves: {out / 'rlhf.png'}")
     return metrics
 
@@ -375,12 +345,13 @@ def run_ppo(cfg: PPOConfig, log=print) -> dict:
     def make_step(policy, uses_lora: bool, device):
         model = held["model"] = rlhf.PolicyWithValue(policy)
         ref = _reference(cfg, policy, uses_lora, device)
-        opt = configure_optimizer(model, cfg.train_config(1), device.type)
+        tc = cfg.train_config(1)
+        opt = configure_optimizer(model, tc, device.type)
         gen = torch.Generator().manual_seed(cfg.seed)  # minibatch order
 
-        def step(ro: rlhf.Rollout, scores: torch.Tensor, lr: float):
+        def step(ro: rlhf.Rollout, scores: torch.Tensor, i: int):
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr_at(i, tc)
             b = rlhf.ppo_batch(model, ref, ro, scores, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
                                gamma=cfg.gamma, lam=cfg.lam, temperature=cfg.temperature,
                                whiten_rewards=cfg.whiten_rewards)
@@ -430,12 +401,13 @@ def run_grpo(cfg: GRPOConfig, log=print) -> dict:
 
     def make_step(policy, uses_lora: bool, device):
         ref = _reference(cfg, policy, uses_lora, device)  # with beta 0 only for the KL curve
-        opt = configure_optimizer(policy, cfg.train_config(1), device.type)
+        tc = cfg.train_config(1)
+        opt = configure_optimizer(policy, tc, device.type)
         gen = torch.Generator().manual_seed(cfg.seed)  # minibatch order
 
-        def step(ro: rlhf.Rollout, scores: torch.Tensor, lr: float):
+        def step(ro: rlhf.Rollout, scores: torch.Tensor, i: int):
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr_at(i, tc)
             b = rlhf.grpo_batch(policy, ref, ro, scores, cfg.samples_per_prompt, beta=cfg.beta,
                                 temperature=cfg.temperature, scale=cfg.scale_rewards)
             stats = rlhf.grpo_update(policy, opt, b, epochs=cfg.grpo_iterations, mini_batches=cfg.mini_batches,
