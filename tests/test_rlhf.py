@@ -414,7 +414,7 @@ def rl_files(tmp_path_factory):
     import random
 
     d = tmp_path_factory.mktemp("rl")
-    lm = _tiny_lm("0123456789+= abcdefgh\n#:.,ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz", block_size=96)
+    lm = _tiny_lm("0123456789+= abcdefgh\n#:.,ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz", block_size=152)
     lm.save(d / "base")
     rng = random.Random(0)
     recs = [{"instruction": f"say {w}", "input": "", "output": w, "chosen": w, "rejected": f"{w} no"}
@@ -448,7 +448,7 @@ def test_reward_recipe_and_cli(rl_files, tmp_path, capsys):
     L = rm_lm.config.block_size
     rows = [[rlhf.reward_input(rm_lm.tokenizer, D.alpaca_prompt(r), r[k], L) for r in parts["test"]]
             for k in ("chosen", "rejected")]
-    assert max(len(x) for x in rows[0]) == L  # long inputs keep their end: the chosen and rejected rows differ
+    assert max(len(x) for x in rows[0] + rows[1]) == L  # long inputs keep their end (the response), cut at L
     b = D.classification_collate([(x, 0) for x in rows[0] + rows[1]], rm_lm.tokenizer.eos_token_id)
     again = pairwise_eval(rm, [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}])
     assert again["pairwise_accuracy"] == m["after"]["pairwise_accuracy"]
@@ -518,3 +518,9 @@ def test_shipped_configs_load(recipe, name):
     cfg = argconf.build(cls, argconf.load_yaml(Path(__file__).resolve().parent.parent / "configs" / "finetune" /
                                                f"{name}.yaml"))
     assert cfg.batch_size >= 1 and (recipe == "reward" or cfg.reward == "arithmetic")
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error():
+    lm = _tiny_lm(block_size=16)
+    with pytest.raises(lmforge.errors.DataError, match="no room in the model's 16-token context"):
+        rlhf.sample_completions(lm.model, lm.tokenizer, ["1+2=", "1" * 20 + "+2="], SamplingParams(), pad_id=0)

@@ -282,13 +282,19 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], para
                        samples_per_prompt: int = 1, seed: int = 0, pad_id: int = 0) -> Rollout:
     """Sample `samples_per_prompt` completions of each prompt (rows prompt-major: p0 p0 .. p1 p1 ..).
 
-    Each row gets its own seeded generator (seed + row), so the G samples of one prompt differ and a run is
-    reproducible. Generation stops at EOS (kept as the completion's last token) or after max_new_tokens."""
-    from lmforge.finetune.data import _bos, _encode
+    Each row gets its own generator, seeded from (seed, row), so the G samples of one prompt differ and a run is
+    reproducible. Generation stops at EOS (kept as the completion's last token), after max_new_tokens, or at the
+    end of the model's context."""
+    from lmforge.finetune.data import encode_prompt_response
 
     eos = getattr(tokenizer, "eos_token_id", None)
     stops = list(params.stop_token_ids) + ([eos] if eos is not None else [])
-    enc = [_bos(tokenizer) + _encode(tokenizer, p, False) for p in prompts]
+    enc = [encode_prompt_response(tokenizer, p, "", add_eos=False).ids for p in prompts]  # [BOS] prompt, as in SFT
+    block = model.config.block_size
+    for p, ids in zip(prompts, enc):
+        if len(ids) >= block:
+            raise DataError(f"a prompt of {len(ids)} tokens leaves no room in the model's {block}-token context "
+                            f"({p[:40]!r}...): shorten the prompts or use a model with a longer context")
     rows = [ids for ids in enc for _ in range(samples_per_prompt)]
     texts = [p for p in prompts for _ in range(samples_per_prompt)]
     group = [i for i in range(len(prompts)) for _ in range(samples_per_prompt)]
@@ -306,7 +312,7 @@ def sample_completions(model: nn.Module, tokenizer, prompts: Sequence[str], para
     model.eval()
     try:
         for _ in decode_steps(model, rows, params, checkers, pad_id=pad_id, generators=gens,
-                              max_len=model.config.block_size):
+                              max_len=block):
             pass
     finally:
         model.train(was)
