@@ -489,6 +489,7 @@ def test_ppo_with_a_reward_model_and_grpo_with_arithmetic(rl_files, tmp_path, ca
     (["grpo", "--reward", "arithmetic", "--samples-per-prompt", "1"], "samples_per_prompt must be >= 2"),
     (["ppo", "--reward", "arithmetic", "--kl-estimator", "k2"], "kl_estimator must be k1 or k3"),
     (["ppo"], "no reward given"),
+    (["ppo", "--reward", "arithmetic", "--epochs", "2"], "use --max-steps, not --epochs"),
 ])
 def test_cli_errors_are_one_line(rl_files, tmp_path, capsys, argv, message):
     from lmforge.cli import main

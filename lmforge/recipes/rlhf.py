@@ -194,6 +194,8 @@ class RLConfig(common.FinetuneConfig):
             raise ConfigError(f"temperature must be > 0 for sampled rollouts, got {self.temperature}")
         if self.eval_prompts < 0:
             raise ConfigError(f"eval_prompts must be >= 0, got {self.eval_prompts}")
+        if self.epochs is not None:
+            raise ConfigError("PPO and GRPO count RL steps (sample, score, update): use --max-steps, not --epochs")
         if not self.ops or set(self.ops) - set("+-*"):
             raise ConfigError(f"ops must be made of +, - and *, got {self.ops!r}")
 
