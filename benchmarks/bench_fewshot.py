@@ -72,7 +72,8 @@ def fewshot(lm, args) -> dict:
 
 
 def fewshot_table(result: dict, shots, seeds) -> str:
-    lines = ["| k | score: balanced acc. (mean, min-max over seeds) | calibrated score | generate | generate unparsed |",
+    lines = ["| k | score: balanced acc. (mean, min-max over seeds) | calibrated score | generate "
+             "| generate unparsed |",
              "|---|---|---|---|---|"]
     for k in shots:
         rs = [r for r in result["rows"] if r["shots"] == k]
@@ -86,32 +87,52 @@ def fewshot_table(result: dict, shots, seeds) -> str:
     return "\n".join(lines)
 
 
-def json_runs(lm, args) -> dict:
+def random_gpt2_vocab_lm():
+    """The slow case for constrained decoding: a random model (most draws refused) over GPT-2's 50,257 tokens."""
+    import torch
+
+    from lmforge.lm import LM
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.tokenizers.bpe import Tokenizer
+
+    tok = Tokenizer.from_gpt2_files(DATA / "gpt2" / "encoder.json", DATA / "gpt2" / "vocab.bpe")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("gpt-tiny", vocab_size=50257, block_size=256, n_layer=1, n_embd=32, init_std=0.2)
+    return LM(Transformer(cfg).eval(), tok, cfg)
+
+
+def json_runs(lm, args, modes=("none", "json", "json_schema"), label="") -> dict:
+    """`args.json_runs` sampled answers per mode; the modes take turns (seed by seed) so that a shared machine's
+    load swings hit them alike."""
     try:
         import jsonschema
     except ImportError:
         jsonschema = None
-    out = {}
-    for mode, controls in (("none", {}), ("json", {"json": True}), ("json_schema", {"json_schema": SCHEMA})):
-        ok = done = tokens = 0
-        t0 = time.perf_counter()
-        for seed in range(args.json_runs):
+    controls = {"none": {}, "json": {"json": True}, "json_schema": {"json_schema": SCHEMA}}
+    stats = {m: {"runs": 0, "complete": 0, "valid": 0, "tokens": 0, "seconds": 0.0} for m in modes}
+    for seed in range(args.json_runs):
+        for mode in modes:
+            t0 = time.perf_counter()
             text = lm.generate("Once upon a time", temperature=0.8, seed=seed, max_new_tokens=args.json_tokens,
-                               **controls)
-            tokens += len(text.token_ids)
-            done += text.finish_reason == "stop"
+                               **controls[mode])
+            st = stats[mode]
+            st["seconds"] += time.perf_counter() - t0
+            st["runs"] += 1
+            st["tokens"] += len(text.token_ids)
+            st["complete"] += text.finish_reason == "stop"
             try:
                 doc = json.loads(text)
                 if mode == "json_schema" and jsonschema is not None:
                     jsonschema.validate(doc, SCHEMA)
-                ok += mode == "none" or isinstance(doc, dict)
+                st["valid"] += mode == "none" or isinstance(doc, dict)
             except (ValueError, getattr(jsonschema, "ValidationError", ValueError)):
                 pass
-        secs = time.perf_counter() - t0
-        out[mode] = {"runs": args.json_runs, "complete": done, "valid": ok, "tokens": tokens,
-                     "tokens_per_s": round(tokens / secs, 1)}
-        print(f"json {mode}: {ok}/{args.json_runs} valid, {done} complete, {tokens / secs:.1f} tokens/s", flush=True)
-    return out
+    for mode, st in stats.items():
+        st["tokens_per_s"] = round(st["tokens"] / st["seconds"], 1)
+        print(f"json{label} {mode}: {st['valid']}/{st['runs']} parse{' and validate' if mode == 'json_schema' else ''}"
+              f", {st['complete']} complete, {st['tokens_per_s']} tokens/s", flush=True)
+    return stats
 
 
 def main(argv=None) -> int:
@@ -128,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--json-runs", type=int, default=20)
     p.add_argument("--json-tokens", type=int, default=120)
     p.add_argument("--skip-fewshot", action="store_true")
+    p.add_argument("--worst-case", action="store_true",
+                   help="also time json_schema on a random model with GPT-2's 50k vocabulary (the slow case)")
     p.add_argument("--out", help="write results.json here")
     args = p.parse_args(argv)
     args.shots = [int(x) for x in args.shots.split(",")]
@@ -143,6 +166,10 @@ def main(argv=None) -> int:
         result["fewshot"] = fewshot(lm, args)
         print(fewshot_table(result["fewshot"], args.shots, args.seeds))
     result["json"] = json_runs(lm, args)
+    if args.worst_case:
+        args.json_runs = min(args.json_runs, 3)
+        result["json_random_gpt2_vocab"] = json_runs(random_gpt2_vocab_lm(), args, ("none", "json_schema"),
+                                                     " (random model, GPT-2 vocabulary)")
     if args.out:
         from lmforge.utils import atomic_write_json
 
