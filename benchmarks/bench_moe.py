@@ -1,18 +1,20 @@
 """Mixture of experts against the dense demo: same data, schedule, attention and compute per token.
 
-Three `lmforge pretrain` runs on the embedded corpus, each with the demo's settings (configs/pretrain/demo.yaml and
+Four `lmforge pretrain` runs on the embedded corpus, each with the demo's settings (configs/pretrain/demo.yaml and
 configs/pretrain/moe-demo.yaml; --max-steps shortens both alike):
 
     dense       llama-tiny: SwiGLU MLP of width 384 in every block
     moe         mixtral-tiny: top-2 of 8 experts of width 192 (same MLP compute per token, 4x the MLP weights),
                 load-balancing loss weighted 0.01
     moe-noaux   the same with router_aux_loss_coef = 0: what the routers do with no balancing term
+    moe-aux0.1  the same with router_aux_loss_coef = 0.1 (ten times the demo's)
 
 Reported per run: parameters (all / used per token), final validation loss, training tokens/s, and for the MoE runs
-the load-balancing loss and the busiest expert's share of its layer's tokens (even = 1/8 = 0.125), averaged over the
-last 10% of the steps.
+the load-balancing loss, the busiest and the idlest expert's share of its layer's (token, expert) assignments over
+all layers (even = 1/8 = 0.125; 0.5 = every token picks that expert) and the router entropy over ln 8, averaged over
+the last 10% of the steps.
 
-    .venv/bin/python benchmarks/bench_moe.py [--max-steps 300] [--runs dense,moe,moe-noaux] [--out runs/bench-moe]
+    .venv/bin/python benchmarks/bench_moe.py [--max-steps 300] [--runs dense,moe,moe-noaux,moe-aux0.1] [--out ...]
 
 `--layer` instead times one MoE layer's forward (mixtral-tiny's shape, 2048 tokens): the sorted dispatch that
 `SparseMoE` uses against running every expert on every token and masking, and against transformers' Mixtral block.
@@ -37,32 +39,36 @@ from lmforge.recipes.pretrain import PretrainConfig, run_pretrain  # noqa: E402
 from lmforge.training.loop import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-# the balancing term switched off: a preset of its own, so the recipe builds it like any other
+# the balancing term off, or ten times stronger: presets of their own, so the recipe builds them like any other
 PRESETS["mixtral-tiny-noaux"] = dict(PRESETS["mixtral-tiny"], router_aux_loss_coef=0.0)
-RUNS = {"dense": ("demo", {}), "moe": ("moe-demo", {}), "moe-noaux": ("moe-demo", {"model": "mixtral-tiny-noaux"})}
+PRESETS["mixtral-tiny-aux0.1"] = dict(PRESETS["mixtral-tiny"], router_aux_loss_coef=0.1)
+RUNS = {"dense": ("demo", {}), "moe": ("moe-demo", {}), "moe-noaux": ("moe-demo", {"model": "mixtral-tiny-noaux"}),
+        "moe-aux0.1": ("moe-demo", {"model": "mixtral-tiny-aux0.1"})}
 
 
-def run(name: str, args) -> dict:
+def run(name: str, args) -> None:
     yaml_name, over = RUNS[name]
-    out = Path(args.out) / name
     fields = {**argconf.load_yaml(REPO / "configs" / "pretrain" / f"{yaml_name}.yaml"), **over,
-              "out": str(out), "max_steps": args.max_steps, "overwrite": True, "progress": args.progress,
-              "sample_every": 0, "save_every": 0}
-    cfg = argconf.build(PretrainConfig, fields)
-    t0 = time.time()
-    lm = run_pretrain(cfg)
-    wall = time.time() - t0
+              "out": str(Path(args.out) / name), "max_steps": args.max_steps, "overwrite": True,
+              "progress": args.progress, "sample_every": 0, "save_every": 0}
+    run_pretrain(argconf.build(PretrainConfig, fields))
+
+
+def summarize(name: str, out: Path) -> dict:
+    """One row of the report from a finished run's directory (config.json and metrics.jsonl)."""
+    mc = ModelConfig.from_dict({k: v for k, v in json.loads((out / "config.json").read_text()).items()
+                                if k not in ("format", "version", "dtype")})
     recs = read_metrics(out / "metrics.jsonl")
     steps = [r for r in recs if "loss" in r]
     tail = steps[-max(1, len(steps) // 10):]
-    mc: ModelConfig = lm.config
-    row = {"run": name, "params": lm.model.num_params(), "active_params": mc.num_params(active=True),
-           "val_loss": [r["val_loss"] for r in recs if "val_loss" in r][-1], "wall_s": round(wall, 1),
+    row = {"run": name, "steps": len(steps), "params": mc.num_params(), "active_params": mc.num_params(active=True),
+           "val_loss": [r["val_loss"] for r in recs if "val_loss" in r][-1],
            "tok_per_s": statistics.median(r["tok_per_s"] for r in steps[1:])}
     if "aux_loss" in steps[-1]:
+        L = len(tail[0]["router_load"])
         row["aux_loss"] = statistics.mean(r["aux_loss"] for r in tail)
-        row["max_load"] = statistics.mean(max(map(max, r["router_load"])) for r in tail)
-        row["min_load"] = statistics.mean(min(map(min, r["router_load"])) for r in tail)
+        row["busiest"] = [statistics.mean(max(r["router_load"][i]) for r in tail) for i in range(L)]
+        row["idle"] = [statistics.mean(sum(x < 0.01 for x in r["router_load"][i]) for r in tail) for i in range(L)]
         row["router_entropy"] = statistics.mean(statistics.mean(r["router_entropy"]) for r in tail)
     return row
 
@@ -115,23 +121,30 @@ def layer_timing(n_tokens: int = 2048, repeats: int = 20) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-steps", type=int, default=300)
-    ap.add_argument("--runs", default="dense,moe,moe-noaux")
+    ap.add_argument("--runs", default="dense,moe,moe-noaux,moe-aux0.1")
     ap.add_argument("--out", default="runs/bench-moe")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--layer", action="store_true", help="time one MoE layer's dispatch instead")
+    ap.add_argument("--report-only", action="store_true", help="summarize the runs already in --out, train nothing")
     args = ap.parse_args()
     if args.layer:
         return layer_timing()
-    rows = [run(name, args) for name in args.runs.split(",")]
-    print(f"\n{args.max_steps} steps each (batch 16 x 128 tokens, the demo's schedule)")
-    print("| run | params (all / per token) | val loss | tok/s | aux loss | busiest / idlest expert share | "
-          "router entropy |")
-    print("|---|---|---|---|---|---|---|")
+    names = args.runs.split(",")
+    if not args.report_only:
+        for name in names:
+            run(name, args)
+    rows = [summarize(name, Path(args.out) / name) for name in names]
+    print("\n(batch 16 x 128 tokens, the demo's schedule; router columns: mean of the last 10% of the steps; share =")
+    print(" share of a layer's (token, expert) assignments, even = 0.125, 0.5 = every token picks that expert)")
+    print("| run | steps | params (all / per token) | val loss | tok/s | aux loss | busiest expert's share, per layer "
+          "| experts under 1%, per layer | router entropy / ln E |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        moe = (f"{r['aux_loss']:.3f} | {r['max_load']:.3f} / {r['min_load']:.3f} | {r['router_entropy']:.3f}"
-               if "aux_loss" in r else "- | - | -")
-        print(f"| {r['run']} | {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | {r['val_loss']:.4f} | "
-              f"{r['tok_per_s']:,.0f} | {moe} |")
+        moe = (f"{r['aux_loss']:.3f} | {' '.join(f'{x:.2f}' for x in r['busiest'])} | "
+               f"{' '.join(f'{x:.1f}' for x in r['idle'])} | {r['router_entropy']:.3f}"
+               if "aux_loss" in r else "- | - | - | -")
+        print(f"| {r['run']} | {r['steps']} | {r['params'] / 1e6:.2f}M / {r['active_params'] / 1e6:.2f}M | "
+              f"{r['val_loss']:.4f} | {r['tok_per_s']:,.0f} | {moe} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(rows, indent=1))
 

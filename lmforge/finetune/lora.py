@@ -447,7 +447,8 @@ def _hf_module_map(model: nn.Module) -> dict[str, tuple[str, int, tuple[int, ...
         return {}
     linear = set(_linear_names(model))
     parts: dict[str, list[tuple[str, str]]] = {}  # HF module -> [(part tag, lmforge module)]
-    for ours, theirs in hf.expand_names(hf.NAME_MAPS[family], config.n_layer).items():
+    table = hf.expand_names(hf.NAME_MAPS[family], config.n_layer, getattr(config, "num_experts", 0))  # {j}: experts
+    for ours, theirs in table.items():
         module = ours.removesuffix(".weight")
         if not ours.endswith(".weight") or module not in linear:
             continue
