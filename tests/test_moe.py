@@ -5,8 +5,9 @@
 - export to Hugging Face layout: transformers 5 (and transformers 4, LMFORGE_TRANSFORMERS4) loads it, same logits;
 - the load-balancing loss equals transformers' `load_balancing_loss_func`, and the training loss's gradient equals
   the gradient of transformers' own MoE loss (cross-entropy + router_aux_loss_coef * aux);
-- the training loop logs router statistics; generation, quantization and GGUF (read back with gguf's reader,
-  and llama.cpp itself under the `llamacpp` marker) work on MoE models.
+- the training loop logs router statistics; generation, quantization, LoRA (PEFT loads the adapter) and GGUF
+  (llama.cpp's llama and qwen2moe architectures, read back with gguf's reader, and llama.cpp itself under the
+  `llamacpp` marker) work on MoE models.
 """
 
 from __future__ import annotations
@@ -361,17 +362,37 @@ def test_lora_on_experts_loads_in_peft(tmp_path):
 # GGUF
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_moe_lm():
-    """A Mixtral-block model with a byte-level BPE trained here, weights sharp enough for clear greedy choices."""
+def bpe():
     from lmforge.tokenizers.bpe import Tokenizer
     from lmforge.training.data import builtin_corpus
 
-    tok = Tokenizer.train([builtin_corpus()[:30000]], vocab_size=320, progress=False)
-    cfg = ModelConfig.from_name("mixtral-tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
+    return Tokenizer.train([builtin_corpus()[:30000]], vocab_size=320, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_lm(bpe):
+    """A Mixtral-block model with a byte-level BPE trained here, weights sharp enough for clear greedy choices."""
+    cfg = ModelConfig.from_name("mixtral-tiny", vocab_size=bpe.vocab_size, n_layer=2, n_embd=64, n_head=4,
                                 n_kv_head=2, intermediate_size=64, num_experts=4, block_size=128, init_std=0.1,
                                 tie_word_embeddings=False)
     torch.manual_seed(0)
-    return LM(Transformer(cfg).eval(), tok, cfg)
+    return LM(Transformer(cfg).eval(), bpe, cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_moe_lm(bpe):
+    """A Qwen2-MoE-block model (q/k/v biases, raw top-k weights, a shared expert), tied head."""
+    cfg = ModelConfig.from_name("mixtral-tiny", vocab_size=bpe.vocab_size, n_layer=2, n_embd=64, n_head=4,
+                                n_kv_head=2, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                shared_expert_intermediate_size=48, norm_topk_prob=False, qkv_bias=True,
+                                block_size=128, init_std=0.1)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)  # biases start at zero: make a wrong mapping show
+    return LM(model, bpe, cfg)
 
 
 def test_gguf_moe_tensors_and_round_trip(tiny_moe_lm, tmp_path):
@@ -403,27 +424,46 @@ def test_gguf_moe_tensors_and_round_trip(tiny_moe_lm, tmp_path):
     assert (_logits(q8.model, ids) - _logits(tiny_moe_lm.model, ids)).abs().max() < 0.5
 
 
-def test_gguf_refuses_a_shared_expert(tmp_path):
-    from lmforge.tokenizers.bpe import Tokenizer
+def test_gguf_qwen2_moe_is_llama_cpps_qwen2moe(tiny_qwen2_moe_lm, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    lm, c = tiny_qwen2_moe_lm, tiny_qwen2_moe_lm.config
+    path = export_gguf(lm, tmp_path / "q.gguf", "f32")
+    reader = gguf.GGUFReader(str(path))
+    kv = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    assert kv["general.architecture"] == "qwen2moe"
+    assert (kv["qwen2moe.expert_count"], kv["qwen2moe.expert_used_count"]) == (4, 2)
+    assert (kv["qwen2moe.expert_feed_forward_length"], kv["qwen2moe.expert_shared_feed_forward_length"]) == (32, 48)
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == (c.n_embd,)
+    assert shapes["blk.0.ffn_down_shexp.weight"] == (48, c.n_embd) and shapes["blk.0.attn_q.bias"] == (c.n_embd,)
+    assert "output.weight" in shapes  # qwen2moe always reads an output matrix, tied or not
+    back = load_gguf(path)
+    assert back.config.shared_expert_intermediate_size == 48 and back.config.tie_word_embeddings
+    ids = torch.tensor([lm.tokenizer.encode("The def statement")])
+    torch.testing.assert_close(_logits(back.model, ids), _logits(lm.model, ids), atol=1e-5, rtol=0)
 
-    model = _tiny(shared=20, norm_topk=False, qkv_bias=False)
-    tok = Tokenizer.train(["hello world " * 50], vocab_size=270, progress=False)
-    with pytest.raises(ConfigError, match="no shared expert and norm_topk_prob=True"):
-        export_gguf(LM(model, tok, model.config), tmp_path / "x.gguf")
+
+def test_gguf_refuses_what_llama_cpp_would_run_differently(bpe, tmp_path):
+    for shared, norm_topk, match in ((20, True, "norm_topk_prob=False .llama.cpp does not renormalize"),
+                                     (0, False, "renormalizes the top-k weights")):
+        model = _tiny(shared=shared, norm_topk=norm_topk, qkv_bias=True, vocab_size=bpe.vocab_size)
+        with pytest.raises(ConfigError, match=match):
+            export_gguf(LM(model, bpe, model.config), tmp_path / "x.gguf")
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.llamacpp
-def test_llama_cpp_runs_the_moe_export_as_lmforge_does(tiny_moe_lm, tmp_path):
+@pytest.mark.parametrize("which", ["mixtral", "qwen2_moe"])
+def test_llama_cpp_runs_the_moe_export_as_lmforge_does(tiny_moe_lm, tiny_qwen2_moe_lm, tmp_path, which):
     from test_gguf import _ours_greedy, llama_cpp_greedy, llama_cpp_nll
 
-    path = export_gguf(tiny_moe_lm, tmp_path / "moe.gguf", "f32")
-    prompt = tiny_moe_lm.tokenizer.encode("The def statement")
-    assert llama_cpp_greedy(path, prompt, 30) == _ours_greedy(tiny_moe_lm, prompt, 30)[:30]
-    ids = tiny_moe_lm.tokenizer.encode("The def statement defines a function object and binds it to a name.")
+    lm = tiny_moe_lm if which == "mixtral" else tiny_qwen2_moe_lm
+    path = export_gguf(lm, tmp_path / "moe.gguf", "f32")
+    prompt = lm.tokenizer.encode("The def statement")
+    assert llama_cpp_greedy(path, prompt, 30) == _ours_greedy(lm, prompt, 30)[:30]
+    ids = lm.tokenizer.encode("The def statement defines a function object and binds it to a name.")
     with torch.no_grad():
-        ours = torch.nn.functional.cross_entropy(tiny_moe_lm.model(torch.tensor([ids]))[0, :-1],
-                                                 torch.tensor(ids[1:])).item()
+        ours = torch.nn.functional.cross_entropy(lm.model(torch.tensor([ids]))[0, :-1], torch.tensor(ids[1:])).item()
     assert abs(llama_cpp_nll(path, ids) - ours) < 1e-3  # the same next-token distribution, position by position
 
 

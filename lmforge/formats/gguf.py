@@ -41,7 +41,11 @@ Mixture of experts (Mixtral) is llama.cpp's `llama` architecture too, with `llam
     blk.{i}.ffn_down_exps.weight   (E, C, He)
 
 (numpy shapes; ggml lists them innermost first). llama.cpp's `llama` MoE renormalizes the top-k weights, so only
-`norm_topk_prob=True` models without a shared expert (Mixtral's block) are written this way.
+`norm_topk_prob=True` models without a shared expert (Mixtral's block) are written this way. Qwen2-MoE's block (q/k/v
+biases, raw top-k weights, a shared expert with a sigmoid gate) is llama.cpp's `qwen2moe` architecture: the same
+expert tensors plus `ffn_gate_inp_shexp` (C,) and `ffn_{gate,up,down}_shexp`, widths in
+`qwen2moe.expert_feed_forward_length` / `expert_shared_feed_forward_length`. qwen2moe rotates halves (NeoX RoPE),
+lmforge's own layout, so its q/k rows are written as they are.
 """
 
 from __future__ import annotations
@@ -75,13 +79,22 @@ def _gguf():
 # Which architecture
 # ----------------------------------------------------------------------------------------------------------------
 def gguf_arch(config: ModelConfig) -> str:
-    """'llama' or 'gpt2' for a config llama.cpp runs under that architecture, else a one-line ConfigError."""
+    """'llama', 'qwen2moe' or 'gpt2' for a config llama.cpp runs under that architecture, else a one-line
+    ConfigError."""
     c = config
-    if c.num_experts and (c.shared_expert_intermediate_size or not c.norm_topk_prob):
-        raise ConfigError("GGUF export of a mixture of experts supports Mixtral's block (llama.cpp's llama "
-                          "architecture): no shared expert and norm_topk_prob=True; this model has "
-                          f"shared_expert_intermediate_size={c.shared_expert_intermediate_size}, "
-                          f"norm_topk_prob={c.norm_topk_prob}")
+    rope_family = (c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.o_bias
+                   and not c.mlp_bias and not c.sliding_window and not c.rope_scaling
+                   and c.head_dim * c.n_head == c.n_embd)
+    if c.num_experts and c.shared_expert_intermediate_size:
+        if rope_family and c.qkv_bias and not c.norm_topk_prob:
+            return "qwen2moe"
+        raise ConfigError("GGUF export of a mixture of experts with a shared expert is llama.cpp's qwen2moe: "
+                          "Qwen2-MoE's block with q/k/v biases and norm_topk_prob=False (llama.cpp does not "
+                          f"renormalize); this model has qkv_bias={c.qkv_bias}, norm_topk_prob={c.norm_topk_prob}")
+    if c.num_experts and not c.norm_topk_prob:
+        raise ConfigError("GGUF export of a mixture of experts without a shared expert is llama.cpp's llama "
+                          "(Mixtral's block), which renormalizes the top-k weights: this model has "
+                          "norm_topk_prob=False")
     if (c.pos_embedding == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not c.qkv_bias
             and not c.o_bias and not c.mlp_bias and not c.sliding_window and not c.rope_scaling
             and c.head_dim * c.n_head == c.n_embd):
@@ -196,12 +209,16 @@ def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict
 
         out[name(N.ATTN_NORM)] = _weight(model, p + "norm_1")
         out[name(N.FFN_NORM)] = _weight(model, p + "norm_2")
-        if arch == "llama":
-            q = torch.from_numpy(_weight(model, p + "attn.q_proj"))
-            k = torch.from_numpy(_weight(model, p + "attn.k_proj"))
-            out[name(N.ATTN_Q)] = hf_to_meta_rope(q, config.n_head).numpy()
-            out[name(N.ATTN_K)] = hf_to_meta_rope(k, config.n_kv_head).numpy()
+        if arch in ("llama", "qwen2moe"):
+            q, k = _weight(model, p + "attn.q_proj"), _weight(model, p + "attn.k_proj")
+            if arch == "llama":  # adjacent-pair RoPE: permute the rows (qwen2moe rotates halves, as lmforge does)
+                q = hf_to_meta_rope(torch.from_numpy(q), config.n_head).numpy()
+                k = hf_to_meta_rope(torch.from_numpy(k), config.n_kv_head).numpy()
+            out[name(N.ATTN_Q)], out[name(N.ATTN_K)] = q, k
             out[name(N.ATTN_V)] = _weight(model, p + "attn.v_proj")
+            if config.qkv_bias:
+                for t, x in ((N.ATTN_Q, "q"), (N.ATTN_K, "k"), (N.ATTN_V, "v")):
+                    out[name(t, "bias")] = _bias(model, f"{p}attn.{x}_proj")
             out[name(N.ATTN_OUT)] = _weight(model, p + "attn.o_proj")
             if config.num_experts:  # the router, and each matrix of every expert stacked: (E, out, in)
                 experts = range(config.num_experts)
@@ -209,6 +226,11 @@ def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict
                 for t, proj in ((N.FFN_GATE_EXP, "gate_proj"), (N.FFN_UP_EXP, "up_proj"),
                                 (N.FFN_DOWN_EXP, "down_proj")):
                     out[name(t)] = np.stack([_weight(model, f"{p}mlp.experts.{j}.{proj}") for j in experts])
+                if config.shared_expert_intermediate_size:  # its gate is one row: stored as a (C,) vector
+                    out[name(N.FFN_GATE_INP_SHEXP)] = _weight(model, p + "mlp.shared_expert_gate").reshape(-1)
+                    for t, proj in ((N.FFN_GATE_SHEXP, "gate_proj"), (N.FFN_UP_SHEXP, "up_proj"),
+                                    (N.FFN_DOWN_SHEXP, "down_proj")):
+                        out[name(t)] = _weight(model, f"{p}mlp.shared_expert.{proj}")
             else:
                 out[name(N.FFN_GATE)] = _weight(model, p + "mlp.gate_proj")
                 out[name(N.FFN_UP)] = _weight(model, p + "mlp.up_proj")
@@ -225,7 +247,7 @@ def gguf_tensors(model: torch.nn.Module, config: ModelConfig, arch: str) -> dict
     out[tn[N.OUTPUT_NORM] + ".weight"] = _weight(model, "norm_f")
     if arch == "gpt2":
         out[tn[N.OUTPUT_NORM] + ".bias"] = _bias(model, "norm_f")
-    if arch == "gpt2" or not config.tie_word_embeddings:  # llama.cpp's llama reuses token_embd when output is absent
+    if arch != "llama" or not config.tie_word_embeddings:  # llama.cpp's llama reuses token_embd when output is absent
         out[tn[N.OUTPUT] + ".weight"] = _weight(model, "lm_head")
     return out
 
@@ -267,13 +289,17 @@ def export_gguf(lm, path: str | os.PathLike, dtype: str = "f32") -> Path:
         w.add_context_length(config.block_size)
         w.add_embedding_length(config.n_embd)
         w.add_block_count(config.n_layer)
-        w.add_feed_forward_length(config.moe_intermediate_size if config.num_experts else config.intermediate_size)
+        w.add_feed_forward_length(config.moe_intermediate_size if arch == "llama" and config.num_experts
+                                  else config.intermediate_size)
         if config.num_experts:
             w.add_expert_count(config.num_experts)
             w.add_expert_used_count(config.num_experts_per_tok)
+        if arch == "qwen2moe":
+            w.add_expert_feed_forward_length(config.moe_intermediate_size)
+            w.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
         w.add_head_count(config.n_head)
         w.add_vocab_size(config.vocab_size)
-        if arch == "llama":
+        if arch in ("llama", "qwen2moe"):
             w.add_head_count_kv(config.n_kv_head)
             w.add_layer_norm_rms_eps(config.norm_eps)
             w.add_rope_freq_base(config.rope_theta)
@@ -381,8 +407,9 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0] if str(e) else e!r})") from None
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (lmforge reads llama and gpt2)")
+    if arch not in ("llama", "gpt2", "qwen2moe"):
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (lmforge reads llama, qwen2moe "
+                              "and gpt2)")
     tensors = {t.name: t for t in reader.tensors}
 
     def kv(key, default=None):
@@ -399,12 +426,16 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
     n_experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
     if n_experts:  # Mixtral's block: every expert feed_forward_length wide, top-k weights renormalized
         common.update(num_experts=n_experts, num_experts_per_tok=int(kv("expert_used_count")), norm_topk_prob=True)
-    if arch == "llama":
+    if arch == "qwen2moe":  # Qwen2-MoE's block: own expert widths, a shared expert, raw top-k weights, q/k/v biases
+        common.update(moe_intermediate_size=int(kv("expert_feed_forward_length")), norm_topk_prob=False,
+                      shared_expert_intermediate_size=int(kv("expert_shared_feed_forward_length")), qkv_bias=True)
+    if arch in ("llama", "qwen2moe"):
         config = ModelConfig(**common, n_kv_head=int(kv("attention.head_count_kv", common["n_head"])),
                              pos_embedding="rope", norm="rmsnorm", mlp="swiglu",
                              rope_theta=float(kv("rope.freq_base", 10000.0)),
                              norm_eps=float(kv("attention.layer_norm_rms_epsilon")),
-                             tie_word_embeddings="output.weight" not in arrays)
+                             tie_word_embeddings=("output.weight" not in arrays or arch == "qwen2moe" and
+                                                  np.array_equal(arrays["output.weight"], arrays["token_embd.weight"])))
     else:
         config = ModelConfig(**common, pos_embedding="learned", norm="layernorm", mlp="gelu", qkv_bias=True,
                              o_bias=True, mlp_bias=True, norm_eps=float(kv("attention.layer_norm_epsilon")),
@@ -438,10 +469,19 @@ def load_gguf(path: str | os.PathLike, dtype=None, device=None):
         else:
             sd[p + "mlp.up_proj.weight"] = t(b + "ffn_up.weight")
             sd[p + "mlp.down_proj.weight"] = t(b + "ffn_down.weight")
-        if arch == "llama":
-            sd[p + "attn.q_proj.weight"] = meta_to_hf_rope(t(b + "attn_q.weight"), config.n_head)
-            sd[p + "attn.k_proj.weight"] = meta_to_hf_rope(t(b + "attn_k.weight"), config.n_kv_head)
+        if arch in ("llama", "qwen2moe"):
+            q, k = t(b + "attn_q.weight"), t(b + "attn_k.weight")
+            if arch == "llama":  # back from adjacent-pair RoPE rows
+                q, k = meta_to_hf_rope(q, config.n_head), meta_to_hf_rope(k, config.n_kv_head)
+            sd[p + "attn.q_proj.weight"], sd[p + "attn.k_proj.weight"] = q, k
             sd[p + "attn.v_proj.weight"] = t(b + "attn_v.weight")
+            if config.qkv_bias:
+                for x in "qkv":
+                    sd[p + f"attn.{x}_proj.bias"] = t(b + f"attn_{x}.bias")
+            if config.shared_expert_intermediate_size:
+                sd[p + "mlp.shared_expert_gate.weight"] = t(b + "ffn_gate_inp_shexp.weight").reshape(1, -1)
+                for proj in ("gate", "up", "down"):
+                    sd[p + f"mlp.shared_expert.{proj}_proj.weight"] = t(b + f"ffn_{proj}_shexp.weight")
             if not n_experts:
                 sd[p + "mlp.gate_proj.weight"] = t(b + "ffn_gate.weight")
         else:
