@@ -265,6 +265,22 @@ def test_router_logits_are_collected_per_forward():
     assert len(logits) == 2
 
 
+def test_aux_loss_leaves_out_forwards_without_gradients():
+    """A loss that also runs a frozen reference pass (DPO) balances the trained forward's routing only."""
+    model = _tiny().train()
+    ids, other = _ids(seed=7), _ids(seed=8)
+
+    def with_reference(m, batch):
+        with torch.no_grad():
+            m(other)  # the reference pass: its router logits must not count
+        return next_token_loss(m, batch)
+
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    both, alone = RouterAuxLoss(with_reference, model.config), RouterAuxLoss(next_token_loss, model.config)
+    both(model, batch), alone(model, batch)
+    assert both.pop_stats() == alone.pop_stats()
+
+
 def test_train_logs_router_statistics(tmp_path):
     from lmforge.training.loop import TrainConfig, read_metrics, train
 

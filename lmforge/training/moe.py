@@ -79,6 +79,8 @@ class RouterAuxLoss:
             loss = self.loss_fn(model, batch)
         if not router_logits:  # the loss never ran an MoE forward
             return loss
+        # forwards without autograd (a DPO loss's frozen reference pass) are not the model being trained: left out
+        router_logits = [lg for lg in router_logits if lg.requires_grad] or router_logits
         aux = load_balancing_loss(router_logits, self.num_experts, self.top_k)
         load, entropy = router_stats(router_logits, self.top_k)
         with self._lock:  # kept as tensors: read back to the CPU once per step, in pop_stats
