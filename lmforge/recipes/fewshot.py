@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.finetune.metrics import plot_confusion
 from lmforge.generation import prompting
 from lmforge.utils import atomic_write_json
@@ -71,9 +71,11 @@ def run_fewshot(cfg: FewShotConfig, log=print) -> dict:
     examples = prompting.load_examples(cfg.data, cfg.input_field or None, cfg.label_field or None)
     random.Random(1234).shuffle(examples)
     cut = int(len(examples) * cfg.pool_fraction)
-    pool, rest = examples[:cut], examples[cut:]
     labels = cfg.labels or sorted({ex.label for ex in examples})
-    test = prompting.balanced_subset([ex for ex in rest if ex.label in labels], cfg.per_label, seed=1234)
+    pool = [ex for ex in examples[:cut] if ex.label in labels]
+    test = prompting.balanced_subset([ex for ex in examples[cut:] if ex.label in labels], cfg.per_label, seed=1234)
+    if not test:
+        raise DataError(f"{cfg.data}: no test example carries one of the labels {labels}")
     fmt = prompting.PromptFormat(style=cfg.style, instruction=cfg.instruction)
     log(f"{cfg.model}: {len(labels)} labels {labels}, {len(pool)} examples to draw demonstrations from, "
         f"{len(test)} test examples; method {cfg.method}, {cfg.style} prompts")
