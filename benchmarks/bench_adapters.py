@@ -6,7 +6,8 @@
 One base model (bench_forgetting.py's: a Llama-style model lmforge pretrains on War and Peace; made here if
 missing), one task (SFT on the Alpaca set, instruction-data.json, 85/5/10 split), one seed, the same batches and
 number of steps for every method. Each method gets about the same trainable budget (--budget numbers, default
-about 12K: 0.6% of the 2.2M-parameter base), at its own usual learning rate:
+about 12K: 0.6% of the 2.2M-parameter base), at its own usual learning rate (times each of --lr-scales, a small
+sweep; the plot shows each method at its best, chosen on the same validation split it reports):
 
   lora        rank r on q_proj,v_proj of every block: 4 r C per block (C = n_embd)
   bottleneck  size m after attention and MLP of every block: 2 (2 C m + m + C) per block
@@ -44,17 +45,22 @@ def sizes(C: int, n_layer: int, budget: int) -> dict[str, dict]:
             "full": {}}
 
 
+BUDGET, SEED = 12288, 1337  # the defaults: runs with others get their own directories
 LR = {"lora": 2e-3, "bottleneck": 2e-3, "prompt": 3e-2, "full": 1e-3}  # each method's usual range
 
 
-def run_method(method: str, base: Path, work: Path, args) -> dict:
+def run_method(method: str, base: Path, work: Path, args, scale: float = 1.0) -> dict:
     import lmforge
     from lmforge.recipes.prompt_tune import PromptTuneConfig, run_prompt_tune
     from lmforge.recipes.sft import SFTConfig, run_sft
 
     config = lmforge.load(base).config
     kw = sizes(config.n_embd, config.n_layer, args.budget)[method]
-    settings = BF.sft_config(base, work / method, args, lr=args.lr or LR[method], **kw)
+    lr = (args.lr or LR[method]) * scale
+    name = method if scale == 1 else f"{method}-lr{lr:g}"
+    name += "" if args.budget == BUDGET else f"-b{args.budget}"
+    name += "" if args.seed == SEED else f"-seed{args.seed}"
+    settings = BF.sft_config(base, work / name, args, lr=lr, seed=args.seed, **kw)
     n_trainable = count_trainable(method, base, kw)
     t = time.time()
     if method == "prompt":  # the soft prompt is not an SFT option (the virtual tokens need the context room)
@@ -63,7 +69,7 @@ def run_method(method: str, base: Path, work: Path, args) -> dict:
         m = run_prompt_tune(PromptTuneConfig(**settings, weight_decay=0.0))
     else:
         m = run_sft(SFTConfig(**settings))
-    rec = {"stage": "adapters", "method": method, "settings": kw, "lr": settings["lr"], "trainable": n_trainable,
+    rec = {"stage": "adapters", "method": method, "budget": args.budget, "seed": args.seed, "settings": kw, "lr": settings["lr"], "trainable": n_trainable,
            "steps": m["steps"], "val_loss_before": round(m["val_loss_before"], 4),
            "val_loss_after": round(m["val_loss_after"], 4), "seconds": round(time.time() - t, 1)}
     if "forgetting_ppl_before" in m:
@@ -87,7 +93,7 @@ def count_trainable(method: str, base: Path, kw: dict) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
 
 
-def stage_plot(work: Path) -> None:
+def stage_plot(work: Path, budget: int = 12288, seed: int = 1337) -> None:
     try:
         import matplotlib
 
@@ -98,17 +104,21 @@ def stage_plot(work: Path) -> None:
         return
     from lmforge.utils import atomic_write
 
-    runs: dict[str, dict] = {}
+    runs: dict[str, dict] = {}  # each method's best learning rate (lowest held-out loss)
     for line in (work / "results.jsonl").read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("stage") == "adapters":
+        if rec.get("stage") != "adapters" or rec.get("seed", SEED) != seed:
+            continue
+        if rec["method"] != "full" and rec.get("budget", BUDGET) != budget:  # full fine-tuning has no budget
+            continue
+        if rec["method"] not in runs or rec["val_loss_after"] < runs[rec["method"]]["val_loss_after"]:
             runs[rec["method"]] = rec
     order = [m for m in ("lora", "bottleneck", "prompt", "full") if m in runs]
     if not order:
         print("plot: no results yet")
         return
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{m}\n{runs[m]['trainable']:,} params" for m in order]
+    labels = [f"{m}\n{runs[m]['trainable']:,} params\nlr {runs[m]['lr']:g}" for m in order]
     a1.bar(range(len(order)), [runs[m]["val_loss_after"] for m in order], 0.5, color="#5a8f29")
     a1.axhline(runs[order[0]]["val_loss_before"], color="gray", ls="--", lw=1, label="base, before training")
     for i, m in enumerate(order):
@@ -130,10 +140,12 @@ def stage_plot(work: Path) -> None:
     a2.set_ylabel("perplexity")
     a2.set_title("War and Peace held-out perplexity after SFT", fontsize=10)
     a2.legend(fontsize=8)
-    fig.suptitle(f"Same base, data, {runs[order[0]]['steps']} steps and seed; about equal trainable budgets",
+    fig.suptitle(f"Same base, data, {runs[order[0]]['steps']} steps and seed; about {budget:,} trainable numbers each "
+                 f"(full: all); each method at its best learning rate",
                  fontsize=10)
     fig.tight_layout()
-    out = ROOT / "docs" / "img" / "adapters.png"
+    tag = ("" if budget == BUDGET else f"-{budget}") + ("" if seed == SEED else f"-seed{seed}")
+    out = ROOT / "docs" / "img" / f"adapters{tag}.png"
     with atomic_write(out, "wb") as f:
         fig.savefig(f, format="png", dpi=110)
     print(f"plot: {out}")
@@ -143,9 +155,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-forgetting"), help="holds base/ (made if missing)")
     ap.add_argument("--methods", default="lora,bottleneck,prompt,full")
-    ap.add_argument("--budget", type=int, default=12288, help="trainable numbers per method (about)")
+    ap.add_argument("--budget", type=int, default=BUDGET, help="trainable numbers per method (about)")
+    ap.add_argument("--seed", type=int, default=SEED, help="seed of the SFT runs (batch order, init of adapters)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=0.0, help="one learning rate for every method (0: each its own)")
+    ap.add_argument("--lr-scales", default="1", help="run each method at its learning rate times each of these "
+                    "(a small sweep; the plot keeps each method's best)")
     ap.add_argument("--forgetting-tokens", type=int, default=16384)
     ap.add_argument("--pretrain-minutes", type=float, default=20.0)
     ap.add_argument("--quiet", action="store_true")
@@ -156,8 +171,9 @@ def main() -> None:
     adapters_work = work / "adapters"
     adapters_work.mkdir(exist_ok=True)
     for method in [m for m in args.methods.split(",") if m]:
-        run_method(method, base, adapters_work, args)
-    stage_plot(adapters_work)
+        for scale in [float(x) for x in args.lr_scales.split(",")]:
+            run_method(method, base, adapters_work, args, scale)
+    stage_plot(adapters_work, args.budget, args.seed)
 
 
 if __name__ == "__main__":
