@@ -126,12 +126,21 @@ def test_masked_step_with_padding_and_finished_rows_equals_the_forward(kind):
                 torch.testing.assert_close(a.v[real], b.v[real])
 
 
-def test_fused_copies_are_remade_after_the_weights_change():
+OPTIMIZERS = {  # the fused kernels update weights without bumping version counters (decode.py's step hook does)
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5),
+    "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=0.05, foreach=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True),
+    "adam-fused": lambda ps: torch.optim.Adam(ps, lr=0.05, fused=True),
+}
+
+
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_fused_copies_are_remade_after_the_weights_change(optim):
     model = make("llama-gqa")
     prompt = torch.randint(0, 97, (1, 4))
     first = fused_weights(model)
     assert fused_weights(model) is first  # unchanged weights: the same copies
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = OPTIMIZERS[optim](model.parameters())
     model.train()
     loss = model(prompt).float().pow(2).mean()
     loss.backward()

@@ -26,6 +26,7 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lmforge import kernels
 from lmforge.errors import GenerationError
@@ -123,7 +124,8 @@ class DecodeWeights:
 
     @staticmethod
     def stamp_of(model: nn.Module) -> tuple:
-        """Changes whenever a weight is replaced or updated in place (optimizer steps bump `_version`)."""
+        """Changes whenever a weight is replaced or updated in place (optimizer steps bump `_version`; fused ones
+        through `_bump_versions_after_fused_step`)."""
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
 
     @staticmethod
@@ -139,6 +141,23 @@ class DecodeWeights:
         if type(head) is nn.Linear and head.weight.device.type == "cpu":
             return "in_place"
         return None
+
+
+def _bump_versions_after_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Make a fused optimizer's in-place update visible to `DecodeWeights.stamp_of`.
+
+    The stamp notices an in-place update through the tensor's version counter, which every in-place torch op
+    bumps. The fused optimizers (`AdamW(fused=True)`, lmforge's default for training) update the weights inside one
+    kernel that does not, so without this a model trained with one would keep decoding with the copies made
+    before training (measured: greedy ids of the untrained model after `train`). Registered once for every torch
+    optimizer, a global step hook that bumps the counters of a fused optimizer's parameters, as a non-fused step
+    does; it changes no value. (Writes through `p.data` bypass the counter too: after those, call
+    `model._decode_weights = None`.)"""
+    if optimizer.defaults.get("fused"):
+        torch.autograd.graph.increment_version([p for g in optimizer.param_groups for p in g["params"]])
+
+
+register_optimizer_step_post_hook(_bump_versions_after_fused_step)
 
 
 def fused_weights(model: nn.Module) -> DecodeWeights | None:
