@@ -162,11 +162,14 @@ def build(tmp: Path) -> dict[str, Path]:
     return paths
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes of weights a decode step reads: the whole file less one token embedding table's share is close
-    enough for the floors (the embedding is read one row per token; tied to the LM head in GPT-2, so read fully)."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(path).is_dir() \
-        else Path(path).stat().st_size
+def weight_bytes(gguf_path: Path) -> int:
+    """Bytes of weights one decode step reads, from the GGUF's tensor table: every tensor except the embedding
+    tables (token and position), which a step reads one row of. The LM head is counted (llama.cpp stores it as its
+    own `output.weight`, a copy of the tied embedding)."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(gguf_path)).tensors
+    return sum(int(t.n_bytes) for t in tensors if t.name not in ("token_embd.weight", "position_embd.weight"))
 
 
 def run_worker(engine: str, path: Path, args: argparse.Namespace) -> dict:

@@ -4,8 +4,10 @@ and decode speed against llama.cpp on the same GGUF file, all in one run.
 
     .venv/bin/python benchmarks/bench_quantize.py [--model runs/demo] [--out benchmarks/results/compress.md]
 
---model: an lmforge model directory (default runs/demo, trained by `make demo` if absent). stories260K is read
-from the shared data directory. One CPU thread everywhere (the machine is shared), for lmforge and llama.cpp.
+--model: an lmforge model directory (default runs/demo, trained by `make demo` if absent). --data FILE: score
+perplexity on the last 10% of FILE's tokens (real text, e.g. Tiny Shakespeare for a model trained on it, whose
+recipe held the same last 10% out) and calibrate GPTQ on its first 85%; without it, the embedded corpus. stories260K
+is read from the shared data directory. One CPU thread everywhere (the machine is shared), for lmforge and llama.cpp.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,15 +41,15 @@ from tests.helpers import shared_data_dir  # noqa: E402
 DECODE_TOKENS = 64
 
 
-def decode_tps(model, prompt, n=DECODE_TOKENS, repeats=3) -> float:
-    """Greedy decode tokens/s at batch 1 with the KV cache (best of `repeats`)."""
-    best = 0.0
+def decode_tps(model, prompt, n=DECODE_TOKENS, repeats=5) -> float:
+    """Greedy decode tokens/s at batch 1 with the KV cache (median of `repeats`, after one warm-up call)."""
+    generate_ids(model, [prompt], SamplingParams(temperature=0.0, max_new_tokens=4))
+    tps = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = generate_ids(model, [prompt], SamplingParams(temperature=0.0, max_new_tokens=n))[0]
-        dt = time.perf_counter() - t0
-        best = max(best, len(out.token_ids) / dt)
-    return best
+        tps.append(len(out.token_ids) / (time.perf_counter() - t0))
+    return statistics.median(tps)
 
 
 def disk_size(lm, d: Path) -> int:
@@ -137,8 +140,9 @@ def memory_section(tmp: Path) -> str:
 
 def llamacpp_section(lm, eval_tokens, prompt, tmp: Path, rounds: int = 5) -> str:
     """lmforge fp32/int8 and llama.cpp f32/q8_0 on the same GGUF export. The four engines are timed in turns,
-    `rounds` times, and each keeps its best round: on a shared machine the load changes from second to second,
-    and interleaving gives every engine the same chances."""
+    `rounds` times, and each reports its median round: interleaving gives every engine the same machine load.
+    (A small model: per-token overhead, not weight reads, decides these speeds; benchmarks/bench_llamacpp.py
+    compares the engines on GPT-2 124M.)"""
     try:
         import llama_cpp
     except ImportError:
@@ -167,10 +171,11 @@ def llamacpp_section(lm, eval_tokens, prompt, tmp: Path, rounds: int = 5) -> str
     timers = {"lmforge fp32": lambda: decode_tps(lm.model, prompt, repeats=1),
               "lmforge int8": lambda: decode_tps(q8, prompt, repeats=1),
               **{k: (lambda llm=llm: llama_tps(llm)) for k, llm in llms.items()}}
-    best = {k: 0.0 for k in timers}
+    runs = {k: [] for k in timers}
     for _ in range(rounds):
         for k, fn in timers.items():
-            best[k] = max(best[k], fn())
+            runs[k].append(fn())
+    best = {k: statistics.median(v) for k, v in runs.items()}  # the median round of each engine
     ppl = {}
     for label, model in (("lmforge fp32", lm.model), ("lmforge int8", q8)):
         with torch.no_grad():
@@ -182,7 +187,7 @@ def llamacpp_section(lm, eval_tokens, prompt, tmp: Path, rounds: int = 5) -> str
         logits = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
         ppl[k] = math.exp(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item())
         llm.close()
-    lines = [f"| engine / weights | decode tok/s (best of {rounds} interleaved rounds) | perplexity (first "
+    lines = [f"| engine / weights | decode tok/s (median of {rounds} interleaved rounds) | perplexity (first "
              f"{len(ids):,} eval tokens) |", "|---|---|---|"]
     lines += [f"| {k}{' (same GGUF export)' if k.startswith('llama') else ''} | {best[k]:.0f} | {ppl[k]:.3f} |"
               for k in timers]
@@ -199,7 +204,10 @@ def main() -> int:
     ap.add_argument("--model", default=str(ROOT / "runs" / "demo"), help="lmforge model directory")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compress.md"))
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity")
+    ap.add_argument("--data", default="", help="a text file: held-out = its last 10%% (default: the embedded corpus)")
     ap.add_argument("--skip-memory", action="store_true", help="skip the GPT-2-124M memory measurement")
+    ap.add_argument("--skip-llamacpp", action="store_true", help="skip the llama.cpp section")
+    ap.add_argument("--skip-stories", action="store_true", help="skip the stories260K section")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-quant-"))
@@ -213,26 +221,34 @@ def main() -> int:
     from lmforge.compress.quantize import calibration_batches
 
     lm = lmforge.load(args.model, dtype="float32")
-    text = builtin_corpus()
+    if args.data:
+        if not Path(args.data).is_file():
+            raise SystemExit(f"--data {args.data}: no such file")
+        text = Path(args.data).read_text(encoding="utf-8")
+        source = f"last 10% of {Path(args.data).name}"
+    else:
+        text, source = builtin_corpus(), "last 10% of the embedded corpus"
     ids = lm.tokenizer.encode(text, allowed_special="all")
     cut = int(len(ids) * 0.9)
+    cut_chars = int(len(text) * 0.9)
     block = lm.config.block_size
     eval_tokens = ids[cut:cut + args.eval_tokens]
     calib = calibration_batches(lm.tokenizer, text[: int(len(text) * 0.85)], 32, block)  # training text only
-    prompt = lm.tokenizer.encode("The for statement")
+    prompt = lm.tokenizer.encode(text[cut_chars:cut_chars + 40] if args.data else "The for statement")
     rows = report_model("lmforge", lm, eval_tokens, list(calib.split(8)), prompt, tmp, block)
     title = (f"### lmforge-pretrained model `{args.model}` ({lm.config.name}, {lm.model.num_params() / 1e6:.2f}M "
              f"params, vocab {lm.config.vocab_size}); perplexity on {len(eval_tokens):,} held-out tokens "
-             f"(last 10% of the embedded corpus); GPTQ calibration: 32 x {block} tokens of the training text")
+             f"({source}); GPTQ calibration: 32 x {block} tokens of the training text")
     sections.append(title + "\n\n" + table(rows, rows[0]["disk"]))
     print(sections[-1])
-    sections.append("### llama.cpp on the same GGUF export (lmforge-pretrained model, 1 thread)\n\n"
-                    + llamacpp_section(lm, eval_tokens, prompt, tmp))
-    print(sections[-1])
+    if not args.skip_llamacpp:
+        sections.append("### llama.cpp on the same GGUF export (lmforge-pretrained model, 1 thread)\n\n"
+                        + llamacpp_section(lm, eval_tokens, prompt, tmp))
+        print(sections[-1])
 
     # --- stories260K: evaluated on text sampled from the fp32 model itself (no TinyStories data offline) ---
     sbin = shared_data_dir() / "stories260K" / "stories260K.bin"
-    if sbin.exists():
+    if sbin.exists() and not args.skip_stories:
         s = lmforge.load(sbin)
         gen = lambda seed: generate_ids(s.model, [[1]], SamplingParams(temperature=1.0, max_new_tokens=511,
                                                                        seed=seed))[0].token_ids
@@ -255,9 +271,10 @@ def main() -> int:
         print(sections[-1])
 
     header = (f"# Compression benchmarks\n\ncommand: `.venv/bin/python benchmarks/bench_quantize.py "
-              f"--model {args.model}`\nmachine: 2-core x86_64 CPU (AVX2, no AVX-512), shared/loaded by concurrent "
-              f"work; torch {torch.__version__}, 1 thread; date: {datetime.date.today()}\n\n"
-              "Decode tok/s: greedy, batch 1, KV cache, 64 new tokens, best of 3. int8/int4 use PyTorch's CPU "
+              f"--model {args.model}{' --data ' + args.data if args.data else ''}`\nmachine: {os.cpu_count()}-core "
+              f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, "
+              f"1 thread; date: {datetime.date.today()}\n\n"
+              "Decode tok/s: greedy, batch 1, KV cache, 64 new tokens, median of 5 after a warm-up call. int8/int4 use PyTorch's CPU "
               "weight-only kernels with bf16 activations (`QuantLinear.kernel_dtype`); the 'dequant fp32 path' row "
               "is the same int8 model computing in fp32. bits/weight: all parameter and buffer bytes x 8 / fp32 "
               "parameter count (embeddings and LM head are int8 in every quantized row).\n")
