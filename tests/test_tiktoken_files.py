@@ -150,12 +150,19 @@ def test_directory_and_model_loading(ranks, files, tmp_path, monkeypatch):
     from lmforge.lm import LM
     from lmforge.models.config import ModelConfig
     from lmforge.models.decoder import Transformer
+    import torch
 
     tok = load_tokenizer(files["cl100k_base"].parent)
     assert tok.encode("hello world") == load_tiktoken(files["cl100k_base"]).encode("hello world")
     model_dir = tmp_path / "model"
     cfg = ModelConfig.from_name("gpt-tiny", vocab_size=100277, n_layer=1, n_embd=32, n_head=2, block_size=32)
-    LM(Transformer(cfg), None).save(model_dir)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():  # the file's ids have holes (50257..100256 here): a random model must not pick one
+        known = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        known[list(load_tiktoken(files["cl100k_base"]).vocab)] = True
+        model.lm_head.weight[~known] = 0.0  # logit 0, below the largest of 50k random logits
+    LM(model, None).save(model_dir)
     shutil.copy(files["cl100k_base"], model_dir)
     lm = lmforge.load(str(model_dir))
     enc = tiktoken_encoding("cl100k_base", ranks, monkeypatch)
