@@ -34,7 +34,7 @@ SCHEMA = {"type": "object", "properties": {  # every part bounded, so every answ
 
 
 def fewshot(lm, args) -> dict:
-    from lmforge.generation import prompting as P
+    from lmforge.tasks import prompting as P
 
     examples = P.load_examples(args.data)
     import random

@@ -1,4 +1,4 @@
-"""Few-shot prompting and in-context classification (`lmforge.generation.prompting`, `lmforge fewshot`).
+"""Few-shot prompting and in-context classification (`lmforge.tasks.prompting`, `lmforge fewshot`).
 
 References: the label log-likelihoods equal transformers' (AutoModelForCausalLM + AutoTokenizer on the same tiny
 random GPT-2 and Llama directories, exported by lmforge) to 1e-4, for plain and chat prompts; the chat prompt is
@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.errors import ConfigError, DataError
 from lmforge.formats.hf import export_hf
 from lmforge.generation import api
-from lmforge.generation.prompting import (Example, PromptFormat, UNPARSED, balanced_subset, build_prompt,
+from lmforge.tasks.prompting import (Example, PromptFormat, UNPARSED, balanced_subset, build_prompt,
                                           chat_messages, classification_scores, classify_by_generate,
                                           classify_by_score, draw_shots, evaluate_fewshot, examples_from_records,
                                           label_continuation, load_examples, model_input, parse_label,

@@ -6,7 +6,7 @@
 The data is split once (seeded): demonstrations are drawn from the first part, the test set is a balanced sample
 of the rest (`per_label` examples of each label, so chance is 1/labels). For each k in `shots` and each seed in
 `seeds`, k demonstrations are drawn (balanced across labels unless `balanced: false`) and every test example is
-classified (`lmforge.generation.prompting`). Prints one line per run and the mean over seeds; with `out`, writes
+classified (`lmforge.tasks.prompting`). Prints one line per run and the mean over seeds; with `out`, writes
 metrics.json and a confusion-matrix PNG per k (the first seed's).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.finetune.metrics import plot_confusion
-from lmforge.generation import prompting
+from lmforge.tasks import prompting
 from lmforge.utils import atomic_write_json
 
 
