@@ -88,14 +88,16 @@ def peer(args: argparse.Namespace, conn) -> None:
     """The transformers side, in its own process: one training step per batch index received, its tokens/s,
     page faults and loss sent back; None ends it."""
     torch.set_num_threads(args.threads)
-    theirs = to_hf_model(bench_model(args.block_size)).train()  # the same initial weights as lmforge's side
     batches = bench_batches(args)
     tok_per_step = args.batch_size * args.block_size
-    opt = hf_optimizer(theirs)
-    params = list(theirs.parameters())
     with retain_freed_memory() if args.peer_retain else contextlib.nullcontext():
         conn.send("ready")
         while (index := conn.recv()) is not None:
+            if index == "reset":  # a new round: the same initial weights as lmforge's side, a fresh optimizer
+                theirs = to_hf_model(bench_model(args.block_size)).train()
+                opt = hf_optimizer(theirs)
+                params = list(theirs.parameters())
+                continue
             b = batches(index)
             f0 = page_faults()
             t0 = time.perf_counter()
@@ -118,12 +120,8 @@ def ddp_peer(args: argparse.Namespace, conn, rank: int = 0, init_file: str = "")
         other = mp.get_context("spawn").Process(target=ddp_peer, args=(args, None, 1, init_file), daemon=True)
         other.start()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    model = to_hf_model(bench_model(args.block_size)).train()
-    ddp = DDP(model)
     batches = bench_batches(args)
     half = args.batch_size // 2
-    opt = hf_optimizer(model)
-    params = list(model.parameters())
     tok_per_step = args.batch_size * args.block_size
     if rank == 0:
         conn.send("ready")
@@ -131,8 +129,14 @@ def ddp_peer(args: argparse.Namespace, conn, rank: int = 0, init_file: str = "")
     while True:
         if rank == 0:
             msg = conn.recv()
-            index.fill_(-1 if msg is None else msg)
+            index.fill_(-1 if msg is None else -2 if msg == "reset" else msg)
         dist.broadcast(index, 0)
+        if int(index) == -2:  # a new round: the same initial weights as lmforge's side, a fresh optimizer
+            model = to_hf_model(bench_model(args.block_size)).train()
+            ddp = DDP(model)
+            opt = hf_optimizer(model)
+            params = list(model.parameters())
+            continue
         if int(index) < 0:
             break
         b = {k: v[rank * half:(rank + 1) * half] for k, v in batches(int(index)).items()}
@@ -164,8 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    ours = bench_model(args.block_size)
-    n_params = ours.num_params()
+    n_params = bench_model(args.block_size).num_params()
     batches = bench_batches(args)
     spawn = mp.get_context("spawn")
     conn, child_conn = spawn.Pipe()
@@ -179,7 +182,10 @@ def main() -> None:
     faults: dict[str, list[int]] = {"lmforge": [], "transformers": []}  # page faults per step, warm-up dropped
 
     def run_pair(compile_: bool) -> tuple[list[float], list[float]]:
-        """lmforge's steps and the transformers step taken right after each (tokens/s), warm-up dropped."""
+        """lmforge's steps and the transformers step taken right after each (tokens/s), warm-up dropped. Both
+        sides start the run from the same initial weights with a fresh optimizer, so their losses can be compared."""
+        ours = bench_model(args.block_size)
+        conn.send("reset")
         hf_tps: list[float] = []
         last = [page_faults()]
 
