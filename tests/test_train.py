@@ -325,3 +325,29 @@ def test_reiterable_data_cycles_epochs_and_fast_forwards():
     fresh = as_batch_source(Loader())
     assert fresh(4) == "e1b1"  # a resumed run fast-forwards to its data position
     assert as_batch_source([1, 2])(5) == 2  # sequences cycle
+
+
+def test_mfu_flops_per_token_and_the_logged_mfu():
+    """MFU = tokens/s x model FLOPs per token / peak FLOP/s, with nanoGPT's / PaLM's count: 6 per weight a token
+    uses (learned position table excluded, only routed experts) + 12 * n_layer * n_embd * T for attention."""
+    from lmforge.models.config import ModelConfig
+    from lmforge.models.decoder import Transformer
+    from lmforge.training.loop import peak_flops, train_flops_per_token
+
+    gpt = Transformer(ModelConfig.from_name("gpt-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32, n_head=4))
+    n = sum(p.numel() for p in gpt.parameters()) - 48 * 32  # tied head counted once; positions are a lookup
+    assert train_flops_per_token(gpt, 40) == 6 * n + 12 * 2 * 32 * 40
+    moe = Transformer(ModelConfig.from_name("llama-tiny", vocab_size=97, block_size=48, n_layer=2, n_embd=32,
+                                            n_head=4, n_kv_head=2, intermediate_size=48, num_experts=4,
+                                            num_experts_per_tok=1))
+    total = sum(p.numel() for p in moe.parameters())
+    experts = sum(p.numel() for name, p in moe.named_parameters() if ".experts." in name)
+    assert experts > 0 and train_flops_per_token(moe, 8) == 6 * (total - experts * 3 / 4) + 12 * 2 * 32 * 8
+    assert peak_flops(torch.device("cpu"), "auto") is None  # no MFU on a CPU unless the peak is given
+    assert peak_flops(torch.device("cpu"), "auto", 2.0) == 2e12
+
+    m = tiny_model()
+    res = train(m, PackedBatches(pattern_tokens(), 2, 32, seed=1),
+                TrainConfig(max_steps=3, lr=1e-3, progress=False, eval_every=0, peak_tflops=1e-3))
+    for rec in res.history:
+        assert rec["mfu"] == pytest.approx(rec["tok_per_s"] * train_flops_per_token(m, 32) / 1e9, rel=1e-2, abs=1e-4)

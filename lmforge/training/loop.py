@@ -114,6 +114,9 @@ class TrainConfig:
                 "lasts; lmforge.training.heap). Faster steps on machines where fresh pages are slow"})
     tf32: bool = field(default=False, metadata={
         "help": "CUDA: let fp32 matmuls use TF32 tensor cores (process-wide while the run lasts, then restored)"})
+    peak_tflops: float = field(default=0.0, metadata={
+        "help": "the accelerator's peak dense TFLOP/s (per device) for the MFU column; 0: looked up from the CUDA "
+                "device name for bf16 training (H100/H200/A100/L40S/L4/A10); unknown devices and CPUs print none"})
     eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per evaluation (0: all)"})
     eval_at_start: bool = field(default=False, metadata={"help": "also evaluate before the first step"})
@@ -610,6 +613,47 @@ def _core_parallel(cfg: TrainConfig, model: nn.Module, loss_fn: Callable, device
     return CoreParallel(model, n, matmul, loss_fn.batch_mean)
 
 
+# Model FLOPs utilisation (MFU): the share of the accelerator's peak arithmetic the training step turns into model
+# FLOPs. A training step costs ~6 FLOPs per weight per token (2 forward, 4 backward: Kaplan et al. 2020) plus
+# attention's own products, 12 * n_layer * n_embd * T per token (PaLM, appendix B; nanoGPT's estimate_mfu). Only
+# the FLOPs the model needs count: recomputation, padding and optimizer work are overhead, which is the point.
+PEAK_BF16_TFLOPS = {  # dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity)
+    "H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+}
+
+
+def train_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
+    """Model FLOPs of one training token: 6 * (weights a token uses) + 12 * n_layer * n_embd * seq_len.
+
+    Weights a token uses: every parameter except the learned position table (a lookup), and, in a mixture of
+    experts, only the experts it is routed to (num_experts_per_tok of num_experts). None for models without a
+    decoder config."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "n_layer") or not hasattr(model, "num_params"):
+        return None
+    n = model.num_params()
+    wpe = getattr(model, "wpe", None)
+    if wpe is not None:
+        n -= wpe.weight.numel()
+    if getattr(cfg, "num_experts", 0):
+        experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        n -= experts * (1 - cfg.num_experts_per_tok / cfg.num_experts)
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
+
+def peak_flops(device: torch.device, dtype: str, peak_tflops: float = 0.0) -> float | None:
+    """The device's peak FLOP/s for MFU: `peak_tflops` when given, else the bf16 table for a known CUDA GPU."""
+    if peak_tflops > 0:
+        return peak_tflops * 1e12
+    if device.type != "cuda" or dtype not in ("auto", "bfloat16", "bf16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # "H100 PCIe" before "H100": the first match wins
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
 def _autocast(device: torch.device, dtype: str):
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -770,6 +814,8 @@ def train(
             held.enter_context(cores)
         if cfg.eval_at_start and start_step == 0:
             val_loss = run_eval(start_step)
+        peak = peak_flops(device, cfg.dtype, cfg.peak_tflops)
+        mfu_flops = None  # model FLOPs per token, set from the first batch's length when a peak is known
         t_last, tok_last = time.perf_counter(), tokens
         t_start = t_last
         for step in range(start_step, cfg.max_steps):
@@ -811,11 +857,19 @@ def train(
             rec = {"step": step + 1, "tokens": tokens, "loss": train_loss, "lr": lr, "tok_per_s": round(tok_s, 1)}
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
+            if peak is not None:
+                if mfu_flops is None:
+                    ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+                    mfu_flops = train_flops_per_token(raw_model, ids.shape[-1]) or 0.0
+                if mfu_flops:  # tokens/s here count every rank's tokens: divide by every rank's peak
+                    rec["mfu"] = round(tok_s * mfu_flops / (peak * dist_info.world_size), 4)
             moe = router.pop_stats() if router is not None else {}  # aux_loss, router_load, router_entropy
             rec.update(moe)
             record(rec)
             shown = {"aux": f"{moe['aux_loss']:.3f}", "max_load": f"{max(map(max, moe['router_load'])):.2f}"} \
                 if moe else {}  # the load-balancing loss, and the busiest expert's share of its layer's tokens
+            if "mfu" in rec:
+                shown["mfu"] = f"{100 * rec['mfu']:.1f}%"
             bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **shown, refresh=False)
             bar.update(1)
             done = step + 1
