@@ -26,6 +26,7 @@ from lmforge.lm import LM
 from lmforge.loader import load as load_model
 from lmforge.models.config import ModelConfig
 from lmforge.models.decoder import Transformer
+from lmforge.tokenizers.basic import CharTokenizer
 from lmforge.tokenizers.bpe import Tokenizer
 from lmforge.training.data import (Batches, BUILTIN, builtin_documents, PackedBatches, read_documents, resolve_sources,
                                    SlidingWindowDataset, source_list, sources_size, tokenize_to_shards, TokenShards,
@@ -55,8 +56,9 @@ class PretrainConfig(TrainConfig):
     num_workers: int = field(default=0, metadata={"help": "tokenization worker processes (0: in-process)"})
     # --- tokenizer ---
     tokenizer: str = field(default="train", metadata={
-        "help": "'train' (a byte-level BPE on the data), a tokenizer.json / model directory, or a directory with "
-                "GPT-2's encoder.json + vocab.bpe"})
+        "help": "'train' (a byte-level BPE on the data), 'char' (one token per character of the data, as nanoGPT's "
+                "shakespeare_char), a tokenizer.json / model directory, or a directory with GPT-2's encoder.json + "
+                "vocab.bpe"})
     vocab_size: int = field(default=4096, metadata={"help": "vocabulary size when the tokenizer is trained"})
     tokenizer_pattern: str = field(default="gpt2", metadata={"help": "pre-tokenization regex: gpt2, gpt4 or a regex"})
     # --- model ---
@@ -127,18 +129,30 @@ def reset_to_torch_defaults(model) -> None:
         m.reset_parameters()
 
 
+def _training_texts(cfg: PretrainConfig, sources: list[str]) -> list:
+    """What a tokenizer trainer reads: documents as strings, plain text files as Paths (the trainer reads them)."""
+    texts: list = []
+    for src in resolve_sources(sources):
+        if src == BUILTIN:
+            texts.extend(builtin_documents())
+        elif src.suffix in (".jsonl", ".json"):
+            texts.extend(t for t, _ in read_documents([src], cfg.text_field))
+        else:
+            texts.append(src)
+    return texts
+
+
 def build_tokenizer(cfg: PretrainConfig, sources: list[str]):
-    """Train a BPE on the data, or load one (tokenizer.json, a model directory, or GPT-2's two files)."""
+    """Train a BPE on the data, take the data's characters as the vocabulary (``char``), or load a tokenizer
+    (tokenizer.json, a model directory, or GPT-2's two files).
+
+    ``char`` is nanoGPT's shakespeare_char vocabulary: every distinct character of the data, sorted, then
+    `<|endoftext|>` (which separates documents in the token stream) and `<|unk|>`. `vocab_size` is ignored."""
     if cfg.tokenizer == "train":
-        texts: list = []
-        for src in resolve_sources(sources):
-            if src == BUILTIN:
-                texts.extend(builtin_documents())
-            elif src.suffix in (".jsonl", ".json"):
-                texts.extend(t for t, _ in read_documents([src], cfg.text_field))
-            else:
-                texts.append(src)  # a Path: the tokenizer trainer reads the file
+        texts = _training_texts(cfg, sources)
         return Tokenizer.train(texts, cfg.vocab_size, pattern=cfg.tokenizer_pattern, progress=cfg.progress)
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(_training_texts(cfg, sources))
     path = Path(expand_path(cfg.tokenizer))
     if path.is_dir() and (path / "encoder.json").exists() and (path / "vocab.bpe").exists():
         return Tokenizer.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
