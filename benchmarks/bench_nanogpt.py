@@ -94,9 +94,9 @@ def nanogpt_checkout(arg: str | None, tmp: Path) -> Path:
     return d
 
 
-def nanogpt_commit(d: Path) -> str:
+def nanogpt_commit(d: Path, from_mirror: bool) -> str:
     """The commit that was run (the mirror's HEAD, or the checkout's), for the report."""
-    git_dir = MIRROR if d.parent.name.startswith("bench_nanogpt") else d / ".git"
+    git_dir = MIRROR if from_mirror else d / ".git"
     r = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         sides["lmforge, " + config.name] = ("lmforge", [])
         rows: dict[str, list[Run]] = {name: [] for name in sides}
         names = list(sides)
-        print(f"nanoGPT {nanogpt_commit(nanogpt)} in {nanogpt}; {a.threads} threads; target val loss {a.target}")
+        print(f"nanoGPT {nanogpt_commit(nanogpt, not a.nanogpt)} in {nanogpt}; {a.threads} threads; target val loss {a.target}")
         for r in range(a.rounds):
             order = names[r % len(names):] + names[:r % len(names)]  # a different side starts each round
             for name in order:
