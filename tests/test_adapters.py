@@ -171,6 +171,20 @@ def test_errors(tmp_path):
     assert not A.adapter_layers(wider)  # nothing changed
     with pytest.raises(CheckpointError, match="not an adapter directory"):
         A.load_adapter(tiny(), tmp_path)
+    # saving the adapted model as a plain model directory would write keys no loader reads back: refused, and
+    # nothing is written
+    with pytest.raises(ConfigError, match="carries adapters .*AdaptedProjection.*save_adapter"):
+        LM(model, None).save(tmp_path / "full")
+    assert not (tmp_path / "full").exists()
+    from lmforge.finetune import lora
+
+    lora_model = tiny()
+    lora.add_lora(lora_model, r=2)
+    with pytest.raises(ConfigError, match="LoRALinear.*merge_and_unload"):
+        LM(lora_model, None).save(tmp_path / "full")
+    lora.merge_and_unload(lora_model)
+    LM(lora_model, None).save(tmp_path / "full")  # merged: a plain model again
+    assert lmforge.load(tmp_path / "full").model.num_params() == tiny().num_params()
 
 
 def _greedy(lm, prompts, **kw):

@@ -502,3 +502,10 @@ def test_moe_demo_config_pretrains(tmp_path, capsys):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "aux_loss" in r] == [1, 2, 3]
     assert (out / "router_load.png").exists()
+
+
+def test_prune_refuses_a_mixture_of_experts_with_one_line(tiny_moe_lm):
+    from lmforge.compress.prune import prune_model
+
+    with pytest.raises(ConfigError, match="mixture-of-experts model \\(4 experts per layer\\) is not supported"):
+        prune_model(tiny_moe_lm.model, torch.zeros(1, 8, dtype=torch.long), n_layer=1)

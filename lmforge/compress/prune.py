@@ -98,6 +98,9 @@ def prune_model(model: Transformer, calibration, n_kv_head: int | None = None, i
     cfg = model.config
     if getattr(model, "quantization_config", None):
         raise ConfigError("prune the float model, then quantize")
+    if getattr(cfg, "num_experts", 0):
+        raise ConfigError(f"pruning a mixture-of-experts model ({cfg.num_experts} experts per layer) is not supported: "
+                          "prune scores dense MLP channels and heads; distill the model into a dense student instead")
     targets = {"n_kv_head": (n_kv_head, cfg.n_kv_head), "intermediate_size": (intermediate_size, cfg.intermediate_size),
                "n_layer": (n_layer, cfg.n_layer)}
     for name, (want, have) in targets.items():

@@ -381,9 +381,17 @@ def write_safetensors(sd: Mapping[str, torch.Tensor], d: Path, max_shard_bytes: 
     return names + ["model.safetensors.index.json"]
 
 
+ADAPTER_WRAPPERS = ("LoRALinear", "AdaptedProjection")  # finetune's wrappers (named, not imported: it sits above)
+
+
 def save(lm, path: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `lm` as an lmforge model directory at `path` (atomically; other files already there are kept)."""
     model = _unwrap(lm.model)
+    wrapped = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ADAPTER_WRAPPERS})
+    if wrapped:  # their `.base.weight` keys would make a directory no loader reads back
+        raise ConfigError(f"the model carries adapters ({', '.join(wrapped)}): save them as an adapter directory "
+                          "(lmforge.finetune.lora.save_peft / lmforge.finetune.adapters.save_adapter), or merge LoRA "
+                          "into the weights first (lora.merge_and_unload) / drop them (adapters.remove_adapters)")
     config: ModelConfig = lm.config
     sd = unique_state_dict(model)
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
