@@ -11,7 +11,12 @@ the previous one ends), every request the same prompt length and exactly `--toke
 Reported per N: total output tokens/s, time to first token (TTFT) p50/p99, inter-token latency (ITL) p50/p99,
 and the throughput ratio batching / batch-1. The peer, llama-cpp-python's OpenAI-compatible server on the same
 weights exported to GGUF (f32), is measured in the same run when llama-cpp-python and its `[server]` extra are
-installed (it is not built here: compiling llama.cpp takes minutes of both cores).
+installed. That server runs one request at a time, so it is **not a fair peer** for continuous batching: the fair
+one is llama.cpp's own `llama-server` with parallel slots (`--llama-server PATH`, built from the llama.cpp sources
+in the llama-cpp-python sdist:
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-server
+), started with one slot per client of the largest level, continuous batching on, the same threads.
 """
 
 from __future__ import annotations
@@ -155,7 +160,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per server process (on a shared 2-core box more threads fight the load)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--llama-server", default="", help="path to llama.cpp's llama-server binary: the fair peer")
+    ap.add_argument("--no-llama-cpp-python", action="store_true", help="skip the llama-cpp-python server")
     args = ap.parse_args()
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):
+        raise SystemExit(f"--llama-server {args.llama_server}: not an executable file")
     if args.quick:
         args.clients, args.tokens = "1,16", 24
     levels = [int(x) for x in args.clients.split(",")]
@@ -180,13 +189,25 @@ def main() -> None:
         cmd = [sys.executable, "-m", "lmforge", "serve", str(model_dir), "--max-batch", str(batch), "--max-queue",
                "256", "--max-len", "256", "--threads", str(args.threads)]
         servers.append((name, cmd + ["--port"], f"lmforge --max-batch {batch}"))
+    gguf_path = work / "bench-model.gguf"
+    if args.llama_server:
+        from lmforge.formats.gguf import export_gguf
+
+        export_gguf(lm, gguf_path, dtype="f32")
+        slots = max(levels)
+        cmd = [args.llama_server, "-m", str(gguf_path), "--alias", "bench-model", "--host", "127.0.0.1",
+               "-np", str(slots), "-c", str(256 * slots), "-t", str(args.threads), "-tb", str(args.threads),
+               "--cont-batching"]
+        servers.append(("llama-server", cmd + ["--port"], f"llama.cpp llama-server, {slots} parallel slots "
+                                                           "(same weights, GGUF f32)"))
     try:
+        if args.no_llama_cpp_python:
+            raise ImportError(name="--no-llama-cpp-python")
         import llama_cpp  # noqa: F401
         import sse_starlette  # noqa: F401  (llama-cpp-python's [server] extra)
 
         from lmforge.formats.gguf import export_gguf
 
-        gguf_path = work / "bench-model.gguf"
         export_gguf(lm, gguf_path, dtype="f32")
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias", "bench-model",
                "--n_ctx", "1024", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
@@ -224,9 +245,17 @@ def main() -> None:
         target = "  (target >= 4x)" if n == 16 else ""
         print(f"   clients={n:3d}: {tps('batching', n) / tps('batch-1', n):5.2f}x{target}")
     if peer:
-        print("== throughput ratio, lmforge continuous batching / llama-cpp-python server (same clients, same run)")
+        print("== throughput ratio, lmforge continuous batching / llama-cpp-python server (same clients, same run; "
+              "not a fair peer: it serves one request at a time)")
         for n in levels:
             print(f"   clients={n:3d}: {tps('batching', n) / tps('llama.cpp', n):5.2f}x")
+    if args.llama_server:
+        print("== throughput ratio, lmforge continuous batching / llama.cpp llama-server with parallel slots "
+              "(the fair peer; same clients, same run)")
+        for n in levels:
+            print(f"   clients={n:3d}: {tps('batching', n) / tps('llama-server', n):5.2f}x   TTFT p50 "
+                  f"{pct(results[('batching', n)]['ttft'], 50) * 1000:.0f} vs "
+                  f"{pct(results[('llama-server', n)]['ttft'], 50) * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
