@@ -23,7 +23,18 @@ each side has the process a user would give it: lmforge's `train()` keeps freed 
 shard of the batch per core): transformers under PyTorch DDP with 2 processes (gloo, 1 thread each, half the batch
 each, gradients all-reduced), stepping in turn with lmforge as the one-process peer does.
 
+Peak resident memory of a training step (`--rss-steps`, on by default) is measured apart from the timed run, because
+the timed run's lmforge process also drives the peer and builds a model per round: after the timed rounds, each side
+runs once more in a fresh `spawn` child of its own (lmforge's `train()` with the timed run's TrainConfig; the peer
+through the same `peer` / `ddp_peer` code the timed run uses, driven by the same messages), with the same model,
+batches and optimizer settings: `--warmup` steps, then the peak is reset (`/proc/self/clear_refs` 5) and
+`--rss-steps` more steps run; VmHWM from /proc/self/status then is the peak of a steady training step (model,
+gradients, AdamW state, activations, and whatever freed memory the side's malloc setting keeps). The peak since the
+child started (imports, model build, lmforge's one-time BLAS timing, the first steps) is printed too. Under
+`--peer ddp` the peer's figure is the sum over its two processes.
+
     .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps 8] [--compile] [--peer-retain] [--peer ddp]
+                                               [--rss-steps 8]
 """
 
 from __future__ import annotations
@@ -65,6 +76,65 @@ def bench_batches(args: argparse.Namespace) -> PackedBatches:
 HP = dict(lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 
 
+def train_config(args: argparse.Namespace, steps: int, compile_: bool = False) -> TrainConfig:
+    """lmforge's side, as the timed run and the peak-RSS child both run it."""
+    return TrainConfig(max_steps=steps, lr=HP["lr"], weight_decay=HP["weight_decay"], batch_size=args.batch_size,
+                       schedule="constant", eval_every=0, grad_clip=1.0, progress=False, compile=compile_,
+                       cores=args.cores, retain_memory=True, cpu_matmul=args.cpu_matmul)
+
+
+def status_kb(field: str) -> int:
+    """A kB field of /proc/self/status (VmHWM: peak resident set; VmRSS: resident set now)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakRSS:
+    """The peak resident set of this process: `mark()` after the warm-up steps notes the peak so far and resets it
+    (Linux: writing 5 to /proc/self/clear_refs sets VmHWM to the current RSS); `report()` after the measured
+    steps."""
+
+    def __init__(self):  # made first thing in the child: its RSS then is the interpreter with the imports
+        self.imports_kb = status_kb("VmRSS")
+        self.startup_kb = self.before_kb = 0
+        self.reset = False
+
+    def mark(self) -> None:
+        self.startup_kb, self.before_kb = status_kb("VmHWM"), status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.reset = True
+        except OSError:
+            self.reset = False
+
+    def report(self) -> dict:
+        peak = status_kb("VmHWM")
+        return {"step_peak_kb": peak, "process_peak_kb": max(peak, self.startup_kb), "before_kb": self.before_kb,
+                "imports_kb": self.imports_kb, "reset": self.reset}
+
+
+def lmforge_rss(args: argparse.Namespace, conn) -> None:
+    """lmforge's side in a fresh process: the timed run's TrainConfig, `--warmup` steps, peak reset,
+    `--rss-steps` steps; sends PeakRSS.report()."""
+    rss = PeakRSS()
+    torch.set_num_threads(args.threads)
+    batches = bench_batches(args)
+    ours = bench_model(args.block_size)
+    if args.warmup == 0:
+        rss.mark()
+
+    def hook(rec: dict) -> None:
+        if rec["step"] == args.warmup:
+            rss.mark()
+
+    train(ours, batches, train_config(args, args.warmup + args.rss_steps), on_step=hook)
+    conn.send(rss.report())
+
+
 def hf_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW as lmforge's configure_optimizer builds it: decay on matrices only, fused kernel."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,7 +156,8 @@ def hf_step(model, opt, batch: dict, params) -> float:
 
 def peer(args: argparse.Namespace, conn) -> None:
     """The transformers side, in its own process: one training step per batch index received, its tokens/s,
-    page faults and loss sent back; None ends it."""
+    page faults and loss sent back; None ends it. "mark" and "rss" serve the peak-RSS run (PeakRSS)."""
+    rss = PeakRSS()
     torch.set_num_threads(args.threads)
     batches = bench_batches(args)
     tok_per_step = args.batch_size * args.block_size
@@ -97,6 +168,12 @@ def peer(args: argparse.Namespace, conn) -> None:
                 theirs = to_hf_model(bench_model(args.block_size)).train()
                 opt = hf_optimizer(theirs)
                 params = list(theirs.parameters())
+                continue
+            if index == "mark":  # the peak-RSS run: the warm-up steps are done
+                rss.mark()
+                continue
+            if index == "rss":
+                conn.send([rss.report()])
                 continue
             b = batches(index)
             f0 = page_faults()
@@ -114,6 +191,7 @@ def ddp_peer(args: argparse.Namespace, conn, rank: int = 0, init_file: str = "")
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    rss = PeakRSS()
     torch.set_num_threads(1)
     if rank == 0:
         init_file = os.path.join(tempfile.mkdtemp(prefix="bench-ddp-"), "init")
@@ -126,11 +204,21 @@ def ddp_peer(args: argparse.Namespace, conn, rank: int = 0, init_file: str = "")
     if rank == 0:
         conn.send("ready")
     index = torch.zeros((), dtype=torch.long)
+    codes = {None: -1, "reset": -2, "mark": -3, "rss": -4}
     while True:
         if rank == 0:
             msg = conn.recv()
-            index.fill_(-1 if msg is None else -2 if msg == "reset" else msg)
+            index.fill_(codes[msg] if msg in codes else msg)
         dist.broadcast(index, 0)
+        if int(index) == -3:  # the peak-RSS run: the warm-up steps are done
+            rss.mark()
+            continue
+        if int(index) == -4:  # each rank's report, gathered on rank 0
+            reports: list = [None, None]
+            dist.all_gather_object(reports, rss.report())
+            if rank == 0:
+                conn.send(reports)
+            continue
         if int(index) == -2:  # a new round: the same initial weights as lmforge's side, a fresh optimizer
             model = to_hf_model(bench_model(args.block_size)).train()
             ddp = DDP(model)
@@ -165,7 +253,12 @@ def main() -> None:
                     help="run the transformers side inside lmforge.training.heap.retain_freed_memory() as well")
     ap.add_argument("--peer", default="process", choices=["process", "ddp"],
                     help="process: transformers in one process with --threads; ddp: 2 gloo DDP processes")
+    ap.add_argument("--rss-steps", type=int, default=None,
+                    help="steps after the warm-up in each side's fresh peak-RSS process (default: --steps; "
+                         "0: do not measure)")
     args = ap.parse_args()
+    if args.rss_steps is None:
+        args.rss_steps = args.steps
     torch.set_num_threads(args.threads)
 
     n_params = bench_model(args.block_size).num_params()
@@ -200,12 +293,7 @@ def main() -> None:
                 faults["transformers"].append(hf_faults)
             last[0] = page_faults()
 
-        res = train(ours, batches, TrainConfig(max_steps=args.steps + args.warmup, lr=HP["lr"],
-                                               weight_decay=HP["weight_decay"], batch_size=args.batch_size,
-                                               schedule="constant", eval_every=0, grad_clip=1.0, progress=False,
-                                               compile=compile_, cores=args.cores, retain_memory=True,
-                                               cpu_matmul=args.cpu_matmul),
-                    on_step=peer_step)
+        res = train(ours, batches, train_config(args, args.steps + args.warmup, compile_), on_step=peer_step)
         ours_tps = [r["tok_per_s"] for r in res.history]
         return ours_tps[args.warmup:], hf_tps[args.warmup:]
 
@@ -242,6 +330,57 @@ def main() -> None:
           f"{statistics.median(faults['transformers']):,.0f} (each is a 4 KiB page the kernel zeroes on first touch)")
     conn.send(None)
     child.join(timeout=60)
+    if args.rss_steps > 0:
+        measure_rss(args)
+
+
+def measure_rss(args: argparse.Namespace) -> dict:
+    """Each side's peak RSS of a training step, each in a fresh process (see the module docstring); printed."""
+    spawn = mp.get_context("spawn")
+    conn, child_conn = spawn.Pipe()
+    ours = spawn.Process(target=lmforge_rss, args=(args, child_conn))
+    ours.start()
+    mine = conn.recv()
+    ours.join(timeout=60)
+
+    conn, child_conn = spawn.Pipe()
+    child = spawn.Process(target=ddp_peer if args.peer == "ddp" else peer, args=(args, child_conn),
+                          daemon=args.peer != "ddp")
+    child.start()
+    conn.recv()  # ready
+    conn.send("reset")
+    for i in range(args.warmup + args.rss_steps):
+        if i == args.warmup:
+            conn.send("mark")
+        conn.send(i)
+        conn.recv()
+    conn.send("rss")
+    theirs = conn.recv()
+    conn.send(None)
+    child.join(timeout=60)
+
+    def mib(kb: int) -> float:
+        return kb / 1024
+
+    peer_step = sum(r["step_peak_kb"] for r in theirs)
+    peer_proc = sum(r["process_peak_kb"] for r in theirs)
+    peer_before = sum(r["before_kb"] for r in theirs)
+    peer_imports = sum(r["imports_kb"] for r in theirs)
+    reset = mine["reset"] and all(r["reset"] for r in theirs)
+    what = "2 DDP processes, summed" if args.peer == "ddp" else "its own process" + (
+        ", keeping freed memory too" if args.peer_retain else "")
+    print(f"\npeak RSS of a training step (VmHWM; each side in a fresh process, batch {args.batch_size} x "
+          f"{args.block_size}, fused AdamW, {args.warmup} warm-up + {args.rss_steps} measured steps"
+          + ("" if reset else "; /proc/self/clear_refs refused: peaks since start") + "):")
+    print(f"  {'':13s} {'steady step peak':>17s} {'process peak':>13s} {'RSS after warm-up':>18s} "
+          f"{'RSS of imports':>15s}")
+    print(f"  {'lmforge':13s} {mib(mine['step_peak_kb']):13,.0f} MiB {mib(mine['process_peak_kb']):9,.0f} MiB "
+          f"{mib(mine['before_kb']):14,.0f} MiB {mib(mine['imports_kb']):11,.0f} MiB")
+    print(f"  {'transformers':13s} {mib(peer_step):13,.0f} MiB {mib(peer_proc):9,.0f} MiB "
+          f"{mib(peer_before):14,.0f} MiB {mib(peer_imports):11,.0f} MiB   ({what})")
+    print(f"  ratio lmforge / transformers: steady step peak {mine['step_peak_kb'] / peer_step:.2f}x, process peak "
+          f"{mine['process_peak_kb'] / peer_proc:.2f}x")
+    return {"lmforge": mine, "transformers": theirs}
 
 
 if __name__ == "__main__":
