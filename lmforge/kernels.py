@@ -9,6 +9,16 @@ PyTorch does not promise to be safe for every input:
 | `torch._convert_weight_to_int4pack_for_cpu`   | `QuantLinear` (int4, CPU)      | codes int32 (N, K), 0..15                |
 | `torch._weight_int4pack_mm_for_cpu`           | `QuantLinear` (int4, CPU)      | x bf16 (M, K); packed; scales+zeros      |
 | numpy's BLAS (`np.matmul` on tensor memory)   | `lmforge.training.cores` (training)     | fp32 weights and activations             |
+| lmforge's own `lmf_int8_gemv` (csrc/gemv.c)   | `QuantLinear` (int8, CPU)      | x fp32 (M, K); w int8 (N, K); scales fp32|
+| lmforge's own `lmf_int4_gemv` (csrc/gemv.c)   | `QuantLinear` (int4, CPU)      | x fp32; codes (N, K/2); fp16 scales, zeros|
+
+lmforge's own kernels are one C file, `lmforge/csrc/gemv.c`, compiled on first use on the machine that runs it
+(`cc -O3 -march=native -fopenmp`, about a second; cached under ~/.cache/lmforge/kernels, one file per source,
+compiler and CPU) and loaded with ctypes. They are what makes quantized decoding fast: at batch 1 the time is the
+time to stream the weights, and PyTorch's packed kernels widen every weight to float before multiplying, which
+costs more than the bytes they save. Ours quantize the activations to int8 in blocks of 32 (as llama.cpp's q8_0 and
+q4_0 dot products do) and multiply in integer registers (AVX-512 VNNI, AVX-VNNI or AVX2; plain C elsewhere). With
+no C compiler, or `LMFORGE_GEMV=0`, QuantLinear uses PyTorch's kernels as before.
 
 Two things can go wrong with them, and both have happened:
 
@@ -27,15 +37,20 @@ Two things can go wrong with them, and both have happened:
 Set `LMFORGE_KERNEL_CHECK=0` to skip the child-process check (trust the kernels); `=fallback` to never use them.
 
     python -c "import lmforge.kernels as k; print(k.check('int8_mm', 'bfloat16', K=64, N=48))"
+    python -c "import lmforge.kernels as k; print(k.gemv_library(), k.check('int8_gemv', 'float32', K=64, N=48))"
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -125,6 +140,30 @@ for M in (1, 3, 17):
         y = torch._weight_int4pack_mm_for_cpu(x, packed, G, sz)
         w = (q.float() - 8).view(N, K // G, G) * scale.float()[..., None]
         ref = x.float() @ w.view(N, K).t()
+    elif op in ("int8_gemv", "int4_gemv"):  # lmforge's own C kernels (csrc/gemv.c), from the library under test
+        import ctypes, os
+        lib, P, I = ctypes.CDLL(os.environ["LMFORGE_GEMV_LIB"]), ctypes.c_void_p, ctypes.c_int64
+        x = x.float().contiguous()
+        y = torch.empty(M, N)
+        scratch = torch.empty(M * (K + K // 4) + 64, dtype=torch.uint8)
+        if op == "int8_gemv":
+            w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+            s = torch.rand(N) * 0.01 + 0.001
+            lib.lmf_int8_gemv.argtypes = [P, P, P, P, P, P, I, I, I, ctypes.c_int]
+            lib.lmf_int8_gemv(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), scratch.data_ptr(),
+                              M, K, N, 2)
+            ref = x @ (w.float() * s[:, None]).t()
+        else:
+            q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+            scale = (torch.rand(N, K // G) * 0.01 + 0.001).half()
+            zero = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
+            qq = q.view(N, K // 64, 2, 32)
+            packed = (qq[:, :, 0] | (qq[:, :, 1] << 4)).contiguous()
+            lib.lmf_int4_gemv.argtypes = [P, P, P, P, P, P, P, I, I, I, I, ctypes.c_int]
+            lib.lmf_int4_gemv(x.data_ptr(), packed.data_ptr(), scale.view(torch.int16).data_ptr(),
+                              zero.data_ptr(), None, y.data_ptr(), scratch.data_ptr(), M, K, N, G, 2)
+            w = (q.float() - zero.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1)
+            ref = x @ w.t()
     else:
         sys.exit(4)
     err = (y.float() - ref).abs().max().item()
@@ -146,11 +185,14 @@ def shape_class(op: str, dtype, K: int, N: int, G: int = 0) -> tuple:
 
 
 def check(op: str, dtype, K: int, N: int, G: int = 0, timeout: float = 120.0) -> bool:
-    """True when kernel `op` ("int8_mm" or "int4_mm") runs correctly for this shape class on this machine.
+    """True when kernel `op` ("int8_mm", "int4_mm", "int8_gemv", "int4_gemv") runs correctly for this shape class
+    on this machine (the gemv ones: lmforge's own, from `gemv_library()`; False when there is none).
 
     The first call for a class runs the kernel in a child process on fresh tensors of shape (M, K) x (N, K),
     M in (1, 3, 17); a crash (any signal), a wrong result or a time-out means no. Later calls read the cache.
     """
+    if op.endswith("_gemv") and gemv_library() is None:  # ours, and not built here (no compiler, or switched off)
+        return False
     mode = _mode()
     if mode in ("0", "off", "trust"):
         return True
@@ -164,10 +206,12 @@ def check(op: str, dtype, K: int, N: int, G: int = 0, timeout: float = 120.0) ->
         if key in _verdicts:  # another thread checked it while this one waited
             return _verdicts[key]
         dtype_name = key[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if op.endswith("_gemv"):
+            env["LMFORGE_GEMV_LIB"] = str(gemv_library())
         try:
             r = subprocess.run([sys.executable, "-c", _CHILD, op, dtype_name, str(K), str(N), str(G or K)],
-                               capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               capture_output=True, text=True, timeout=timeout, env=env)
             ok, why = r.returncode == 0, (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
             if r.returncode < 0:
                 why = f"killed by signal {-r.returncode}"
@@ -217,3 +261,190 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros
     """x (M, K) times the packed int4 weight, dequantized per group as (q - 8) * scale + zero."""
     _record("int4_mm", x, packed, scales_zeros)
     return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_zeros)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lmforge's own matrix-vector kernels (csrc/gemv.c): built here, on first use
+# ----------------------------------------------------------------------------------------------------------------
+GEMV_SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+_gemv_path: Path | None | bool = False  # False: not looked for yet; None: unavailable
+_gemv_lib = None
+_gemv_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LMFORGE_CACHE") or os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    d = Path(base) / "lmforge" / "kernels"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return d
+    except OSError:  # a read-only home: build in the temporary directory instead
+        d = Path(tempfile.gettempdir()) / f"lmforge-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's feature flags (a library built for AVX-512 must not be loaded on an
+    AVX2 machine that shares the home directory)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.machine() + platform.processor()
+
+
+def compile_gemv(cc: str, flags: list[str], out: Path) -> str | None:
+    """Compile the source to `out` atomically; None on success, else the compiler's last line."""
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        r = subprocess.run([cc, *flags, "-o", str(tmp), str(GEMV_SOURCE), "-lm"], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            return (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        os.replace(tmp, out)  # another process building the same file at the same time writes the same bytes
+        return None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def gemv_library() -> Path | None:
+    """The compiled csrc/gemv.c for this machine (built on the first call, then cached on disk), or None when
+    `LMFORGE_GEMV=0`, or when there is no working C compiler (set CC to choose one)."""
+    global _gemv_path
+    if os.environ.get("LMFORGE_GEMV", "1").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    if _gemv_path is not False:
+        return _gemv_path
+    with _gemv_lock:
+        if _gemv_path is not False:
+            return _gemv_path
+        cc = os.environ.get("CC", "cc")
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            version = None
+        if not version:
+            warnings.warn(f"lmforge: no C compiler ({cc!r}) to build lmforge's int8/int4 decode kernels; quantized "
+                          f"layers use PyTorch's slower kernels (install gcc, or set CC)", RuntimeWarning,
+                          stacklevel=2)
+            _gemv_path = None
+            return None
+        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+        key = hashlib.sha256(GEMV_SOURCE.read_bytes() + version.encode() + _cpu_id().encode() +
+                             " ".join(flags).encode()).hexdigest()[:16]
+        out = _cache_dir() / f"gemv-{key}.so"
+        why = None
+        if not out.exists():
+            why = compile_gemv(cc, flags, out)
+            if why is not None:  # e.g. a compiler without OpenMP: one thread is still far faster than no kernel
+                flags.remove("-fopenmp")
+                why = compile_gemv(cc, flags, out)
+        if why is not None:
+            warnings.warn(f"lmforge: could not build lmforge's int8/int4 decode kernels ({why}); quantized layers "
+                          f"use PyTorch's slower kernels", RuntimeWarning, stacklevel=2)
+            _gemv_path = None
+            return None
+        _gemv_path = out
+        return out
+
+
+def load_gemv(path) -> ctypes.CDLL:
+    """Load a build of csrc/gemv.c, with its functions' argument types declared (ctypes releases the GIL during
+    each call, so other Python threads run while a kernel does)."""
+    lib = ctypes.CDLL(str(path))
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.lmf_int8_gemv.argtypes = [P, P, P, P, P, P, I, I, I, ctypes.c_int]
+    lib.lmf_int4_gemv.argtypes = [P, P, P, P, P, P, P, I, I, I, I, ctypes.c_int]
+    lib.lmf_simd_level.restype = ctypes.c_int
+    return lib
+
+
+def _gemv():
+    global _gemv_lib
+    if _gemv_lib is None:
+        path = gemv_library()
+        if path is None:
+            raise RuntimeError("lmforge's gemv kernels are not available on this machine")
+        _gemv_lib = load_gemv(path)
+    return _gemv_lib
+
+
+def gemv_simd() -> str:
+    """Which loop the built library runs on this CPU: "vnni", "avx2" or "c" ("none" without a library)."""
+    if gemv_library() is None:
+        return "none"
+    return {2: "vnni", 1: "avx2", 0: "c"}[_gemv().lmf_simd_level()]
+
+
+_local = threading.local()
+
+
+def _scratch(M: int, K: int) -> torch.Tensor:
+    """Room for the kernel's int8 activations and per-block scales and sums: one buffer per thread, reused."""
+    need = M * (K + K // 4) + 64
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
+        _local.scratch = buf
+    return buf
+
+
+def _bias_ptr(bias: torch.Tensor | None):
+    return None if bias is None else bias.data_ptr()
+
+
+def gemv_rounded(x: torch.Tensor) -> torch.Tensor:
+    """The activations as lmforge's gemv kernels see them, written in torch: each block of 32 values rounded to
+    int8 with scale max|x| / 127 (half to even). x (M, K) with K % 32 == 0 -> float64 (M, K). With this, a kernel's
+    output is `gemv_rounded(x) @ w.T` in exact arithmetic (tests compare the C loops against it)."""
+    M, K = x.shape
+    xb = x.double().view(M, K // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0)
+    return (q * d).view(M, K)
+
+
+def int8_gemv(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None = None,
+              lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ (w (N, K) int8 * wscale (N,) fp32)^T (+ bias fp32) -> (M, N) fp32, with x rounded to int8 per
+    block of 32 inside the kernel. K % 32 == 0; inputs contiguous (owned, like every kernel input). `lib`: another
+    build of the kernels (tests compare the AVX2 and plain-C loops with the native one)."""
+    if _call_log is not None:  # (the C loops read unaligned memory: only tests look at these calls)
+        _record("int8_gemv", x, w, wscale, *([] if bias is None else [bias]))
+    M, K = x.shape
+    N = w.shape[0]
+    y, scratch = torch.empty(M, N), _scratch(M, K)  # named: a temporary would be freed before the call reads it
+    (lib or _gemv()).lmf_int8_gemv(x.data_ptr(), w.data_ptr(), wscale.data_ptr(), _bias_ptr(bias), y.data_ptr(),
+                          scratch.data_ptr(), M, K, N, torch.get_num_threads())
+    return y
+
+
+def int4_gemv_pack(codes: torch.Tensor) -> torch.Tensor:
+    """int4 codes (N, K) in 0..15 -> the layout `int4_gemv` reads: per 64 codes 32 bytes, byte j = code j (low
+    nibble) | code j + 32 (high nibble). K % 64 == 0. A fresh, owned tensor."""
+    N, K = codes.shape
+    q = codes.to(torch.uint8).view(N, K // 64, 2, 32)
+    return owned((q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2))
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) fp32 times the int4 weight w = (q - zero) * scale per group: packed from `int4_gemv_pack`, scales
+    (N, K/G) fp16 bits (int16), zeros (N, K/G) uint8. K % 64 == 0, G % 32 == 0, K <= 65536."""
+    if _call_log is not None:
+        _record("int4_gemv", x, packed, scales, zeros, *([] if bias is None else [bias]))
+    M, K = x.shape
+    N = packed.shape[0]
+    y, scratch = torch.empty(M, N), _scratch(M, K)
+    (lib or _gemv()).lmf_int4_gemv(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _bias_ptr(bias),
+                          y.data_ptr(), scratch.data_ptr(), M, K, N, group_size, torch.get_num_threads())
+    return y

@@ -109,7 +109,7 @@ def test_a_crashing_kernel_falls_back_instead_of_killing_the_process(monkeypatch
             y = q(x)
     ref = torch.nn.functional.linear(x, q.dequantize(), q.bias)
     assert torch.equal(y, ref)
-    assert list(kernels.verdicts().values()) == [False]
+    assert kernels.verdicts() and not any(kernels.verdicts().values())  # ours and PyTorch's: both refused
 
 
 def test_fallback_mode_never_calls_a_kernel(monkeypatch, call_log):
@@ -175,3 +175,115 @@ def test_quantization_json_that_disagrees_with_tensors(tmp_path):
     save_file(sd, str(f))
     with pytest.raises(CheckpointError, match=r"q_proj\.qweight' is int16 but"):
         lmforge.load(tmp_path / "q")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lmforge's own int8/int4 matrix-vector kernels (csrc/gemv.c)
+# ----------------------------------------------------------------------------------------------------------------
+needs_gemv = pytest.mark.skipif(kernels.gemv_library() is None, reason="no C compiler to build lmforge's kernels")
+
+
+def reference_gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernels' arithmetic written out in torch: x rounded to int8 per block of 32, exact products. w: the
+    dequantized (N, K) weight (integer codes times per-row or per-group scales), multiplied in float64 so only the
+    activation rounding separates it from the float result."""
+    return (kernels.gemv_rounded(x) @ w.double().t()).float()
+
+
+@needs_gemv
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("K,N,M,G", [(64, 48, 1, 32), (128, 45, 3, 32), (768, 50, 1, 64), (256, 7, 17, 128)])
+def test_gemv_matches_its_arithmetic_and_the_float_layer(scheme, K, N, M, G):
+    torch.manual_seed(K + N + M)
+    lin = torch.nn.Linear(K, N)
+    q = QuantLinear.from_float(lin, scheme, G)
+    x = torch.randn(M, K) * torch.linspace(0.1, 10, K)  # blocks of very different magnitudes
+    with torch.no_grad():
+        y = q(x)
+    assert q._kernel() == f"{scheme}_gemv"
+    w = q.dequantize()
+    exact = reference_gemv(x, w) + q.bias.detach()
+    assert torch.allclose(y, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    ref = torch.nn.functional.linear(x, w, q.bias)  # what the rounding of x costs: well under 1% of the output
+    assert (y - ref).abs().max() <= 0.01 * ref.abs().max()
+
+
+@needs_gemv
+def test_gemv_handles_zero_and_extreme_blocks():
+    q = QuantLinear.from_float(torch.nn.Linear(96, 20), "int8")
+    x = torch.zeros(2, 96)
+    x[1, 32:64] = 1e30  # a block whose scale is huge next to an all-zero one
+    x[1, 64] = -3.0
+    with torch.no_grad():
+        y = q(x)
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y[0], q.bias.detach())
+    exact = reference_gemv(x, q.dequantize()) + q.bias.detach()
+    assert torch.allclose(y, exact, rtol=1e-4)
+
+
+@needs_gemv
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_gemv_simd_levels_agree(tmp_path, scheme):
+    """The AVX2 and plain-C loops (built here with other flags) compute what the native build does; CPUs without
+    AVX-512 VNNI take those loops, so each is tested on every machine that can run it."""
+    import ctypes.util  # noqa: F401  (ctypes itself is what loads the builds)
+    builds = {"native": kernels.load_gemv(kernels.gemv_library())}
+    flags = {"plain C": ["-O2", "-fopenmp", "-shared", "-fPIC"]}
+    if "avx2" in kernels._cpu_id() and "fma" in kernels._cpu_id():
+        flags["AVX2"] = ["-O2", "-march=haswell", "-fopenmp", "-shared", "-fPIC"]
+    for name, f in flags.items():
+        out = tmp_path / f"gemv-{name.replace(' ', '')}.so"
+        why = kernels.compile_gemv("cc", f, out)
+        assert why is None, why
+        builds[name] = kernels.load_gemv(out)
+    torch.manual_seed(1)
+    K, N, M = 256, 37, 3
+    q = QuantLinear.from_float(torch.nn.Linear(K, N), scheme, 32)
+    x = torch.randn(M, K)
+    outs = {}
+    for name, lib in builds.items():
+        if scheme == "int8":
+            outs[name] = kernels.int8_gemv(x, *q._int8_gemv_args(), None, lib=lib)
+        else:
+            outs[name] = kernels.int4_gemv(x, *q._int4_gemv_args(), q.group_size, None, lib=lib)
+    levels = {name: lib.lmf_simd_level() for name, lib in builds.items()}
+    assert levels["plain C"] == 0 and levels.get("AVX2", 1) == 1
+    for name, y in outs.items():
+        assert torch.allclose(y, outs["native"], rtol=1e-5, atol=1e-5), name
+
+
+@needs_gemv
+def test_gemv_can_be_switched_off_and_a_missing_compiler_falls_back(monkeypatch, call_log):
+    q = QuantLinear.from_float(torch.nn.Linear(64, 48), "int8")
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = q(x)
+    assert {op for op, _ in call_log} == {"int8_gemv"}
+    monkeypatch.setenv("LMFORGE_GEMV", "0")
+    assert kernels.gemv_library() is None
+    q._kernel_cache.clear()
+    call_log.clear()
+    with torch.no_grad():
+        off = q(x)
+    assert "int8_gemv" not in {op for op, _ in call_log}
+    assert (off - want).abs().max() <= 0.02 * want.abs().max()  # PyTorch's bf16 kernel: another rounding
+    monkeypatch.delenv("LMFORGE_GEMV")
+    monkeypatch.setattr(kernels, "_gemv_path", False)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert kernels.gemv_library() is None
+    assert kernels.check("int8_gemv", torch.float32, 64, 48) in (True, False)  # answered from the cache, or no
+
+
+@needs_gemv
+def test_the_library_is_cached_per_cpu_and_written_atomically(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_gemv_path", False)
+    path = kernels.gemv_library()
+    assert path.parent == tmp_path / "lmforge" / "kernels" and path.exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    monkeypatch.setattr(kernels, "_gemv_path", False)
+    monkeypatch.setattr(kernels, "_cpu_id", lambda: "flags : avx2 (another machine)")
+    other = kernels.gemv_library()
+    assert other != path  # a home directory shared with another CPU type gets its own build

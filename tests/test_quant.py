@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import lmforge
+from lmforge import kernels
 from lmforge.cli import main as cli_main
 from lmforge.models.config import ModelConfig
 from lmforge.errors import ConfigError, LmforgeError
@@ -90,10 +91,13 @@ def test_cpu_kernels_match_reference_path(scheme):
         finally:
             QuantLinear.use_kernels = True
     assert fast.shape == (2, 5, 64)
-    # the kernels take bf16 activations: equal up to bf16 rounding of x
     torch.testing.assert_close(fast, ref, rtol=2e-2, atol=2e-2)
-    ref_bf16 = nn.functional.linear(x.bfloat16().float(), q.dequantize(), q.bias)
-    torch.testing.assert_close(fast, ref_bf16, rtol=1e-2, atol=5e-3)
+    if q._kernel().endswith("_gemv"):  # lmforge's kernels: x rounded to int8 per block of 32, exact products
+        seen = kernels.gemv_rounded(x.reshape(-1, 128)).float().view(2, 5, 128)
+        torch.testing.assert_close(fast, nn.functional.linear(seen, q.dequantize(), q.bias), rtol=1e-4, atol=1e-4)
+    else:  # PyTorch's kernels take bf16 activations: equal up to bf16 rounding of x
+        ref_bf16 = nn.functional.linear(x.bfloat16().float(), q.dequantize(), q.bias)
+        torch.testing.assert_close(fast, ref_bf16, rtol=1e-2, atol=5e-3)
 
 
 def test_gradients_flow_through_quantized_linear():

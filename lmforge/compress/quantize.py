@@ -166,8 +166,9 @@ class QuantLinear(nn.Module):
     The scales are fp16 numbers kept bit for bit in an int16 buffer (`scale` views them as fp16): `model.to(dtype)`
     and checkpoint loaders cast every floating tensor, and the scales must stay exactly what the codes were
     computed with.
-    On CPU in inference, int8 and int4 use PyTorch's packed kernels (activations cast to `kernel_dtype`);
-    otherwise (training, CUDA, nf4) the weight is dequantized on the fly and multiplied with `F.linear`.
+    On CPU in inference, int8 and int4 use lmforge's own kernels (`lmforge.kernels`, csrc/gemv.c: activations
+    rounded to int8 per block of 32, integer products, as llama.cpp does), or where those cannot be built PyTorch's
+    packed kernels (activations cast to `kernel_dtype`); otherwise (training, CUDA, nf4) the weight is dequantized on the fly and multiplied with `F.linear`.
     """
 
     use_kernels = True  # class-wide switch: False -> always dequantize, then F.linear in the input dtype
@@ -269,9 +270,60 @@ class QuantLinear(nn.Module):
             self._kernel_cache[key] = (self.qweight, kernels.owned(self.scale.to(x.dtype)))
         return self._kernel_cache[key]
 
+    def _int8_gemv_args(self):
+        key = ("int8_gemv",)
+        if key not in self._kernel_cache:
+            kernels.own_(self, "qweight")
+            self._kernel_cache[key] = (self.qweight, kernels.owned(self.scale.float()))
+        return self._kernel_cache[key]
+
+    def _int4_gemv_args(self):
+        key = ("int4_gemv",)
+        if key not in self._kernel_cache:
+            packed = kernels.int4_gemv_pack(unpack_int4(self.qweight))  # (N, K/2) in the kernel's own layout
+            self._kernel_cache[key] = (packed, kernels.owned(self.scales), kernels.owned(self.zeros))
+        return self._kernel_cache[key]
+
+    def _fp32_bias(self) -> torch.Tensor | None:
+        """The bias as an owned fp32 tensor, remade only when the parameter is replaced or updated in place."""
+        b = self.bias
+        if b is None:
+            return None
+        stamp = (b.data_ptr(), b._version, b.dtype)
+        cached = self._kernel_cache.get("bias")
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, kernels.owned(b.detach().float()))
+            self._kernel_cache["bias"] = cached
+        return cached[1]
+
+    def _gemv_plan(self):
+        """lmforge's own kernel for this layer as a function of (x fp32 (M, K), bias) -> y fp32 (M, N), with its
+        weight arguments bound, or False when this layer uses another path. Made once (a decode step calls every
+        layer, and the checks and lookups would cost more than a small layer's product); cleared with the cache."""
+        plan = self._kernel_cache.get("gemv")
+        if plan is None:
+            kernel = self._kernel()
+            if kernel == "int8_gemv":
+                w, s = self._int8_gemv_args()
+                plan = lambda x, b: kernels.int8_gemv(x, w, s, b)  # noqa: E731
+            elif kernel == "int4_gemv":
+                packed, s, z = self._int4_gemv_args()
+                G = self.group_size
+                plan = lambda x, b: kernels.int4_gemv(x, packed, s, z, G, b)  # noqa: E731
+            else:
+                plan = False
+            self._kernel_cache["gemv"] = plan
+        return plan
+
     def _kernel(self) -> str | None:
-        """"int8_mm" / "int4_mm" when PyTorch's CPU kernel serves this layer on this machine, else None."""
+        """Which CPU kernel serves this layer on this machine: lmforge's own "int8_gemv" / "int4_gemv" (csrc/gemv.c)
+        when they are built and pass their check, else PyTorch's "int8_mm" / "int4_mm", else None (dequantize)."""
         N, K, dt = self.out_features, self.in_features, self.kernel_dtype
+        if self.scheme == "int8" and K % 32 == 0 and kernels.check("int8_gemv", torch.float32, K, N):
+            return "int8_gemv"
+        if (self.scheme == "int4" and K % 64 == 0 and self.group_size % 32 == 0 and K <= 65536
+                and kernels.check("int4_gemv", torch.float32, K, N, self.group_size)):
+            return "int4_gemv"
         if self.scheme == "int8" and K % 8 == 0:  # other widths crash the CPU kernel (2.13)
             return "int8_mm" if kernels.check("int8_mm", dt, K, N) else None
         if self.scheme == "int4" and self.group_size in (32, 64, 128, 256) and N % 16 == 0:
@@ -285,6 +337,14 @@ class QuantLinear(nn.Module):
             # bytes than fp32 and runs ~2x faster); their fp32 variants are slower than a plain fp32 matmul. So
             # activations go through the kernel in `kernel_dtype` and come back in their own dtype. Every input
             # is owned and 64-byte aligned, and the kernel passed its check on this CPU (lmforge.kernels).
+            plan = self._gemv_plan()
+            if plan:
+                # lmforge's own kernels: fp32 in and out, the activations rounded to int8 per block of 32 inside
+                x2 = x.reshape(-1, self.in_features)  # (B*T, K)
+                if x2.dtype != torch.float32 or not x2.is_contiguous():
+                    x2 = x2.float().contiguous()
+                y = plan(x2, self._fp32_bias())
+                return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*shape[:-1], self.out_features)
             kernel = self._kernel()
             if kernel is not None:
                 x2 = kernels.aligned(x.reshape(-1, self.in_features).to(self.kernel_dtype))  # (B*T, K)

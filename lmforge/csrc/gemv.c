@@ -1,0 +1,280 @@
+/* lmforge's own weight-only matrix-vector kernels for decoding on CPU (lmforge/kernels.py loads and checks them).
+ *
+ * Decoding one token multiplies a few activation rows x (M, K), M = 1 for one sequence, by every weight matrix
+ * W (N, K). Each weight is read once per token and used M times, so the step takes as long as streaming the
+ * weights from memory, plus the arithmetic if that is slower. int8 weights stream 4x fewer bytes than fp32 and
+ * int4 8x fewer; widening each weight to fp32 before multiplying (what a plain dequantize + matmul does) costs
+ * more instructions than the memory saves. So these loops do what llama.cpp's q8_0/q4 dot products do:
+ *
+ *   1. quantize each activation row to int8 in blocks of 32, one fp32 scale per block (xq, sx),
+ *   2. multiply int8 activations by int8 (or 4-bit) weights in integer registers, 32 products summed per block
+ *      (one VNNI `vpdpbusd` on AVX-512 VNNI or AVX-VNNI CPUs; `vpmaddubsw` + `vpmaddwd` on AVX2),
+ *   3. scale each block's integer sum to fp32 once: by sx * (the weight's scale).
+ *
+ *   int8:  y[m, n] = wscale[n] * sum_b sx[m, b] * sum_{k in b} xq[m, k] * W[n, k]                 (+ bias[n])
+ *   int4:  y[m, n] = sum_b sx[m, b] * s[n, g(b)] * sum_{k in b} xq[m, k] * (q[n, k] - z[n, g(b)])  (+ bias[n])
+ *
+ * Rounding the activations to int8 per block of 32 is the one approximation (llama.cpp's q8_0 and q4_0 dot
+ * products make the same one); the integer sums are exact. lmforge's quantized perplexity figures are measured
+ * through these kernels.
+ *
+ * int4 weights use a layout made for these loops (lmforge.kernels.int4_gemv_pack makes it): every 64 codes of a
+ * row are 32 bytes, byte j holding code j in its low nibble and code j + 32 in its high one, so one 32-byte load
+ * gives two 32-code blocks in order after a mask and a shift. The scales (fp16) and zeros (uint8) are QuantLinear's
+ * own (N, K/G) buffers, G a multiple of 32.
+ *
+ * Rows are shared among threads with OpenMP (PyTorch's own libgomp serves it: the library is loaded into a
+ * process that already holds it). lmforge compiles this file on the machine that runs it with -march=native, so
+ * the loop is whichever the CPU has (VNNI, AVX2 or plain C), and checks its answers once in a child process
+ * before the first use.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define BLOCK 32 /* activations per int8 block, and weights per integer dot product */
+#define ROWS 4   /* int8 weight rows per step: their dot products share each activation load */
+#ifndef PREFETCH
+#define PREFETCH 8192 /* bytes of weights requested ahead of the int8 loop (measured: 4-32 KB all beat none by 1.9x) */
+#endif
+#ifndef PREFETCH4
+#define PREFETCH4 4096 /* the same for the int4 loop */
+#endif
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: shift the mantissa up until its leading one is the implicit bit */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* step 1: activations -> int8 blocks                                                                           */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+/* x (K,) -> xq (K,) int8 and sx (K/32,) with x ~= xq * sx per block; xs (K/32,) the blocks' code sums (exact
+   integers, kept as floats) */
+static void quantize_row(const float *x, int8_t *xq, float *sx, float *xs, int64_t K) {
+    for (int64_t b = 0; b < K / BLOCK; b++) {
+        const float *xb = x + b * BLOCK;
+        float amax = 0.f;
+        for (int j = 0; j < BLOCK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int32_t s = 0;
+        for (int j = 0; j < BLOCK; j++) {
+            int v = (int)lrintf(xb[j] * inv);
+            xq[b * BLOCK + j] = (int8_t)v;
+            s += v;
+        }
+        sx[b] = d;
+        xs[b] = (float)s;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* step 2: 32 unsigned x signed byte products summed into 8 int32 lanes                                         */
+/* ---------------------------------------------------------------------------------------------------------- */
+#if defined(__AVX2__)
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else /* pairs of u8 * s8 into int16 (|sum| <= 2 * 255 * 127 only when u > 127: our u is |w| <= 128 or q <= 15) */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* int8 weights, one scale per output row                                                                       */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+/* sum_b sx[b] * (xq . w) over block b, for R consecutive weight rows */
+static void int8_rows(const int8_t *xq, const float *sx, const int8_t *w, int64_t K, int R, float *out) {
+    int64_t nb = K / BLOCK;
+#if defined(__AVX2__)
+    if (R == ROWS) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            /* the rows after these four follow them in memory: fetch PREFETCH bytes ahead while these are
+               multiplied (the hardware prefetcher alone restarts at every row and leaves the core waiting) */
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b + 64), _MM_HINT_T0);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
+            __m256 s = _mm256_broadcast_ss(sx + b);
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + b * BLOCK));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + K + b * BLOCK));
+            __m256i w2 = _mm256_loadu_si256((const __m256i *)(w + 2 * K + b * BLOCK));
+            __m256i w3 = _mm256_loadu_si256((const __m256i *)(w + 3 * K + b * BLOCK));
+            /* |w| is unsigned, x takes w's sign: the product is unchanged and fits the u8 x s8 instruction */
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w0), _mm256_sign_epi8(xv, w0))), s, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w1), _mm256_sign_epi8(xv, w1))), s, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w2), _mm256_sign_epi8(xv, w2))), s, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(w3), _mm256_sign_epi8(xv, w3))), s, a3);
+        }
+        out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+        return;
+    }
+    for (int r = 0; r < R; r++) {
+        const int8_t *wr = w + r * K;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * BLOCK));
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK));
+            a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8s8(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv))),
+                                _mm256_broadcast_ss(sx + b), a);
+        }
+        out[r] = hsum(a);
+    }
+#else
+    for (int r = 0; r < R; r++) {
+        const int8_t *wr = w + r * K;
+        float a = 0.f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t d = 0;
+            for (int j = 0; j < BLOCK; j++) d += (int32_t)xq[b * BLOCK + j] * wr[b * BLOCK + j];
+            a += sx[b] * (float)d;
+        }
+        out[r] = a;
+    }
+#endif
+}
+
+/* y (M, N) = x (M, K) @ (w (N, K) * wscale[:, None]).T + bias.  K % 32 == 0.
+   scratch: at least M * (K + 8 * K / 32) bytes (the quantized activations) */
+void lmf_int8_gemv(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
+                   void *scratch, int64_t M, int64_t K, int64_t N, int threads) {
+    int64_t nb = K / BLOCK;
+    int8_t *xq = (int8_t *)scratch;
+    float *sx = (float *)(xq + M * K);
+    float *xs = sx + M * nb;
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
+    int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < blocks; i++) {
+        int64_t n = i * ROWS;
+        int R = (int)(N - n < ROWS ? N - n : ROWS);
+        float out[ROWS];
+        for (int64_t m = 0; m < M; m++) { /* the R weight rows stay in L1 while every activation row uses them */
+            int8_rows(xq + m * K, sx + m * nb, w + n * K, K, R, out);
+            for (int r = 0; r < R; r++) y[m * N + n + r] = out[r] * wscale[n + r] + (bias ? bias[n + r] : 0.f);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* int4 weights, groups of G codes with an fp16 scale and a zero each                                          */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+/* one weight row: w (K/2 bytes in the 64-code layout), scale (K/G fp16), zero (K/G bytes); cb: K/32 floats of room */
+static float int4_row(const int8_t *xq, const float *sx, const float *xs, const uint8_t *w, const uint16_t *scale,
+                      const uint8_t *zero, int64_t K, int64_t G, float *cb) {
+    int64_t nb = K / BLOCK, per_group = G / BLOCK;
+    /* each block's factor sx * s, and the zeros' share sum_b sx * s * z * (the block's sum of xq) */
+    float corr = 0.f;
+    int64_t b = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    if (per_group == 1) { /* G = 32: one scale and zero per block, eight blocks per step */
+        __m256 cv = _mm256_setzero_ps();
+        for (; b + 8 <= nb; b += 8) {
+            __m256 f = _mm256_mul_ps(_mm256_loadu_ps(sx + b),
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b))));
+            _mm256_storeu_ps(cb + b, f);
+            __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(zero + b))));
+            cv = _mm256_fmadd_ps(_mm256_mul_ps(f, z), _mm256_loadu_ps(xs + b), cv);
+        }
+        corr = hsum(cv);
+    }
+#endif
+    for (; b < nb; b++) {
+        int64_t g = b / per_group;
+        cb[b] = sx[b] * half_to_float(scale[g]);
+        corr += cb[b] * (float)zero[g] * xs[b];
+    }
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    for (int64_t c = 0; c < K / 64; c++) {
+        _mm_prefetch((const char *)(w + 32 * c + PREFETCH4), _MM_HINT_T0);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+        __m256i d0 = dot_u8s8(lo, _mm256_loadu_si256((const __m256i *)(xq + 64 * c)));
+        __m256i d1 = dot_u8s8(hi, _mm256_loadu_si256((const __m256i *)(xq + 64 * c + 32)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(cb + 2 * c), acc);
+        acc2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_broadcast_ss(cb + 2 * c + 1), acc2);
+    }
+    return hsum(_mm256_add_ps(acc, acc2)) - corr;
+#else
+    float acc = 0.f;
+    for (int64_t c = 0; c < K / 64; c++) {
+        const uint8_t *p = w + 32 * c;
+        for (int half = 0; half < 2; half++) {
+            int64_t bb = 2 * c + half;
+            int32_t d = 0;
+            for (int j = 0; j < 32; j++) d += (int32_t)(half ? p[j] >> 4 : p[j] & 0x0F) * xq[bb * BLOCK + j];
+            acc += cb[bb] * (float)d;
+        }
+    }
+    return acc - corr;
+#endif
+}
+
+/* y (M, N) = x (M, K) @ dequantized(w).T + bias, with w (N, K/2) in the 64-code layout, scale (N, K/G) fp16 bits,
+   zero (N, K/G) uint8.  K % 64 == 0, G % 32 == 0, K % G == 0, K <= 65536.
+   scratch: at least M * (K + 8 * K / 32) bytes */
+void lmf_int4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, const uint8_t *zero, const float *bias,
+                   float *y, void *scratch, int64_t M, int64_t K, int64_t N, int64_t G, int threads) {
+    int64_t nb = K / BLOCK, ng = K / G;
+    int8_t *xq = (int8_t *)scratch;
+    float *sx = (float *)(xq + M * K);
+    float *xs = sx + M * nb;
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
+#pragma omp parallel num_threads(threads)
+    {
+        float cb[65536 / BLOCK];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = int4_row(xq + m * K, sx + m * nb, xs + m * nb, w + n * (K / 2), scale + n * ng,
+                                        zero + n * ng, K, G, cb) + (bias ? bias[n] : 0.f);
+    }
+}
+
+/* which loop this build took: 2 = VNNI, 1 = AVX2, 0 = plain C */
+int lmf_simd_level(void) {
+#if defined(__AVX2__) && ((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+    return 2;
+#elif defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
