@@ -149,9 +149,10 @@ for M in (1, 3, 17):
         if op == "int8_gemv":
             w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
             s = torch.rand(N) * 0.01 + 0.001
-            lib.lmf_int8_gemv.argtypes = [P, P, P, P, P, P, I, I, I, ctypes.c_int]
-            lib.lmf_int8_gemv(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), scratch.data_ptr(),
-                              M, K, N, 2)
+            lib.lmf_int8_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, I, I, ctypes.c_int]
+            arr = lambda *ts: (P * len(ts))(*[t.data_ptr() for t in ts])
+            lib.lmf_int8_gemv(x.data_ptr(), 2, arr(w[:N // 2], w[N // 2:]), arr(s[:N // 2], s[N // 2:]), (P * 2)(),
+                              (I * 2)(N // 2, N - N // 2), y.data_ptr(), scratch.data_ptr(), M, K, 2)
             ref = x @ (w.float() * s[:, None]).t()
         else:
             q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
@@ -159,9 +160,10 @@ for M in (1, 3, 17):
             zero = torch.randint(0, 16, (N, K // G), dtype=torch.uint8)
             qq = q.view(N, K // 64, 2, 32)
             packed = (qq[:, :, 0] | (qq[:, :, 1] << 4)).contiguous()
-            lib.lmf_int4_gemv.argtypes = [P, P, P, P, P, P, P, I, I, I, I, ctypes.c_int]
-            lib.lmf_int4_gemv(x.data_ptr(), packed.data_ptr(), scale.view(torch.int16).data_ptr(),
-                              zero.data_ptr(), None, y.data_ptr(), scratch.data_ptr(), M, K, N, G, 2)
+            lib.lmf_int4_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, P, I, I, I, ctypes.c_int]
+            arr = lambda t: (P * 2)(t[:N // 2].data_ptr(), t[N // 2:].data_ptr())
+            lib.lmf_int4_gemv(x.data_ptr(), 2, arr(packed), arr(scale.view(torch.int16)), arr(zero), (P * 2)(),
+                              (I * 2)(N // 2, N - N // 2), y.data_ptr(), scratch.data_ptr(), M, K, G, 2)
             w = (q.float() - zero.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1)
             ref = x @ w.t()
     else:
@@ -362,8 +364,8 @@ def load_gemv(path) -> ctypes.CDLL:
     each call, so other Python threads run while a kernel does)."""
     lib = ctypes.CDLL(str(path))
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.lmf_int8_gemv.argtypes = [P, P, P, P, P, P, I, I, I, ctypes.c_int]
-    lib.lmf_int4_gemv.argtypes = [P, P, P, P, P, P, P, I, I, I, I, ctypes.c_int]
+    lib.lmf_int8_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, I, I, ctypes.c_int]
+    lib.lmf_int4_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, P, I, I, I, ctypes.c_int]
     lib.lmf_simd_level.restype = ctypes.c_int
     return lib
 
@@ -398,10 +400,6 @@ def _scratch(M: int, K: int) -> torch.Tensor:
     return buf
 
 
-def _bias_ptr(bias: torch.Tensor | None):
-    return None if bias is None else bias.data_ptr()
-
-
 def gemv_rounded(x: torch.Tensor) -> torch.Tensor:
     """The activations as lmforge's gemv kernels see them, written in torch: each block of 32 values rounded to
     int8 with scale max|x| / 127 (half to even). x (M, K) with K % 32 == 0 -> float64 (M, K). With this, a kernel's
@@ -413,19 +411,60 @@ def gemv_rounded(x: torch.Tensor) -> torch.Tensor:
     return (q * d).view(M, K)
 
 
+_P = ctypes.c_void_p
+
+
+def _ptrs(ts) -> ctypes.Array:
+    return (_P * len(ts))(*[None if t is None else t.data_ptr() for t in ts])
+
+
+class Gemv:
+    """One call of lmforge's kernels over matrices that read the same input, side by side in the output (q, k and
+    v; gate and up; or just one). The weight pointer arrays are built once; call with x (M, K) fp32 contiguous and
+    one fp32 bias or None per matrix: -> (M, sum of N) fp32, x rounded to int8 per block of 32 inside.
+
+        int8: Gemv("int8", [(w (N, K) int8, wscale (N,) fp32), ...])
+        int4: Gemv("int4", [(packed (N, K/2) from int4_gemv_pack, scales (N, K/G) fp16 bits, zeros (N, K/G)), ...],
+                   group_size=G)
+
+    int8 needs K % 32 == 0; int4 K % 64 == 0, G % 32 == 0, K <= 65536. Inputs are kept alive by the object.
+    `lib`: another build of the kernels (tests compare the AVX2 and plain-C loops with the native one)."""
+
+    def __init__(self, scheme: str, mats: list[tuple], group_size: int | None = None, lib: ctypes.CDLL | None = None):
+        if not 1 <= len(mats) <= 16:
+            raise ValueError(f"1 to 16 matrices per call, got {len(mats)}")
+        self.scheme, self.mats, self.group_size, self.lib = scheme, list(mats), group_size, lib
+        self.count = len(mats)
+        self.K = mats[0][0].shape[1] * (2 if scheme == "int4" else 1)
+        self.Ns = [m[0].shape[0] for m in mats]
+        self.N = sum(self.Ns)
+        self._n = (ctypes.c_int64 * self.count)(*self.Ns)
+        self._args = [_ptrs([m[i] for m in mats]) for i in range(len(mats[0]))]  # one array per argument kind
+        self._no_bias = (_P * self.count)()
+
+    def __call__(self, x: torch.Tensor, biases: list | None = None) -> torch.Tensor:
+        if _call_log is not None:  # (the C loops read unaligned memory: only tests look at these calls)
+            _record(f"{self.scheme}_gemv", x, *[t for m in self.mats for t in m],
+                    *[b for b in (biases or []) if b is not None])
+        M, K = x.shape
+        if K != self.K:
+            raise ValueError(f"input width {K} != the weights' {self.K}")
+        y, scratch = torch.empty(M, self.N), _scratch(M, K)  # named: a temporary would be freed before the call
+        bias = self._no_bias if biases is None or all(b is None for b in biases) else _ptrs(biases)
+        lib = self.lib or _gemv()
+        if self.scheme == "int8":
+            lib.lmf_int8_gemv(x.data_ptr(), self.count, *self._args, bias, self._n, y.data_ptr(), scratch.data_ptr(),
+                              M, K, torch.get_num_threads())
+        else:
+            lib.lmf_int4_gemv(x.data_ptr(), self.count, *self._args, bias, self._n, y.data_ptr(), scratch.data_ptr(),
+                              M, K, self.group_size, torch.get_num_threads())
+        return y
+
+
 def int8_gemv(x: torch.Tensor, w: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None = None,
               lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (M, K) fp32 @ (w (N, K) int8 * wscale (N,) fp32)^T (+ bias fp32) -> (M, N) fp32, with x rounded to int8 per
-    block of 32 inside the kernel. K % 32 == 0; inputs contiguous (owned, like every kernel input). `lib`: another
-    build of the kernels (tests compare the AVX2 and plain-C loops with the native one)."""
-    if _call_log is not None:  # (the C loops read unaligned memory: only tests look at these calls)
-        _record("int8_gemv", x, w, wscale, *([] if bias is None else [bias]))
-    M, K = x.shape
-    N = w.shape[0]
-    y, scratch = torch.empty(M, N), _scratch(M, K)  # named: a temporary would be freed before the call reads it
-    (lib or _gemv()).lmf_int8_gemv(x.data_ptr(), w.data_ptr(), wscale.data_ptr(), _bias_ptr(bias), y.data_ptr(),
-                          scratch.data_ptr(), M, K, N, torch.get_num_threads())
-    return y
+    """x (M, K) fp32 @ (w (N, K) int8 * wscale (N,) fp32)^T (+ bias fp32) -> (M, N) fp32: one matrix (see `Gemv`)."""
+    return Gemv("int8", [(w, wscale)], lib=lib)(x, [bias])
 
 
 def int4_gemv_pack(codes: torch.Tensor) -> torch.Tensor:
@@ -439,12 +478,5 @@ def int4_gemv_pack(codes: torch.Tensor) -> torch.Tensor:
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """x (M, K) fp32 times the int4 weight w = (q - zero) * scale per group: packed from `int4_gemv_pack`, scales
-    (N, K/G) fp16 bits (int16), zeros (N, K/G) uint8. K % 64 == 0, G % 32 == 0, K <= 65536."""
-    if _call_log is not None:
-        _record("int4_gemv", x, packed, scales, zeros, *([] if bias is None else [bias]))
-    M, K = x.shape
-    N = packed.shape[0]
-    y, scratch = torch.empty(M, N), _scratch(M, K)
-    (lib or _gemv()).lmf_int4_gemv(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), _bias_ptr(bias),
-                          y.data_ptr(), scratch.data_ptr(), M, K, N, group_size, torch.get_num_threads())
-    return y
+    (N, K/G) fp16 bits (int16), zeros (N, K/G) uint8: one matrix (see `Gemv`)."""
+    return Gemv("int4", [(packed, scales, zeros)], group_size, lib=lib)(x, [bias])

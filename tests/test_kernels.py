@@ -287,3 +287,44 @@ def test_the_library_is_cached_per_cpu_and_written_atomically(monkeypatch, tmp_p
     monkeypatch.setattr(kernels, "_cpu_id", lambda: "flags : avx2 (another machine)")
     other = kernels.gemv_library()
     assert other != path  # a home directory shared with another CPU type gets its own build
+
+
+@needs_gemv
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_group_forward_is_one_call_equal_to_the_layers_one_by_one(scheme, call_log):
+    """q, k and v (and gate, up) read the same input: the decode step runs them as one kernel call, with the same
+    numbers as three calls, and a layer whose codes change is seen by the next grouped call."""
+    torch.manual_seed(4)
+    layers = [QuantLinear.from_float(torch.nn.Linear(128, n), scheme, 32) for n in (64, 32, 32)]
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        apart = torch.cat([m(x) for m in layers], dim=-1)
+        call_log.clear()
+        together = QuantLinear.group_forward(x, layers)
+    assert [op for op, _ in call_log] == [f"{scheme}_gemv"]
+    assert torch.equal(together, apart)
+    new = QuantLinear.from_float(torch.nn.Linear(128, 32), scheme, 32)
+    layers[1].load_state_dict(new.state_dict())
+    with torch.no_grad():
+        again = QuantLinear.group_forward(x, layers)
+        assert torch.equal(again[:, 64:96], new(x))
+        assert torch.equal(again[:, :64], apart[:, :64])
+    mixed = [layers[0], QuantLinear.from_float(torch.nn.Linear(128, 8), "nf4", 32)]
+    assert QuantLinear.group_forward(x, mixed) is None  # the decode step then calls them one by one
+
+
+@needs_gemv
+def test_quantized_decode_step_matches_the_forward(tmp_path):
+    """The decode step of a quantized Llama (q, k, v and gate, up grouped) gives the logits a full forward gives
+    for the same positions, through the same kernels."""
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    q = quantize_model(copy.deepcopy(tiny_llama()), "int8", 32, embeddings="same", progress=False)
+    prompt = [5, 17, 33, 2, 90]
+    out = generate_ids(q, [prompt], SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True))[0].token_ids
+    ids = torch.tensor([prompt + out])
+    with torch.no_grad():
+        logits = q(ids)[0]
+    greedy = logits[len(prompt) - 1:-1].argmax(-1).tolist()
+    assert greedy == out

@@ -304,24 +304,46 @@ class QuantLinear(nn.Module):
         if plan is None:
             kernel = self._kernel()
             if kernel == "int8_gemv":
-                w, s = self._int8_gemv_args()
-                plan = lambda x, b: kernels.int8_gemv(x, w, s, b)  # noqa: E731
+                plan = kernels.Gemv("int8", [self._int8_gemv_args()])
             elif kernel == "int4_gemv":
-                packed, s, z = self._int4_gemv_args()
-                G = self.group_size
-                plan = lambda x, b: kernels.int4_gemv(x, packed, s, z, G, b)  # noqa: E731
+                plan = kernels.Gemv("int4", [self._int4_gemv_args()], self.group_size)
             else:
                 plan = False
             self._kernel_cache["gemv"] = plan
         return plan
 
-    def _kernel(self) -> str | None:
+    @staticmethod
+    def group_forward(x: torch.Tensor, layers: list["QuantLinear"]) -> torch.Tensor | None:
+        """The outputs of several layers that read the same input, side by side: (B, sum of N), in one kernel
+        call (one rounding of x, one parallel region) when they all use lmforge's kernels with the same scheme;
+        None otherwise (the caller runs them one by one). The decode step calls it for q, k, v and gate, up."""
+        first = layers[0]
+        if not (first.use_kernels and x.device.type == "cpu" and x.dim() == 2 and not x.requires_grad):
+            return None
+        plans = [m._gemv_plan() if isinstance(m, QuantLinear) else False for m in layers]
+        key = ("group", tuple(id(m) for m in layers))
+        made = first._kernel_cache.get(key)
+        if made is None or made[0] != [id(p) for p in plans]:  # new, or a layer's own plan was remade (new codes)
+            same = all(p and p.scheme == plans[0].scheme and p.K == plans[0].K and
+                       p.group_size == plans[0].group_size for p in plans)
+            group = kernels.Gemv(plans[0].scheme, [p.mats[0] for p in plans], plans[0].group_size) if same else False
+            made = ([id(p) for p in plans], group, plans)  # (the plans are kept so their ids stay theirs)
+            first._kernel_cache[key] = made
+        plan = made[1]
+        if not plan:
+            return None
+        x2 = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        y = plan(x2, [m._fp32_bias() for m in layers])
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _kernel(self, torch_only: bool = False) -> str | None:
         """Which CPU kernel serves this layer on this machine: lmforge's own "int8_gemv" / "int4_gemv" (csrc/gemv.c)
-        when they are built and pass their check, else PyTorch's "int8_mm" / "int4_mm", else None (dequantize)."""
+        when they are built and pass their check, else (or with torch_only) PyTorch's "int8_mm" / "int4_mm", else
+        None (dequantize)."""
         N, K, dt = self.out_features, self.in_features, self.kernel_dtype
-        if self.scheme == "int8" and K % 32 == 0 and kernels.check("int8_gemv", torch.float32, K, N):
+        if not torch_only and self.scheme == "int8" and K % 32 == 0 and kernels.check("int8_gemv", torch.float32, K, N):
             return "int8_gemv"
-        if (self.scheme == "int4" and K % 64 == 0 and self.group_size % 32 == 0 and K <= 65536
+        if (not torch_only and self.scheme == "int4" and K % 64 == 0 and self.group_size % 32 == 0 and K <= 65536
                 and kernels.check("int4_gemv", torch.float32, K, N, self.group_size)):
             return "int4_gemv"
         if self.scheme == "int8" and K % 8 == 0:  # other widths crash the CPU kernel (2.13)
@@ -333,19 +355,20 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.use_kernels and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            compiling = torch.compiler.is_compiling()  # a compiled graph cannot call into ctypes: PyTorch's kernels
             # PyTorch's CPU weight-only kernels are fast in bf16 (on an AVX2 CPU, int8 x bf16 reads 4x fewer
             # bytes than fp32 and runs ~2x faster); their fp32 variants are slower than a plain fp32 matmul. So
             # activations go through the kernel in `kernel_dtype` and come back in their own dtype. Every input
             # is owned and 64-byte aligned, and the kernel passed its check on this CPU (lmforge.kernels).
-            plan = self._gemv_plan()
+            plan = not compiling and self._gemv_plan()
             if plan:
                 # lmforge's own kernels: fp32 in and out, the activations rounded to int8 per block of 32 inside
                 x2 = x.reshape(-1, self.in_features)  # (B*T, K)
                 if x2.dtype != torch.float32 or not x2.is_contiguous():
                     x2 = x2.float().contiguous()
-                y = plan(x2, self._fp32_bias())
+                y = plan(x2, [self._fp32_bias()])
                 return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*shape[:-1], self.out_features)
-            kernel = self._kernel()
+            kernel = self._kernel(torch_only=compiling)
             if kernel is not None:
                 x2 = kernels.aligned(x.reshape(-1, self.in_features).to(self.kernel_dtype))  # (B*T, K)
                 if kernel == "int8_mm":

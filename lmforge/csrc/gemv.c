@@ -120,6 +120,35 @@ static inline float hsum(__m256 v) {
 /* sum_b sx[b] * (xq . w) over block b, for R consecutive weight rows */
 static void int8_rows(const int8_t *xq, const float *sx, const int8_t *w, int64_t K, int R, float *out) {
     int64_t nb = K / BLOCK;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(LMF_NO_AVX512_LOOP)
+    if (R == ROWS && K % 64 == 0) { /* two blocks per 64-byte register: half the instructions of the AVX2 loop */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        const __m512i zero = _mm512_setzero_si512();
+        for (int64_t b = 0; b < nb; b += 2) {
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + PREFETCH + ROWS * BLOCK * b + 192), _MM_HINT_T0);
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + b * BLOCK));
+            __m512 s = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(sx + b)),
+                                          _mm256_broadcast_ss(sx + b + 1), 1); /* lanes 0-7: block b, 8-15: b + 1 */
+#define ROW8(a, wr)                                                                                     \
+    do {                                                                                                \
+        __m512i wv = _mm512_loadu_si512((const void *)((wr) + b * BLOCK));                              \
+        __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), zero, xv); /* x * sign(w) */     \
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, _mm512_abs_epi8(wv), xs)), s, a); \
+    } while (0)
+            ROW8(a0, w);
+            ROW8(a1, w + K);
+            ROW8(a2, w + 2 * K);
+            ROW8(a3, w + 3 * K);
+#undef ROW8
+        }
+        out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+        out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+        return;
+    }
+#endif
 #if defined(__AVX2__)
     if (R == ROWS) {
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -168,24 +197,49 @@ static void int8_rows(const int8_t *xq, const float *sx, const int8_t *w, int64_
 #endif
 }
 
-/* y (M, N) = x (M, K) @ (w (N, K) * wscale[:, None]).T + bias.  K % 32 == 0.
-   scratch: at least M * (K + 8 * K / 32) bytes (the quantized activations) */
-void lmf_int8_gemv(const float *x, const int8_t *w, const float *wscale, const float *bias, float *y,
-                   void *scratch, int64_t M, int64_t K, int64_t N, int threads) {
-    int64_t nb = K / BLOCK;
+/* Which of `count` matrices the i-th of all their units (row blocks, or rows) belongs to, and where its columns
+   start in y: the matrices are side by side in y, as (q | k | v) or (gate | up) are. */
+static int which(int64_t i, int count, const int64_t *units, int64_t *first_unit, int64_t *col, const int64_t *N) {
+    int j = 0;
+    *first_unit = 0;
+    *col = 0;
+    while (j < count - 1 && i >= *first_unit + units[j]) {
+        *first_unit += units[j];
+        *col += N[j];
+        j++;
+    }
+    return j;
+}
+
+#define MAX_GROUP 16 /* matrices per call */
+
+/* y (M, sum N) = x (M, K) @ [w_0 * wscale_0; w_1 * wscale_1; ...].T + [bias_0, bias_1, ...]: `count` int8
+   matrices w_j (N[j], K) that read the same input (one call for q, k and v: one quantization of x, one parallel
+   region), bias_j may be NULL.  K % 32 == 0.  scratch: at least M * (K + 8 * K / 32) bytes */
+void lmf_int8_gemv(const float *x, int count, const int8_t *const *w, const float *const *wscale,
+                   const float *const *bias, const int64_t *N, float *y, void *scratch, int64_t M, int64_t K,
+                   int threads) {
+    int64_t nb = K / BLOCK, units[MAX_GROUP], total = 0, width = 0;
     int8_t *xq = (int8_t *)scratch;
     float *sx = (float *)(xq + M * K);
     float *xs = sx + M * nb;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
-    int64_t blocks = (N + ROWS - 1) / ROWS;
+    for (int j = 0; j < count; j++) {
+        units[j] = (N[j] + ROWS - 1) / ROWS;
+        total += units[j];
+        width += N[j];
+    }
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t i = 0; i < blocks; i++) {
-        int64_t n = i * ROWS;
-        int R = (int)(N - n < ROWS ? N - n : ROWS);
+    for (int64_t i = 0; i < total; i++) {
+        int64_t first, col;
+        int j = which(i, count, units, &first, &col, N);
+        int64_t n = (i - first) * ROWS;
+        int R = (int)(N[j] - n < ROWS ? N[j] - n : ROWS);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) { /* the R weight rows stay in L1 while every activation row uses them */
-            int8_rows(xq + m * K, sx + m * nb, w + n * K, K, R, out);
-            for (int r = 0; r < R; r++) y[m * N + n + r] = out[r] * wscale[n + r] + (bias ? bias[n + r] : 0.f);
+            int8_rows(xq + m * K, sx + m * nb, w[j] + n * K, K, R, out);
+            for (int r = 0; r < R; r++)
+                y[m * width + col + n + r] = out[r] * wscale[j][n + r] + (bias[j] ? bias[j][n + r] : 0.f);
         }
     }
 }
@@ -247,24 +301,31 @@ static float int4_row(const int8_t *xq, const float *sx, const float *xs, const 
 #endif
 }
 
-/* y (M, N) = x (M, K) @ dequantized(w).T + bias, with w (N, K/2) in the 64-code layout, scale (N, K/G) fp16 bits,
-   zero (N, K/G) uint8.  K % 64 == 0, G % 32 == 0, K % G == 0, K <= 65536.
-   scratch: at least M * (K + 8 * K / 32) bytes */
-void lmf_int4_gemv(const float *x, const uint8_t *w, const uint16_t *scale, const uint8_t *zero, const float *bias,
-                   float *y, void *scratch, int64_t M, int64_t K, int64_t N, int64_t G, int threads) {
-    int64_t nb = K / BLOCK, ng = K / G;
+/* y (M, sum N) = x (M, K) @ [dequantized w_0; w_1; ...].T + biases, for `count` int4 matrices w_j (N[j], K/2) in
+   the 64-code layout, with scale_j (N[j], K/G) fp16 bits and zero_j (N[j], K/G) uint8; bias_j may be NULL.
+   K % 64 == 0, G % 32 == 0, K % G == 0, K <= 65536.  scratch: at least M * (K + 8 * K / 32) bytes */
+void lmf_int4_gemv(const float *x, int count, const uint8_t *const *w, const uint16_t *const *scale,
+                   const uint8_t *const *zero, const float *const *bias, const int64_t *N, float *y, void *scratch,
+                   int64_t M, int64_t K, int64_t G, int threads) {
+    int64_t nb = K / BLOCK, ng = K / G, total = 0;
     int8_t *xq = (int8_t *)scratch;
     float *sx = (float *)(xq + M * K);
     float *xs = sx + M * nb;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
+    for (int j = 0; j < count; j++) total += N[j];
 #pragma omp parallel num_threads(threads)
     {
         float cb[65536 / BLOCK];
 #pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < total; i++) {
+            int64_t first, col;
+            int j = which(i, count, N, &first, &col, N);
+            int64_t n = i - first;
             for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = int4_row(xq + m * K, sx + m * nb, xs + m * nb, w + n * (K / 2), scale + n * ng,
-                                        zero + n * ng, K, G, cb) + (bias ? bias[n] : 0.f);
+                y[m * total + col + n] = int4_row(xq + m * K, sx + m * nb, xs + m * nb, w[j] + n * (K / 2),
+                                                  scale[j] + n * ng, zero[j] + n * ng, K, G, cb) +
+                                         (bias[j] ? bias[j][n] : 0.f);
+        }
     }
 }
 

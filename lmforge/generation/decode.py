@@ -214,6 +214,12 @@ def _group(h: torch.Tensor, parts: list) -> torch.Tensor:
     if len(parts) == 1:
         p = parts[0]
         return p(h) if isinstance(p, nn.Module) else decode_product(h, *p)
+    # layers that can run several products on one input in one call (quantized ones, `group_forward`) do so
+    grouped = getattr(type(parts[0]), "group_forward", None) if isinstance(parts[0], nn.Module) else None
+    if grouped is not None and not torch.compiler.is_compiling():
+        y = grouped(h, parts)
+        if y is not None:
+            return y
     return torch.cat([p(h) if isinstance(p, nn.Module) else decode_product(h, *p) for p in parts], dim=-1)
 
 
