@@ -199,6 +199,18 @@ def llamacpp_section(lm, eval_tokens, prompt, tmp: Path, rounds: int = 5) -> str
     return "\n".join(lines)
 
 
+def kernel_note() -> str:
+    """Which kernels the int8/int4 rows ran through (perplexity and speed alike)."""
+    from lmforge import kernels
+
+    simd = kernels.gemv_simd()
+    if simd == "none":
+        return ("int8/int4 use PyTorch's CPU weight-only kernels with bf16 activations (`QuantLinear.kernel_dtype`; "
+                "lmforge's own kernels were not built here)")
+    return (f"int8/int4 use lmforge's own kernels (lmforge/csrc/decode_kernels.c, {simd} loop: activations rounded to int8 "
+            "per block of 32, integer dot products), so perplexity and speed are both measured through them")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "runs" / "demo"), help="lmforge model directory")
@@ -274,8 +286,8 @@ def main() -> int:
               f"--model {args.model}{' --data ' + args.data if args.data else ''}`\nmachine: {os.cpu_count()}-core "
               f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end; torch {torch.__version__}, "
               f"1 thread; date: {datetime.date.today()}\n\n"
-              "Decode tok/s: greedy, batch 1, KV cache, 64 new tokens, median of 5 after a warm-up call. int8/int4 use PyTorch's CPU "
-              "weight-only kernels with bf16 activations (`QuantLinear.kernel_dtype`); the 'dequant fp32 path' row "
+              "Decode tok/s: greedy, batch 1, KV cache, 64 new tokens, median of 5 after a warm-up call. "
+              f"{kernel_note()}; the 'dequant fp32 path' row "
               "is the same int8 model computing in fp32. bits/weight: all parameter and buffer bytes x 8 / fp32 "
               "parameter count (embeddings and LM head are int8 in every quantized row).\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

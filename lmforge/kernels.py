@@ -9,10 +9,10 @@ PyTorch does not promise to be safe for every input:
 | `torch._convert_weight_to_int4pack_for_cpu`   | `QuantLinear` (int4, CPU)      | codes int32 (N, K), 0..15                |
 | `torch._weight_int4pack_mm_for_cpu`           | `QuantLinear` (int4, CPU)      | x bf16 (M, K); packed; scales+zeros      |
 | numpy's BLAS (`np.matmul` on tensor memory)   | `lmforge.training.cores` (training)     | fp32 weights and activations             |
-| lmforge's own `lmf_int8_gemv` (csrc/gemv.c)   | `QuantLinear` (int8, CPU)      | x fp32 (M, K); w int8 (N, K); scales fp32|
-| lmforge's own `lmf_int4_gemv` (csrc/gemv.c)   | `QuantLinear` (int4, CPU)      | x fp32; codes (N, K/2); fp16 scales, zeros|
+| lmforge's own `lmf_int8_gemv` (csrc/decode_kernels.c)   | `QuantLinear` (int8, CPU)      | x fp32 (M, K); w int8 (N, K); scales fp32|
+| lmforge's own `lmf_int4_gemv` (csrc/decode_kernels.c)   | `QuantLinear` (int4, CPU)      | x fp32; codes (N, K/2); fp16 scales, zeros|
 
-lmforge's own kernels are one C file, `lmforge/csrc/gemv.c`, compiled on first use on the machine that runs it
+lmforge's own kernels are one C file, `lmforge/csrc/decode_kernels.c`, compiled on first use on the machine that runs it
 (`cc -O3 -march=native -fopenmp`, about a second; cached under ~/.cache/lmforge/kernels, one file per source,
 compiler and CPU) and loaded with ctypes. They are what makes quantized decoding fast: at batch 1 the time is the
 time to stream the weights, and PyTorch's packed kernels widen every weight to float before multiplying, which
@@ -140,12 +140,12 @@ for M in (1, 3, 17):
         y = torch._weight_int4pack_mm_for_cpu(x, packed, G, sz)
         w = (q.float() - 8).view(N, K // G, G) * scale.float()[..., None]
         ref = x.float() @ w.view(N, K).t()
-    elif op in ("int8_gemv", "int4_gemv"):  # lmforge's own C kernels (csrc/gemv.c), from the library under test
+    elif op in ("int8_gemv", "int4_gemv"):  # lmforge's own C kernels (csrc/decode_kernels.c), from the library under test
         import ctypes, os
         lib, P, I = ctypes.CDLL(os.environ["LMFORGE_GEMV_LIB"]), ctypes.c_void_p, ctypes.c_int64
         x = x.float().contiguous()
         y = torch.empty(M, N)
-        scratch = torch.empty(M * (K + K // 4) + 64, dtype=torch.uint8)
+        scratch = torch.empty(M * (2 * K + K // 4) + 64, dtype=torch.uint8)
         if op == "int8_gemv":
             w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
             s = torch.rand(N) * 0.01 + 0.001
@@ -166,6 +166,23 @@ for M in (1, 3, 17):
                               (I * 2)(N // 2, N - N // 2), y.data_ptr(), scratch.data_ptr(), M, K, G, 2)
             w = (q.float() - zero.float().repeat_interleave(G, 1)) * scale.float().repeat_interleave(G, 1)
             ref = x @ w.t()
+    elif op == "attend_one":  # one query per sequence against a cache (K = head size, N = slots written)
+        import ctypes, math, os
+        lib, P, I = ctypes.CDLL(os.environ["LMFORGE_GEMV_LIB"]), ctypes.c_void_p, ctypes.c_int64
+        nh, nkv, hd, T, L = 4, 2, K, N + 8, N
+        q, kn, vn = torch.randn(M, nh, hd), torch.randn(M, nkv, hd), torch.randn(M, nkv, hd)
+        kc, vc = torch.randn(M, nkv, T, hd), torch.randn(M, nkv, T, hd)
+        y, scratch = torch.empty(M, nh, hd), torch.empty(2 * (L + 1))
+        lib.lmf_attend_one.argtypes = [P, I, P, I, P, I, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, ctypes.c_int]
+        kc2, vc2 = kc.clone(), vc.clone()
+        lib.lmf_attend_one(q.data_ptr(), nh * hd, kn.data_ptr(), nkv * hd, vn.data_ptr(), nkv * hd, kc.data_ptr(),
+                           vc.data_ptr(), y.data_ptr(), M, nh, nkv, hd, T, L, 1 / math.sqrt(hd), scratch.data_ptr(), 2)
+        kc2[:, :, L], vc2[:, :, L] = kn, vn
+        k, v = kc2[:, :, :L + 1].repeat_interleave(2, 1), vc2[:, :, :L + 1].repeat_interleave(2, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v)[:, :, 0]
+        if not (torch.equal(kc, kc2) and torch.equal(vc, vc2)):
+            print("the cache was not written as expected", file=sys.stderr)
+            sys.exit(3)
     else:
         sys.exit(4)
     err = (y.float() - ref).abs().max().item()
@@ -193,7 +210,7 @@ def check(op: str, dtype, K: int, N: int, G: int = 0, timeout: float = 120.0) ->
     The first call for a class runs the kernel in a child process on fresh tensors of shape (M, K) x (N, K),
     M in (1, 3, 17); a crash (any signal), a wrong result or a time-out means no. Later calls read the cache.
     """
-    if op.endswith("_gemv") and gemv_library() is None:  # ours, and not built here (no compiler, or switched off)
+    if (op.endswith("_gemv") or op == "attend_one") and gemv_library() is None:  # ours, and not built here
         return False
     mode = _mode()
     if mode in ("0", "off", "trust"):
@@ -209,7 +226,7 @@ def check(op: str, dtype, K: int, N: int, G: int = 0, timeout: float = 120.0) ->
             return _verdicts[key]
         dtype_name = key[1]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        if op.endswith("_gemv"):
+        if op.endswith("_gemv") or op == "attend_one":
             env["LMFORGE_GEMV_LIB"] = str(gemv_library())
         try:
             r = subprocess.run([sys.executable, "-c", _CHILD, op, dtype_name, str(K), str(N), str(G or K)],
@@ -266,9 +283,9 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# lmforge's own matrix-vector kernels (csrc/gemv.c): built here, on first use
+# lmforge's own matrix-vector kernels (csrc/decode_kernels.c): built here, on first use
 # ----------------------------------------------------------------------------------------------------------------
-GEMV_SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+GEMV_SOURCE = Path(__file__).with_name("csrc") / "decode_kernels.c"
 _gemv_path: Path | None | bool = False  # False: not looked for yet; None: unavailable
 _gemv_lib = None
 _gemv_lock = threading.Lock()
@@ -319,7 +336,7 @@ def compile_gemv(cc: str, flags: list[str], out: Path) -> str | None:
 
 
 def gemv_library() -> Path | None:
-    """The compiled csrc/gemv.c for this machine (built on the first call, then cached on disk), or None when
+    """The compiled csrc/decode_kernels.c for this machine (built on the first call, then cached on disk), or None when
     `LMFORGE_GEMV=0`, or when there is no working C compiler (set CC to choose one)."""
     global _gemv_path
     if os.environ.get("LMFORGE_GEMV", "1").strip().lower() in ("0", "off", "no", "false"):
@@ -360,12 +377,13 @@ def gemv_library() -> Path | None:
 
 
 def load_gemv(path) -> ctypes.CDLL:
-    """Load a build of csrc/gemv.c, with its functions' argument types declared (ctypes releases the GIL during
+    """Load a build of csrc/decode_kernels.c, with its functions' argument types declared (ctypes releases the GIL during
     each call, so other Python threads run while a kernel does)."""
     lib = ctypes.CDLL(str(path))
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.lmf_int8_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, I, I, ctypes.c_int]
     lib.lmf_int4_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, P, I, I, I, ctypes.c_int]
+    lib.lmf_attend_one.argtypes = [P, I, P, I, P, I, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, ctypes.c_int]
     lib.lmf_simd_level.restype = ctypes.c_int
     return lib
 
@@ -392,7 +410,7 @@ _local = threading.local()
 
 def _scratch(M: int, K: int) -> torch.Tensor:
     """Room for the kernel's int8 activations and per-block scales and sums: one buffer per thread, reused."""
-    need = M * (K + K // 4) + 64
+    need = M * (2 * K + K // 4) + 64  # (the int4 loop also keeps a reordered copy of the int8 activations)
     buf = getattr(_local, "scratch", None)
     if buf is None or buf.numel() < need:
         buf = torch.empty(max(need, 1 << 16), dtype=torch.uint8)
@@ -441,6 +459,7 @@ class Gemv:
         self._n = (ctypes.c_int64 * self.count)(*self.Ns)
         self._args = [_ptrs([m[i] for m in mats]) for i in range(len(mats[0]))]  # one array per argument kind
         self._no_bias = (_P * self.count)()
+        self._bias_key, self._bias = None, self._no_bias
 
     def __call__(self, x: torch.Tensor, biases: list | None = None) -> torch.Tensor:
         if _call_log is not None:  # (the C loops read unaligned memory: only tests look at these calls)
@@ -450,7 +469,11 @@ class Gemv:
         if K != self.K:
             raise ValueError(f"input width {K} != the weights' {self.K}")
         y, scratch = torch.empty(M, self.N), _scratch(M, K)  # named: a temporary would be freed before the call
-        bias = self._no_bias if biases is None or all(b is None for b in biases) else _ptrs(biases)
+        key = None if biases is None else tuple(None if b is None else b.data_ptr() for b in biases)
+        if key != self._bias_key:  # the same bias tensors call after call: build their pointer array once
+            self._bias_key = key
+            self._bias = self._no_bias if key is None or not any(key) else _ptrs(biases)
+        bias = self._bias
         lib = self.lib or _gemv()
         if self.scheme == "int8":
             lib.lmf_int8_gemv(x.data_ptr(), self.count, *self._args, bias, self._n, y.data_ptr(), scratch.data_ptr(),
@@ -480,3 +503,26 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
     """x (M, K) fp32 times the int4 weight w = (q - zero) * scale per group: packed from `int4_gemv_pack`, scales
     (N, K/G) fp16 bits (int16), zeros (N, K/G) uint8: one matrix (see `Gemv`)."""
     return Gemv("int4", [(packed, scales, zeros)], group_size, lib=lib)(x, [bias])
+
+
+def attend_one(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, L: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A decode step's attention in one call (csrc/decode_kernels.c): write k_new, v_new (B, nkv, hd) to slot L of
+    k_cache, v_cache (B, nkv, T, hd), then attend each query head of q (B, nh, hd) to slots 0..L of its key/value
+    head -> (B, nh * hd). What `scaled_dot_product_attention` gives for one unmasked query, with the cache writes.
+    All fp32 on CPU; q, k_new, v_new may be row views (each (nh|nkv, hd) block contiguous); the caches contiguous."""
+    B, nh, hd = q.shape
+    nkv, T = k_cache.shape[1], k_cache.shape[2]
+    for t in (q, k_new, v_new):
+        if t.stride(-1) != 1 or t.stride(-2) != hd:
+            raise ValueError("attend_one: each sequence's heads must be contiguous")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("attend_one: the caches must be contiguous")
+    if _call_log is not None:
+        _call_log.append(("attend_one", [(t.data_ptr(), tuple(t.shape), t.dtype) for t in (q, k_cache, v_cache)]))
+    threads = torch.get_num_threads()
+    y, scratch = torch.empty(B, nh * hd), torch.empty(threads * (L + 1))
+    (lib or _gemv()).lmf_attend_one(q.data_ptr(), q.stride(0), k_new.data_ptr(), k_new.stride(0), v_new.data_ptr(),
+                                    v_new.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(), B, nh, nkv,
+                                    hd, T, L, 1.0 / hd ** 0.5, scratch.data_ptr(), threads)
+    return y

@@ -178,7 +178,7 @@ def test_quantization_json_that_disagrees_with_tensors(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# lmforge's own int8/int4 matrix-vector kernels (csrc/gemv.c)
+# lmforge's own int8/int4 matrix-vector kernels (csrc/decode_kernels.c)
 # ----------------------------------------------------------------------------------------------------------------
 needs_gemv = pytest.mark.skipif(kernels.gemv_library() is None, reason="no C compiler to build lmforge's kernels")
 

@@ -166,7 +166,7 @@ class QuantLinear(nn.Module):
     The scales are fp16 numbers kept bit for bit in an int16 buffer (`scale` views them as fp16): `model.to(dtype)`
     and checkpoint loaders cast every floating tensor, and the scales must stay exactly what the codes were
     computed with.
-    On CPU in inference, int8 and int4 use lmforge's own kernels (`lmforge.kernels`, csrc/gemv.c: activations
+    On CPU in inference, int8 and int4 use lmforge's own kernels (`lmforge.kernels`, csrc/decode_kernels.c: activations
     rounded to int8 per block of 32, integer products, as llama.cpp does), or where those cannot be built PyTorch's
     packed kernels (activations cast to `kernel_dtype`); otherwise (training, CUDA, nf4) the weight is dequantized on the fly and multiplied with `F.linear`.
     """
@@ -337,7 +337,7 @@ class QuantLinear(nn.Module):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _kernel(self, torch_only: bool = False) -> str | None:
-        """Which CPU kernel serves this layer on this machine: lmforge's own "int8_gemv" / "int4_gemv" (csrc/gemv.c)
+        """Which CPU kernel serves this layer on this machine: lmforge's own "int8_gemv" / "int4_gemv" (csrc/decode_kernels.c)
         when they are built and pass their check, else (or with torch_only) PyTorch's "int8_mm" / "int4_mm", else
         None (dequantize)."""
         N, K, dt = self.out_features, self.in_features, self.kernel_dtype

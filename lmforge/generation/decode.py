@@ -208,19 +208,32 @@ def fused_weights(model: nn.Module) -> DecodeWeights | None:
 STATIC_BUCKET = 128  # compiled steps: cache sizes are rounded up to this, so few distinct shapes (graphs) exist
 
 
+def _run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x), skipping nn.Module.__call__'s hook bookkeeping when there are no hooks to run (neither on m nor
+    registered globally): a GPT-2 step calls about 75 modules, and the bookkeeping costs a few microseconds each."""
+    if m._forward_hooks or m._forward_pre_hooks or _global_hooks():
+        return m(x)
+    return m.forward(x)
+
+
+def _global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    return bool(getattr(mod, "_global_forward_hooks", None) or getattr(mod, "_global_forward_pre_hooks", None))
+
+
 def _group(h: torch.Tensor, parts: list) -> torch.Tensor:
     """The outputs of one projection group side by side, (B, sum of N): `parts` are (w, b) pairs laid out for
     `decode_product`, or the model's own modules (LoRA-wrapped, quantized, or under torch.compile)."""
     if len(parts) == 1:
         p = parts[0]
-        return p(h) if isinstance(p, nn.Module) else decode_product(h, *p)
+        return _run(p, h) if isinstance(p, nn.Module) else decode_product(h, *p)
     # layers that can run several products on one input in one call (quantized ones, `group_forward`) do so
     grouped = getattr(type(parts[0]), "group_forward", None) if isinstance(parts[0], nn.Module) else None
     if grouped is not None and not torch.compiler.is_compiling():
         y = grouped(h, parts)
         if y is not None:
             return y
-    return torch.cat([p(h) if isinstance(p, nn.Module) else decode_product(h, *p) for p in parts], dim=-1)
+    return torch.cat([_run(p, h) if isinstance(p, nn.Module) else decode_product(h, *p) for p in parts], dim=-1)
 
 
 def decode_step(model: nn.Module, weights: DecodeWeights | None, ids: torch.Tensor, valid: torch.Tensor,
@@ -269,33 +282,42 @@ def decode_step(model: nn.Module, weights: DecodeWeights | None, ids: torch.Tens
     else:
         cos, sin = cos_table[positions][:, None], sin_table[positions][:, None]  # (B, 1, hd) each row's angles
     cast = k_all.dtype != x.dtype
+    # eager, no mask, fp32 on a CPU: the cache writes and the attention of each layer as one call of lmforge's own
+    # kernel (kernels.attend_one) instead of a dozen small tensor operations
+    one_call = (dense and L is not None and not cast and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.compiler.is_compiling() and kernels.check("attend_one", torch.float32, hd, 1))
     gqa = {"enable_gqa": True} if nkv != nh and _SDPA_GQA else {}
     rep = 1 if gqa or nkv == nh else nh // nkv
     for i, block in enumerate(model.blocks):
         qkv_p, o_p, in_p, down_p = weights.blocks[i] if weights is not None else _projection_groups(block)
-        h = block.norm_1(x)
+        h = _run(block.norm_1, x)
         qkv = _group(h, qkv_p)  # (B, nq + 2 nk)
         qk = qkv[:, :nq + nk].view(B, nh + nkv, hd)  # q heads then k heads
         if model.wpe is None:
             qk = apply_rope(qk, cos, sin)
         k_new, v_new = qk[:, nh:], qkv[:, nq + nk:].view(B, nkv, hd)  # (B, nkv, hd)
-        ck, cv = k_all[i], v_all[i]  # (B, nkv, max_len, hd)
-        if L is not None:
-            ck[:, :, L] = k_new
-            cv[:, :, L] = v_new
-        else:  # one index_put_ on the whole cache tensor (not a scatter into a per-layer view, which the compiler
-            # turns into a copy of the whole cache per layer): write k/v at [layer i, row b, head h, slot[b]]
-            where = (torch.full((), i, dtype=torch.long, device=ids.device), rows, heads, slot)
-            k_all.index_put_(where, k_new.to(k_all.dtype))
-            v_all.index_put_(where, v_new.to(v_all.dtype))
-        k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
-        if cast:
-            k, v = k.to(x.dtype), v.to(x.dtype)
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(qk[:, :nh].reshape(B, nh, 1, hd), k, v, attn_mask=mask, **gqa)
-        x = x + _group(y.view(B, nq), o_p)  # (B, C)
-        h = block.norm_2(x)
+        if one_call:
+            y = kernels.attend_one(qk[:, :nh], k_new, v_new, k_all[i], v_all[i], L)  # (B, nq)
+        else:
+            ck, cv = k_all[i], v_all[i]  # (B, nkv, max_len, hd)
+            if L is not None:
+                ck[:, :, L] = k_new
+                cv[:, :, L] = v_new
+            else:  # one index_put_ on the whole cache tensor (not a scatter into a per-layer view, which the
+                # compiler turns into a copy of the whole cache per layer): write k/v at [layer i, row b, head h,
+                # slot[b]]
+                where = (torch.full((), i, dtype=torch.long, device=ids.device), rows, heads, slot)
+                k_all.index_put_(where, k_new.to(k_all.dtype))
+                v_all.index_put_(where, v_new.to(v_all.dtype))
+            k, v = ck[:, :, :S], cv[:, :, :S]  # (B, nkv, S, hd)
+            if cast:
+                k, v = k.to(x.dtype), v.to(x.dtype)
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(qk[:, :nh].reshape(B, nh, 1, hd), k, v, attn_mask=mask,
+                                               **gqa).view(B, nq)
+        x = x + _group(y, o_p)  # (B, C)
+        h = _run(block.norm_2, x)
         if block.mlp.swiglu:  # [gate | up] side by side
             gate, up = _group(h, in_p).chunk(2, dim=-1)  # (B, H) each
             h = F.silu(gate) * up
@@ -304,9 +326,9 @@ def decode_step(model: nn.Module, weights: DecodeWeights | None, ids: torch.Tens
         x = x + _group(h, down_p)
     lengths.add_(1)
     positions.add_(1 if dense else valid.long())
-    x = model.norm_f(x)
+    x = _run(model.norm_f, x)
     head = None if weights is None else weights.head
-    return model.lm_head(x) if head is None else decode_product(x, *head)  # (B, V)
+    return _run(model.lm_head, x) if head is None else decode_product(x, *head)  # (B, V)
 
 
 class Decoder:

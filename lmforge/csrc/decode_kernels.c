@@ -1,4 +1,5 @@
-/* lmforge's own weight-only matrix-vector kernels for decoding on CPU (lmforge/kernels.py loads and checks them).
+/* lmforge's own CPU kernels for decoding (lmforge/kernels.py builds, loads and checks them): weight-only int8/int4
+ * matrix-vector products, and one-query attention.
  *
  * Decoding one token multiplies a few activation rows x (M, K), M = 1 for one sequence, by every weight matrix
  * W (N, K). Each weight is read once per token and used M times, so the step takes as long as streaming the
@@ -23,6 +24,9 @@
  * gives two 32-code blocks in order after a mask and a shift. The scales (fp16) and zeros (uint8) are QuantLinear's
  * own (N, K/G) buffers, G a multiple of 32.
  *
+ * The file also holds the attention of a decode step (`lmf_attend_one`, at the end): one query per sequence against
+ * its key/value cache, in one call.
+ *
  * Rows are shared among threads with OpenMP (PyTorch's own libgomp serves it: the library is loaded into a
  * process that already holds it). lmforge compiles this file on the machine that runs it with -march=native, so
  * the loop is whichever the CPU has (VNNI, AVX2 or plain C), and checks its answers once in a child process
@@ -31,6 +35,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -249,8 +256,8 @@ void lmf_int8_gemv(const float *x, int count, const int8_t *const *w, const floa
 /* ---------------------------------------------------------------------------------------------------------- */
 
 /* one weight row: w (K/2 bytes in the 64-code layout), scale (K/G fp16), zero (K/G bytes); cb: K/32 floats of room */
-static float int4_row(const int8_t *xq, const float *sx, const float *xs, const uint8_t *w, const uint16_t *scale,
-                      const uint8_t *zero, int64_t K, int64_t G, float *cb) {
+static float int4_row(const int8_t *xq, const int8_t *xp, const float *sx, const float *xs, const uint8_t *w,
+                      const uint16_t *scale, const uint8_t *zero, int64_t K, int64_t G, float *cb) {
     int64_t nb = K / BLOCK, per_group = G / BLOCK;
     /* each block's factor sx * s, and the zeros' share sum_b sx * s * z * (the block's sum of xq) */
     float corr = 0.f;
@@ -273,6 +280,27 @@ static float int4_row(const int8_t *xq, const float *sx, const float *xs, const 
         cb[b] = sx[b] * half_to_float(scale[g]);
         corr += cb[b] * (float)zero[g] * xs[b];
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(LMF_NO_AVX512_LOOP)
+    if (xp) { /* 128 codes per step: one 64-byte load holds chunks 2p and 2p + 1 */
+        __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
+        const __m512i nib = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+        for (int64_t p = 0; p < K / 128; p++) {
+            _mm_prefetch((const char *)(w + 64 * p + PREFETCH4), _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512((const void *)(w + 64 * p));
+            __m512i lo = _mm512_and_si512(v, nib);                          /* blocks 4p and 4p + 2 */
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);    /* blocks 4p + 1 and 4p + 3 */
+            __m512i d0 = _mm512_dpbusd_epi32(zero, lo, _mm512_loadu_si512((const void *)(xp + 128 * p)));
+            __m512i d1 = _mm512_dpbusd_epi32(zero, hi, _mm512_loadu_si512((const void *)(xp + 128 * p + 64)));
+            const float *c = cb + 4 * p;
+            __m512 s0 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(c)), _mm256_broadcast_ss(c + 2), 1);
+            __m512 s1 = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_broadcast_ss(c + 1)), _mm256_broadcast_ss(c + 3), 1);
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s0, acc);
+            acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s1, acc2);
+        }
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2)) - corr;
+    }
+#endif
+    (void)xp;
 #if defined(__AVX2__)
     __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
     const __m256i nib = _mm256_set1_epi8(0x0F);
@@ -303,7 +331,7 @@ static float int4_row(const int8_t *xq, const float *sx, const float *xs, const 
 
 /* y (M, sum N) = x (M, K) @ [dequantized w_0; w_1; ...].T + biases, for `count` int4 matrices w_j (N[j], K/2) in
    the 64-code layout, with scale_j (N[j], K/G) fp16 bits and zero_j (N[j], K/G) uint8; bias_j may be NULL.
-   K % 64 == 0, G % 32 == 0, K % G == 0, K <= 65536.  scratch: at least M * (K + 8 * K / 32) bytes */
+   K % 64 == 0, G % 32 == 0, K % G == 0, K <= 65536.  scratch: at least M * (2 * K + 8 * K / 32) bytes */
 void lmf_int4_gemv(const float *x, int count, const uint8_t *const *w, const uint16_t *const *scale,
                    const uint8_t *const *zero, const float *const *bias, const int64_t *N, float *y, void *scratch,
                    int64_t M, int64_t K, int64_t G, int threads) {
@@ -313,6 +341,23 @@ void lmf_int4_gemv(const float *x, int count, const uint8_t *const *w, const uin
     float *xs = sx + M * nb;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
     for (int j = 0; j < count; j++) total += N[j];
+    /* the AVX-512 loop multiplies 128 codes at a time, whose low nibbles are codes 0-31 and 64-95 of the 128: the
+       activations are reordered once to match (32-byte pieces A B C D -> A C B D) */
+    int8_t *xp = NULL;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(LMF_NO_AVX512_LOOP)
+    if (K % 128 == 0) {
+        xp = (int8_t *)(xs + M * nb);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t p = 0; p < K / 128; p++) {
+                const int8_t *src = xq + m * K + 128 * p;
+                int8_t *dst = xp + m * K + 128 * p;
+                memcpy(dst, src, 32);
+                memcpy(dst + 32, src + 64, 32);
+                memcpy(dst + 64, src + 32, 32);
+                memcpy(dst + 96, src + 96, 32);
+            }
+    }
+#endif
 #pragma omp parallel num_threads(threads)
     {
         float cb[65536 / BLOCK];
@@ -322,9 +367,71 @@ void lmf_int4_gemv(const float *x, int count, const uint8_t *const *w, const uin
             int j = which(i, count, N, &first, &col, N);
             int64_t n = i - first;
             for (int64_t m = 0; m < M; m++)
-                y[m * total + col + n] = int4_row(xq + m * K, sx + m * nb, xs + m * nb, w[j] + n * (K / 2),
+                y[m * total + col + n] = int4_row(xq + m * K, xp ? xp + m * K : NULL, sx + m * nb, xs + m * nb,
+                                                  w[j] + n * (K / 2),
                                                   scale[j] + n * ng, zero[j] + n * ng, K, G, cb) +
                                          (bias[j] ? bias[j][n] : 0.f);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------------- */
+/* attention of one new token per sequence against its cache                                                  */
+/* ---------------------------------------------------------------------------------------------------------- */
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.f;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* A decode step's attention, for B sequences that have each written slots 0..L-1 of their caches:
+ *   1. the new key and value of each sequence go to slot L of kc, vc (B, nkv, T, hd);
+ *   2. each query head h (nh of them, sharing key/value head h / (nh / nkv)) attends to slots 0..L:
+ *        y[b, h] = sum_t softmax_t(q[b, h] . K[t] * scale) V[t]
+ * q (B, nh, hd), knew / vnew (B, nkv, hd): each sequence's row starts sq / sk / sv floats after the previous one.
+ * y (B, nh, hd) contiguous. scratch: threads * (L + 1) floats for the scores. Heads are shared among threads.
+ * This is what PyTorch's scaled_dot_product_attention computes for one query with no mask, in one call instead of
+ * the dozen small tensor operations (cache writes, slices, the attention) a decode step spends per layer. */
+void lmf_attend_one(const float *q, int64_t sq, const float *knew, int64_t sk, const float *vnew, int64_t sv,
+                    float *kc, float *vc, float *y, int64_t B, int64_t nh, int64_t nkv, int64_t hd, int64_t T,
+                    int64_t L, float scale, float *scratch, int threads) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < nkv; g++) {
+            memcpy(kc + ((b * nkv + g) * T + L) * hd, knew + b * sk + g * hd, hd * sizeof(float));
+            memcpy(vc + ((b * nkv + g) * T + L) * hd, vnew + b * sv + g * hd, hd * sizeof(float));
+        }
+    int64_t rep = nh / nkv, S = L + 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < B * nh; i++) {
+        int64_t b = i / nh, h = i % nh, g = h / rep;
+#if defined(_OPENMP)
+        float *s = scratch + (int64_t)omp_get_thread_num() * S;
+#else
+        float *s = scratch;
+#endif
+        const float *qh = q + b * sq + h * hd, *K = kc + (b * nkv + g) * T * hd, *V = vc + (b * nkv + g) * T * hd;
+        float m = -INFINITY, total = 0.f;
+        for (int64_t t = 0; t < S; t++) {
+            s[t] = dot(qh, K + t * hd, hd) * scale;
+            m = fmaxf(m, s[t]);
+        }
+        for (int64_t t = 0; t < S; t++) {
+            s[t] = expf(s[t] - m); /* minus the largest score: no overflow */
+            total += s[t];
+        }
+        float *out = y + (b * nh + h) * hd, inv = 1.f / total;
+        for (int64_t d = 0; d < hd; d++) out[d] = 0.f;
+        for (int64_t t = 0; t < S; t++) {
+            float p = s[t] * inv;
+            const float *vt = V + t * hd;
+            for (int64_t d = 0; d < hd; d++) out[d] += p * vt[d]; /* (vectorized by the compiler) */
         }
     }
 }
