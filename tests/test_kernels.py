@@ -328,3 +328,36 @@ def test_quantized_decode_step_matches_the_forward(tmp_path):
         logits = q(ids)[0]
     greedy = logits[len(prompt) - 1:-1].argmax(-1).tolist()
     assert greedy == out
+
+
+@needs_gemv
+@pytest.mark.parametrize("B,nh,nkv,L", [(1, 4, 4, 0), (2, 6, 2, 9), (3, 8, 1, 40)])
+def test_attend_one_writes_the_cache_and_equals_sdpa(B, nh, nkv, L):
+    torch.manual_seed(B + L)
+    hd, T = 32, 48
+    rows = torch.randn(B, (nh + 2 * nkv) * hd)  # q | k | v side by side, as a fused projection returns them
+    q = rows[:, :nh * hd].view(B, nh, hd)  # row views: each sequence's heads contiguous, rows strided
+    k_new = rows[:, nh * hd:(nh + nkv) * hd].view(B, nkv, hd)
+    v_new = rows[:, (nh + nkv) * hd:].view(B, nkv, hd)
+    kc, vc = torch.randn(B, nkv, T, hd), torch.randn(B, nkv, T, hd)
+    want_k, want_v = kc.clone(), vc.clone()
+    want_k[:, :, L], want_v[:, :, L] = k_new, v_new
+    rep = nh // nkv
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], want_k[:, :, :L + 1].repeat_interleave(rep, 1), want_v[:, :, :L + 1].repeat_interleave(rep, 1))
+    y = kernels.attend_one(q, k_new, v_new, kc, vc, L)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # slot L written, nothing else touched
+    torch.testing.assert_close(y, ref.reshape(B, nh * hd), rtol=1e-5, atol=1e-5)
+
+
+@needs_gemv
+def test_greedy_decoding_uses_the_one_call_attention(call_log):
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    model = tiny_llama()
+    out = generate_ids(model, [[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    assert "attend_one" in {op for op, _ in call_log}
+    ids = torch.tensor([[1, 2, 3] + out[0].token_ids])
+    with torch.no_grad():
+        assert model(ids)[0, 2:-1].argmax(-1).tolist() == out[0].token_ids
