@@ -361,3 +361,16 @@ def test_greedy_decoding_uses_the_one_call_attention(call_log):
     ids = torch.tensor([[1, 2, 3] + out[0].token_ids])
     with torch.no_grad():
         assert model(ids)[0, 2:-1].argmax(-1).tolist() == out[0].token_ids
+
+
+def test_large_owned_copies_start_on_a_huge_page_and_keep_their_values(monkeypatch):
+    t = torch.randn(768, 1024)  # 3 MiB
+    big = kernels.owned(t)
+    assert torch.equal(big, t) and kernels.is_owned(big)
+    if sys.platform.startswith("linux"):
+        assert big.data_ptr() % kernels.HUGE_PAGE == 0  # madvise(MADV_HUGEPAGE) covers its whole 2 MB pages
+    monkeypatch.setenv("LMFORGE_HUGEPAGES", "0")
+    plain = kernels.owned(t)
+    assert torch.equal(plain, t) and plain.data_ptr() % kernels.ALIGN == 0
+    small = kernels.owned(torch.arange(10.0))
+    assert torch.equal(small, torch.arange(10.0)) and small.data_ptr() % kernels.ALIGN == 0
