@@ -283,3 +283,34 @@ def test_constrained_sampling_always_produces_valid_json():
         assert call["name"] in ("get_weather", "noop") and isinstance(call["arguments"], dict)
     finally:
         engine.shutdown()
+
+
+def test_run_on_the_calling_thread_serves_until_shutdown():
+    """`lmforge serve` runs the loop on its main thread (`Engine.run`): same tokens, and `run` returns once another
+    thread shuts the engine down (the HTTP thread does, when uvicorn exits)."""
+    model = tiny_model("llama")
+    prompt, params = [5, 17, 3], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    engine = Engine(model, max_batch=2).start(thread=False)
+    assert engine.start() is engine  # the app's lifespan finds it running and starts no thread
+    results = {}
+
+    def client():
+        results["ids"] = engine.generate(prompt, params, timeout=60)
+        engine.shutdown()
+
+    t = threading.Thread(target=client)
+    t.start()
+    engine.run()  # returns at shutdown
+    t.join(60)
+    assert results["ids"] == generate_ids(model, [prompt], params)[0].token_ids
+
+
+def test_output_layer_matches_the_models_own():
+    """The engine's W @ h^T output layer gives nn.Linear's logits (to float rounding) for 1 and several rows."""
+    from lmforge.serve.engine import _OutputLayer
+
+    model = tiny_model("gpt2")
+    head = _OutputLayer(model.lm_head)
+    for B in (1, 3):
+        h = torch.randn(B, model.config.n_embd)
+        torch.testing.assert_close(head(h), model.lm_head(h), atol=1e-5, rtol=1e-5)
