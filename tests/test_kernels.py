@@ -374,3 +374,21 @@ def test_large_owned_copies_start_on_a_huge_page_and_keep_their_values(monkeypat
     assert torch.equal(plain, t) and plain.data_ptr() % kernels.ALIGN == 0
     small = kernels.owned(torch.arange(10.0))
     assert torch.equal(small, torch.arange(10.0)) and small.data_ptr() % kernels.ALIGN == 0
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_model_saves_after_decoding_from_shared_chunks(tmp_path, scheme):
+    """After a decode, the int8 codes live in shared huge-page chunks (views of one storage): saving still writes
+    each tensor on its own and the reloaded model decodes the same tokens."""
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("llama-tiny", vocab_size=256, n_layer=2, n_embd=256, n_head=4, n_kv_head=2,
+                                intermediate_size=512, block_size=64)  # 64-512 KB matrices: arena-sized
+    q = quantize_model(Transformer(cfg).eval(), scheme, 32, embeddings="same", progress=False)
+    params = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    first = generate_ids(q, [[1, 2, 3]], params)[0].token_ids
+    LM(q, None, q.config).save(tmp_path / "q")
+    back = lmforge.load(tmp_path / "q")
+    assert generate_ids(back.model, [[1, 2, 3]], params)[0].token_ids == first

@@ -274,14 +274,15 @@ class QuantLinear(nn.Module):
         key = ("int8_gemv",)
         if key not in self._kernel_cache:
             kernels.own_(self, "qweight")
-            self._kernel_cache[key] = (self.qweight, kernels.owned(self.scale.float()))
+            self._kernel_cache[key] = (self.qweight, kernels.owned(self.scale.float(), weights=True))
         return self._kernel_cache[key]
 
     def _int4_gemv_args(self):
         key = ("int4_gemv",)
         if key not in self._kernel_cache:
             packed = kernels.int4_gemv_pack(unpack_int4(self.qweight))  # (N, K/2) in the kernel's own layout
-            self._kernel_cache[key] = (packed, kernels.owned(self.scales), kernels.owned(self.zeros))
+            self._kernel_cache[key] = (packed, kernels.owned(self.scales, weights=True),
+                                       kernels.owned(self.zeros, weights=True))
         return self._kernel_cache[key]
 
     def _fp32_bias(self) -> torch.Tensor | None:
