@@ -392,3 +392,19 @@ def test_a_quantized_model_saves_after_decoding_from_shared_chunks(tmp_path, sch
     LM(q, None, q.config).save(tmp_path / "q")
     back = lmforge.load(tmp_path / "q")
     assert generate_ids(back.model, [[1, 2, 3]], params)[0].token_ids == first
+
+
+@needs_gemv
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_decoding_never_dequantizes_a_weight(monkeypatch, scheme):
+    """Every product of a quantized decode runs in the kernels: a step that dequantized a weight (the tied output
+    layer's, say, through its `.weight`) would run 20x slower and still give the right tokens."""
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+
+    q = quantize_model(copy.deepcopy(tiny_llama()), scheme, 32, embeddings="same", progress=False)
+    calls = []
+    real = QuantLinear.dequantize
+    monkeypatch.setattr(QuantLinear, "dequantize", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
+    generate_ids(q, [[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    assert calls == []

@@ -226,8 +226,10 @@ def _output_layer(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     BLAS runs nn.Linear's x @ W^T for a few rows of a large row-major W slowly, on one thread (measured by the serve
     engine on a 50257 x 384 head, 2 threads: 1 row 7.1 -> 1.9 ms, 4 rows 12.2 -> 2.9 ms). A single row goes in
     twice: a matrix times one column takes the one-threaded matrix-vector routine. Same sums, to float rounding."""
-    w = getattr(head, "weight", None)
-    if (type(head) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+    if type(head) is not nn.Linear:  # (not even `.weight`: a quantized head's weight is a dequantized copy)
+        return _run(head, x)
+    w = head.weight
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and w.is_contiguous() and not torch.compiler.is_compiling()
             and not (head._forward_hooks or head._forward_pre_hooks or _global_hooks())):
         B = x.shape[0]
