@@ -198,13 +198,20 @@ for M in (1, 3, 17):
         y = torch._weight_int4pack_mm_for_cpu(x, packed, G, sz)
         w = (q.float() - 8).view(N, K // G, G) * scale.float()[..., None]
         ref = x.float() @ w.view(N, K).t()
-    elif op in ("int8_gemv", "int4_gemv"):  # lmforge's own C kernels (csrc/decode_kernels.c), from the library under test
+    elif op in ("int8_gemv", "int4_gemv", "f32_gemv"):  # lmforge's own C kernels (csrc/decode_kernels.c)
         import ctypes, os
         lib, P, I = ctypes.CDLL(os.environ["LMFORGE_GEMV_LIB"]), ctypes.c_void_p, ctypes.c_int64
         x = x.float().contiguous()
         y = torch.empty(M, N)
         scratch = torch.empty(M * (2 * K + K // 4) + 64, dtype=torch.uint8)
-        if op == "int8_gemv":
+        if op == "f32_gemv":
+            w, b = torch.randn(N, K), torch.randn(N)
+            lib.lmf_f32_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, I, I, ctypes.c_int]
+            arr = lambda *ts: (P * len(ts))(*[t.data_ptr() for t in ts])
+            lib.lmf_f32_gemv(x.data_ptr(), 2, arr(w[:N // 2], w[N // 2:]), arr(b[:N // 2], b[N // 2:]),
+                             (I * 2)(N // 2, N - N // 2), y.data_ptr(), M, K, 2)
+            ref = x @ w.t() + b
+        elif op == "int8_gemv":
             w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
             s = torch.rand(N) * 0.01 + 0.001
             lib.lmf_int8_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, I, I, ctypes.c_int]
@@ -262,7 +269,7 @@ def shape_class(op: str, dtype, K: int, N: int, G: int = 0) -> tuple:
 
 
 def check(op: str, dtype, K: int, N: int, G: int = 0, timeout: float = 120.0) -> bool:
-    """True when kernel `op` ("int8_mm", "int4_mm", "int8_gemv", "int4_gemv") runs correctly for this shape class
+    """True when kernel `op` ("int8_mm", "int4_mm", "int8_gemv", "int4_gemv", "f32_gemv", "attend_one") runs correctly for this shape class
     on this machine (the gemv ones: lmforge's own, from `gemv_library()`; False when there is none).
 
     The first call for a class runs the kernel in a child process on fresh tensors of shape (M, K) x (N, K),
@@ -442,6 +449,10 @@ def load_gemv(path) -> ctypes.CDLL:
     lib.lmf_int8_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, I, I, ctypes.c_int]
     lib.lmf_int4_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, P, P, P, I, I, I, ctypes.c_int]
     lib.lmf_attend_one.argtypes = [P, I, P, I, P, I, P, P, P, I, I, I, I, I, I, ctypes.c_float, P, ctypes.c_int]
+    lib.lmf_f32_gemv.argtypes = [P, ctypes.c_int, P, P, P, P, I, I, ctypes.c_int]
+    lib.lmf_decode_scratch.argtypes = [P, I, I, ctypes.c_int]
+    lib.lmf_decode_scratch.restype = I
+    lib.lmf_decode_step.argtypes = [P, P, I, P, P, I, I, P, P, P, P, ctypes.c_int]
     lib.lmf_simd_level.restype = ctypes.c_int
     return lib
 
@@ -499,6 +510,7 @@ class Gemv:
     v; gate and up; or just one). The weight pointer arrays are built once; call with x (M, K) fp32 contiguous and
     one fp32 bias or None per matrix: -> (M, sum of N) fp32, x rounded to int8 per block of 32 inside.
 
+        fp32: Gemv("f32", [(w (N, K) fp32,), ...])            (nn.Linear's own layout)
         int8: Gemv("int8", [(w (N, K) int8, wscale (N,) fp32), ...])
         int4: Gemv("int4", [(packed (N, K/2) from int4_gemv_pack, scales (N, K/G) fp16 bits, zeros (N, K/G)), ...],
                    group_size=G)
@@ -533,7 +545,10 @@ class Gemv:
             self._bias = self._no_bias if key is None or not any(key) else _ptrs(biases)
         bias = self._bias
         lib = self.lib or _gemv()
-        if self.scheme == "int8":
+        if self.scheme == "f32":
+            lib.lmf_f32_gemv(x.data_ptr(), self.count, *self._args, bias, self._n, y.data_ptr(), M, K,
+                             torch.get_num_threads())
+        elif self.scheme == "int8":
             lib.lmf_int8_gemv(x.data_ptr(), self.count, *self._args, bias, self._n, y.data_ptr(), scratch.data_ptr(),
                               M, K, torch.get_num_threads())
         else:
@@ -584,3 +599,106 @@ def attend_one(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cach
                                     v_new.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(), B, nh, nkv,
                                     hd, T, L, 1.0 / hd ** 0.5, scratch.data_ptr(), threads)
     return y
+
+
+def f32_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+             lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) fp32 @ w (N, K) fp32 ^T (+ bias) -> (M, N): one matrix (see `Gemv`)."""
+    return Gemv("f32", [(w,)], lib=lib)(x, [bias])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A whole decode step in one call (lmf_decode_step)
+# ----------------------------------------------------------------------------------------------------------------
+class _Proj(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("count", ctypes.c_int32), ("K", ctypes.c_int64), ("G", ctypes.c_int64),
+                ("w", _P), ("scale", _P), ("zero", _P), ("bias", _P), ("N", _P)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("n1w", _P), ("n1b", _P), ("n2w", _P), ("n2b", _P),
+                ("qkv", _Proj), ("o", _Proj), ("inp", _Proj), ("down", _Proj)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layer", ctypes.c_int32), ("swiglu", ctypes.c_int32), ("rope", ctypes.c_int32),
+                ("pad", ctypes.c_int32), ("C", ctypes.c_int64), ("nh", ctypes.c_int64), ("nkv", ctypes.c_int64),
+                ("hd", ctypes.c_int64), ("H", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("blocks", _P), ("nfw", _P), ("nfb", _P), ("head", _Proj)]
+
+
+_KINDS = {"f32": 0, "int8": 1, "int4": 2}
+
+
+class DecodeProgram:
+    """A decoder's whole one-token step as one call of `lmf_decode_step` (csrc/decode_kernels.c): per block
+    norm -> q|k|v -> rope -> attention (`lmf_attend_one`) -> o -> + residual -> norm -> up (or gate|up) -> GELU (or
+    SiLU * up) -> down -> + residual, then the final norm and the output layer. generation/decode.py's
+    `decode_step` is the definition; this runs the same arithmetic without a Python call per operation.
+
+    blocks: per block a dict with n1, n2 (norm weight, bias or None for RMSNorm) and qkv, o, inp, down, each a
+    (`Gemv`, [bias fp32 or None per matrix]) pair. final: the final norm's (weight, bias); head: (Gemv, biases).
+    Every tensor must be fp32 (norms, biases) and stay alive and in place: the object keeps references, and the
+    caller remakes it when the model's weights are replaced."""
+
+    def __init__(self, blocks: list[dict], final: tuple, head: tuple, *, n_head: int, n_kv_head: int,
+                 head_dim: int, hidden: int, eps: float, swiglu: bool, rope: bool, lib: ctypes.CDLL | None = None):
+        self.lib = lib or _gemv()
+        self._keep: list = []  # every tensor and ctypes array the C side points to
+        C = blocks[0]["qkv"][0].K
+
+        def ptr(t):
+            if t is None:
+                return None
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("DecodeProgram: norms and biases must be contiguous fp32 CPU tensors")
+            self._keep.append(t)
+            return t.data_ptr()
+
+        def proj(pair):
+            g, biases = pair
+            self._keep.append(g)
+            bias = _ptrs([None if b is None else self._keep.append(b) or b for b in biases]) \
+                if any(b is not None for b in biases) else (_P * g.count)()
+            for b in biases:
+                if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+                    raise ValueError("DecodeProgram: biases must be contiguous fp32")
+            self._keep.append(bias)
+            args = g._args + [None] * (3 - len(g._args))
+            return _Proj(_KINDS[g.scheme], g.count, g.K, g.group_size or g.K,
+                         *[ctypes.cast(a, _P) if a is not None else None for a in args],
+                         ctypes.cast(bias, _P), ctypes.cast(g._n, _P))
+
+        arr = (_Block * len(blocks))()
+        for i, b in enumerate(blocks):
+            arr[i] = _Block(ptr(b["n1"][0]), ptr(b["n1"][1]), ptr(b["n2"][0]), ptr(b["n2"][1]),
+                            proj(b["qkv"]), proj(b["o"]), proj(b["inp"]), proj(b["down"]))
+        self._blocks = arr
+        self.vocab = head[0].N
+        self.model = _Model(len(blocks), int(swiglu), int(rope), 0, C, n_head, n_kv_head, head_dim, hidden, eps,
+                            1.0 / head_dim ** 0.5, ctypes.cast(arr, _P), ptr(final[0]), ptr(final[1]), proj(head))
+        self.C, self.head_dim, self.n_kv_head = C, head_dim, n_kv_head
+        self._ref = ctypes.byref(self.model)
+
+    def __call__(self, x: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, L: int,
+                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        """x (M, C) fp32 contiguous: the new tokens' embeddings (overwritten: it becomes the residual stream).
+        k_all, v_all (n_layer, M, nkv, T, hd) fp32 contiguous: every row writes slot L and attends to 0..L.
+        cos, sin (hd,): position L's rotary angles (rope models). -> logits (M, V)."""
+        M, T = x.shape[0], k_all.shape[3]
+        if not (x.is_contiguous() and x.dtype == torch.float32 and k_all.is_contiguous() and v_all.is_contiguous()
+                and tuple(k_all.shape[1:3]) == (M, self.n_kv_head) and x.shape[1] == self.C and 0 <= L < T):
+            raise ValueError("DecodeProgram: inputs do not match the model or the cache")
+        threads = torch.get_num_threads()
+        need = self.lib.lmf_decode_scratch(self._ref, M, T, threads)
+        buf = getattr(_local, "step_scratch", None)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(need, dtype=torch.uint8)
+            _local.step_scratch = buf
+        logits = torch.empty(M, self.vocab)
+        cp = None if cos is None else cos.contiguous()
+        sp = None if sin is None else sin.contiguous()
+        self.lib.lmf_decode_step(self._ref, x.data_ptr(), M, k_all.data_ptr(), v_all.data_ptr(), T, L,
+                                 None if cp is None else cp.data_ptr(), None if sp is None else sp.data_ptr(),
+                                 logits.data_ptr(), buf.data_ptr(), threads)
+        return logits

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lmforge.generation.decode as model_mod
+from lmforge import kernels
 from lmforge.generation.decode import DecodeWeights, decode_product, decoder_for, fused_weights
 from lmforge.models.config import ModelConfig
 from lmforge.models.decoder import Transformer
@@ -73,11 +74,25 @@ def in_place(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("form", ["copies", "in_place"])
+@pytest.fixture
+def python_forms(monkeypatch):
+    """The Python forms of the step ("copies", "in_place"), not the native one-call step."""
+    monkeypatch.setattr(model_mod, "NATIVE_STEP", False)
+
+
+@pytest.mark.parametrize("form", ["copies", "in_place", "native"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_dense_steps_equal_the_module_forward(kind, form, request):
     if form == "in_place":
         request.getfixturevalue("in_place")
+    if form == "native":
+        if kernels.gemv_library() is None:
+            pytest.skip("no C compiler here: lmforge's kernels are not built")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # (the C loops share rows among threads)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+    else:
+        request.getfixturevalue("python_forms")
     model = make(kind)
     assert DecodeWeights.form(model) == form
     prompt = torch.randint(0, 97, (2, 5))  # two rows of equal length: the dense cache
@@ -157,7 +172,7 @@ def test_fused_copies_are_remade_after_the_weights_change(optim):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_lora_and_quantized_models_step_through_their_own_modules(monkeypatch):
+def test_lora_and_quantized_models_step_through_their_own_modules(monkeypatch, python_forms):
     from lmforge.finetune.lora import add_lora
     from lmforge.compress.quantize import quantize_model
 
@@ -204,7 +219,7 @@ def test_split_product_equals_the_plain_product(monkeypatch, rows):
         torch.set_num_threads(threads)
 
 
-def test_in_place_relayout_keeps_the_model_whole(in_place, tmp_path):
+def test_in_place_relayout_keeps_the_model_whole(in_place, python_forms, tmp_path):
     """Re-laid out weights are the same parameters with the same values, no copy is kept, and every other stage
     (the module forward, training, saving and loading, LoRA, quantization) still works on them."""
     from lmforge.formats.native import save

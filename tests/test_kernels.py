@@ -351,10 +351,12 @@ def test_attend_one_writes_the_cache_and_equals_sdpa(B, nh, nkv, L):
 
 
 @needs_gemv
-def test_greedy_decoding_uses_the_one_call_attention(call_log):
+def test_greedy_decoding_uses_the_one_call_attention(call_log, monkeypatch):
+    from lmforge.generation import decode
     from lmforge.generation.loop import generate_ids
     from lmforge.generation.sampling import SamplingParams
 
+    monkeypatch.setattr(decode, "NATIVE_STEP", False)  # the Python step (the native one attends inside its call)
     model = tiny_llama()
     out = generate_ids(model, [[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
     assert "attend_one" in {op for op, _ in call_log}

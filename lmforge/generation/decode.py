@@ -106,7 +106,11 @@ class DecodeWeights:
     def __init__(self, model: "Transformer", form: str):
         """`form`: what `DecodeWeights.form(model)` returned, "copies" or "in_place"."""
         self.in_place = form == "in_place"
-        if self.in_place:
+        self.program = None  # the native step (`kernels.DecodeProgram`), for form "native"
+        if form == "native":
+            self.program, self.blocks = _native_program(model)
+            self.head = None
+        elif self.in_place:
             for lin in [m for block in model.blocks for g in _projection_groups(block) for m in g] + [model.lm_head]:
                 _column_major_(lin.weight)
             self.blocks = [[[(m.weight.t(), m.bias) for m in g] for g in _projection_groups(block)]
@@ -126,12 +130,15 @@ class DecodeWeights:
     def stamp_of(model: nn.Module) -> tuple:
         """Changes whenever a weight is replaced or updated in place (optimizer steps bump `_version`; fused ones
         through `_bump_versions_after_fused_step`)."""
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in [*model.parameters(), *model.buffers()])
 
     @staticmethod
     def form(model: "Transformer") -> str | None:
-        """"copies" (small models), "in_place" (large ones on a CPU) or None: the step needs plain nn.Linear
-        projections (no LoRA wrappers, no quantized layers)."""
+        """"native" (the whole step in one C call, see "The native step" below), else "copies" (small models), "in_place" (large
+        ones on a CPU) or None: the Python forms need plain nn.Linear projections (no LoRA wrappers, no quantized
+        layers)."""
+        if NATIVE_STEP and _native_eligible(model):
+            return "native"
         linears = [m for block in model.blocks for g in _projection_groups(block) for m in g]
         if any(type(m) is not nn.Linear for m in linears):
             return None
@@ -141,6 +148,138 @@ class DecodeWeights:
         if type(head) is nn.Linear and head.weight.device.type == "cpu":
             return "in_place"
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The native step: the whole decode step as one call of lmforge's C kernels
+# ----------------------------------------------------------------------------------------------------------------
+# `decode_step` below is the definition. For rows that have all written the same number of slots (`dense`: one
+# sequence, or a batch of equal-length ones) on a CPU in fp32, the same step runs as one call of
+# `lmf_decode_step` (csrc/decode_kernels.c, through `kernels.DecodeProgram`): the products through lmforge's own
+# fp32/int8/int4 kernels, the attention through `lmf_attend_one`, the norms and activations as C loops. A GPT-2
+# step in Python is ~120 small calls, each a few microseconds of interpreter and dispatcher work; at 2 threads that
+# bookkeeping was 1.5-4 ms of a 5-19 ms token, the gap to llama.cpp (see BENCHMARKS.md). fp32 weights stay in
+# nn.Linear's own (out, in) layout (the C loop streams rows). Other steps (rows of different lengths, padding,
+# torch.compile) take the Python step; with the native form its fp32 products still go through the C kernel.
+
+NATIVE_STEP = True  # tests switch it off to exercise the Python forms
+
+
+def _native_norm(norm: nn.Module, eps: float) -> tuple | None:
+    """(weight, bias or None) of a LayerNorm / RMSNorm the C step computes, or None."""
+    from lmforge.models.decoder import RMSNorm
+
+    if type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None and norm.eps == eps \
+            and tuple(norm.normalized_shape) == (norm.weight.numel(),):
+        return norm.weight, norm.bias
+    if type(norm) is RMSNorm and norm.eps == eps:
+        return norm.weight, None
+    return None
+
+
+def _native_kind(m: nn.Module) -> str | None:
+    """"f32" for a plain fp32 nn.Linear, the kernel scheme for a QuantLinear served by lmforge's gemv kernels."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if type(m) is nn.Linear:
+        w = m.weight
+        if w.dtype == torch.float32 and w.device.type == "cpu" and (m.bias is None or m.bias.dtype == torch.float32) \
+                and kernels.check("f32_gemv", torch.float32, w.shape[1], w.shape[0]):
+            return "f32"
+        return None
+    plan = getattr(m, "_gemv_plan", None)
+    if plan is not None and m.use_kernels:
+        p = plan()
+        return p.scheme if p else None
+    return None
+
+
+def _head_layer(model: "Transformer") -> nn.Module:
+    """The layer that computes the logits: the head itself, or for a head tied to a quantized embedding
+    (`TiedQuantHead`) the embedding's quantized table."""
+    head = model.lm_head
+    emb = getattr(head, "_embedding", None)
+    if emb is not None and not (head._forward_hooks or head._forward_pre_hooks):
+        return emb.table
+    return head
+
+
+def _native_eligible(model: "Transformer") -> bool:
+    cfg = model.config
+    if kernels.gemv_library() is None or cfg.num_experts or cfg.head_dim > 1024 or cfg.head_dim % 2 or _global_hooks():
+        return False
+    # (never `.weight` of a quantized embedding or head: that dequantizes the whole table)
+    emb = model.wte
+    if type(emb) is nn.Embedding:
+        if emb.weight.dtype != torch.float32 or emb.weight.device.type != "cpu":
+            return False
+    elif getattr(emb, "compute_dtype", None) != torch.float32 or model.norm_f.weight.device.type != "cpu":
+        return False
+    if not kernels.check("attend_one", torch.float32, cfg.head_dim, 1):
+        return False
+    norms = [model.norm_f] + [n for b in model.blocks for n in (b.norm_1, b.norm_2)]
+    if any(_native_norm(n, cfg.norm_eps) is None or n.weight.dtype != torch.float32 for n in norms):
+        return False
+    for block in model.blocks:
+        if type(block.mlp).__name__ != "MLP":
+            return False
+        for group in _projection_groups(block):
+            kinds = {_native_kind(m) for m in group}
+            if len(kinds) != 1 or None in kinds:
+                return False
+    return _native_kind(_head_layer(model)) is not None
+
+
+class _Bound:
+    """A projection group's `kernels.Gemv` with its biases bound: h (B, K) fp32 -> (B, sum of N)."""
+
+    __slots__ = ("gemv", "biases")
+
+    def __init__(self, gemv: kernels.Gemv, biases: list):
+        self.gemv, self.biases = gemv, biases
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.gemv(h if h.is_contiguous() else h.contiguous(), self.biases)
+
+
+def _native_group(group) -> tuple:
+    """(Gemv, biases) for one projection group (q|k|v, o, gate|up or up, down) of one kind."""
+    if type(group[0]) is nn.Linear:
+        with torch.no_grad():
+            for m in group:  # nn.Linear's own (out, in) rows, owned and aligned (undoes an earlier (in, out) layout)
+                if not (m.weight.is_contiguous() and kernels.is_owned(m.weight.data)):
+                    with torch.inference_mode(False):
+                        m.weight.data = kernels.owned(m.weight.data.contiguous(), weights=True)
+        return (kernels.Gemv("f32", [(m.weight.detach(),) for m in group]),
+                [None if m.bias is None else m.bias.detach() for m in group])
+    plans = [m._gemv_plan() for m in group]
+    if not all(p.K == plans[0].K and p.group_size == plans[0].group_size for p in plans):
+        raise ValueError("projections of one group differ in shape or group size")
+    return (kernels.Gemv(plans[0].scheme, [p.mats[0] for p in plans], plans[0].group_size),
+            [m._fp32_bias() for m in group])
+
+
+def _native_program(model: "Transformer") -> tuple:
+    """(the model's `kernels.DecodeProgram`, per block the groups the Python step multiplies when the native one
+    does not apply: fp32 groups as `_Bound` C products, quantized ones as their modules)."""
+    cfg = model.config
+    blocks, fallback = [], []
+    for block in model.blocks:
+        groups = [_native_group(g) for g in _projection_groups(block)]
+        names = dict(zip(("qkv", "o", "inp", "down"), groups))
+        blocks.append({"n1": _native_norm(block.norm_1, cfg.norm_eps), "n2": _native_norm(block.norm_2, cfg.norm_eps),
+                       **names})
+        fallback.append([[_Bound(*p)] if p[0].scheme == "f32" else list(g)
+                         for p, g in zip(groups, _projection_groups(block))])
+    head = _native_group((_head_layer(model),))
+    program = kernels.DecodeProgram(
+        [{k: (tuple(t.detach() if t is not None else None for t in v) if k in ("n1", "n2") else v)
+          for k, v in b.items()} for b in blocks],
+        tuple(t.detach() if t is not None else None for t in _native_norm(model.norm_f, cfg.norm_eps)), head,
+        n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
+        hidden=blocks[0]["down"][0].K, eps=cfg.norm_eps, swiglu=model.blocks[0].mlp.swiglu,
+        rope=model.wpe is None)
+    return program, fallback
 
 
 def _bump_versions_after_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -244,6 +383,8 @@ def _group(h: torch.Tensor, parts: list) -> torch.Tensor:
     `decode_product`, or the model's own modules (LoRA-wrapped, quantized, or under torch.compile)."""
     if len(parts) == 1:
         p = parts[0]
+        if isinstance(p, _Bound):
+            return p(h)
         return _run(p, h) if isinstance(p, nn.Module) else decode_product(h, *p)
     # layers that can run several products on one input in one call (quantized ones, `group_forward`) do so
     grouped = getattr(type(parts[0]), "group_forward", None) if isinstance(parts[0], nn.Module) else None
@@ -270,6 +411,21 @@ def decode_step(model: nn.Module, weights: DecodeWeights | None, ids: torch.Tens
     every row may see (no padding, no finished row, no sliding window cut), so no mask is built.
     """
     cfg = model.config
+    program = None if weights is None else weights.program
+    if (program is not None and dense and span is not None and k_all.dtype == torch.float32
+            and ids.device.type == "cpu" and k_all.is_contiguous() and v_all.is_contiguous()
+            and not torch.compiler.is_compiling()):  # the same step, as one C call (see "The native step" above)
+        L = span - 1
+        x = model.wte(ids[:, 0])  # (B, C)
+        if model.wpe is not None:
+            x = x + model.wpe.weight[L]
+        key_mask[:, L] = True
+        rope = model.wpe is None
+        logits = program(x.float().contiguous(), k_all, v_all, L, cos_table[L] if rope else None,
+                         sin_table[L] if rope else None)
+        lengths.add_(1)
+        positions.add_(1)
+        return logits
     B, nh, nkv, hd = ids.shape[0], cfg.n_head, cfg.n_kv_head, cfg.head_dim
     nq, nk = nh * hd, nkv * hd
     S = key_mask.shape[1] if span is None else span
