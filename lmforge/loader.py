@@ -15,8 +15,9 @@ Readers return the parts (model, tokenizer, config, generation defaults, chat te
 an `LM`. It is the one module that knows every format, so the formats never import each other upward.
 
 Why safetensors: a `.bin` (pickle) file can run code when unpickled; safetensors is a JSON header plus raw arrays,
-so loading it cannot execute anything, and it can be memory-mapped. Pickled checkpoints are read with
-`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+so loading it cannot execute anything (each tensor is read into memory of its own, not memory-mapped:
+`formats.native.read_safetensors` says why). Pickled checkpoints are read with `torch.load(weights_only=True)`,
+which refuses anything but tensors and plain containers.
 """
 
 from __future__ import annotations

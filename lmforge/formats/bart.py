@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import (assign_exact, generation_config, read_weights, resolve_dtype,
+from lmforge.formats.native import (assign_exact, generation_config, meta_device, read_weights, resolve_dtype,
                                     write_safetensors)
 from lmforge.formats.t5 import T5Parts
 from lmforge.generation.config import GenerationConfig
@@ -175,7 +175,7 @@ def state_dict_to_hf(model: Bart) -> dict[str, torch.Tensor]:
 def build_bart(config: BartConfig, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
                device=None, source: str = "weights") -> Bart:
     """A Bart holding exactly the tensors of `sd` (every expected tensor present, every shape right)."""
-    with torch.device("meta"):
+    with meta_device():
         model = Bart(config, init_weights=False)
     return assign_exact(model, sd, hf_name=lambda k: rename(k, "to_hf"), dtype=dtype or sd["shared.weight"].dtype, device=device,
                         source=source, hint=f" (model_type={config.model_type!r})")

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import write_safetensors
+from lmforge.formats.native import meta_device, write_safetensors
 from lmforge.models.encoder import Encoder, EncoderConfig
 from lmforge.tokenizers.roberta import is_roberta_tokenizer_dir, RobertaTokenizer
 from lmforge.tokenizers.wordpiece import WordPieceTokenizer
@@ -260,7 +260,7 @@ def state_dict_from_hf(sd: Mapping[str, torch.Tensor], config: EncoderConfig, so
     """
     sd = _strip_prefix(sd, config.family)
     table = NAMES[config.family]
-    with torch.device("meta"):
+    with meta_device():
         names = list(Encoder(config).state_dict())
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
@@ -321,7 +321,7 @@ def state_dict_to_hf(encoder: Encoder, head_kind: str | None = None, head: torch
 def build_encoder(config: EncoderConfig, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None, source: str = "weights") -> Encoder:
     """An `Encoder` holding `sd`: built on the meta device (no random init), shapes checked, tensors assigned."""
-    with torch.device("meta"):
+    with meta_device():
         model = Encoder(config)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     sd = dict(sd)

@@ -558,7 +558,8 @@ def load_hf_dir(d: Path, dtype="auto", device=None) -> Loaded:
     family = model_type_of(hf_config)
     if not config.name:
         config.name = d.name
-    sd, stored = read_weights(d)
+    tied = config.tie_word_embeddings  # tensors the model has no place for are not even read (GPT-2's causal masks)
+    sd, stored = read_weights(d, skip=lambda n: IGNORED.search(n) or (tied and n == "lm_head.weight"))
     torch_dtype = resolve_dtype(dtype, _hf_dtype(hf_config) or stored)
     model = build_model(config, lambda expected: state_dict_from_hf(sd, config, expected, str(d), family),
                         dtype=torch_dtype, device=resolve_device(device))

@@ -22,13 +22,19 @@ leaves a half-written model where a good one was.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.overrides import TorchFunctionMode
 
+from lmforge import kernels
 from lmforge.models.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.generation.config import GenerationConfig
@@ -62,16 +68,134 @@ def one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors file, memory-mapped; a corrupt or truncated file is a one-line error."""
-    from safetensors.torch import load_file
+# safetensors dtype names -> torch dtypes (the ones safetensors.torch reads; those this torch lacks are left out)
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U64", "uint64"),
+    ("U32", "uint32"), ("U16", "uint16"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2", "float8_e5m2"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
+
+def _safetensors_header(f, size: int) -> tuple[int, list[tuple[str, torch.dtype, tuple[int, ...], int, int]]]:
+    """(offset of the data region, [(name, dtype, shape, begin, end)] in file order) of an open safetensors file,
+    every entry checked against the file: a ValueError (one line, naming the tensor) for anything wrong.
+
+    The format: 8 bytes little-endian N, N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]},
+    "__metadata__": {str: str}}, then the data region, which the tensors' [begin, end) byte ranges (relative to its
+    start) tile exactly: no gaps, no overlaps, nothing after the last one."""
+    if size < 8:
+        raise ValueError(f"the file is {size} bytes, too short for the 8-byte header length")
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+        raise ValueError(f"the header length {n} runs past the end of the file ({size} bytes)")
+    if n > MAX_HEADER_BYTES:
+        raise ValueError(f"the header length {n} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes")
     try:
-        return load_file(str(path), device="cpu")
+        header = json.loads(f.read(n).decode("utf-8"))  # a name given twice: the last wins, as in safetensors
+    except UnicodeDecodeError:
+        raise ValueError("the header is not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the header is not valid JSON ({e.msg} at byte {e.pos})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise ValueError("__metadata__ is not a JSON object")
+    data_len = size - 8 - n
+    entries = []
+    for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and
+                isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)):
+            raise ValueError(f"tensor {name!r}: not a {{dtype, shape, data_offsets}} entry")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: unsupported dtype {info['dtype']!r}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: bad shape {shape}")
+        if len(offsets) != 2 or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+            raise ValueError(f"tensor {name!r}: bad data_offsets {offsets}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} hold {end - begin} bytes, but {info['dtype']} "
+                             f"{shape} needs {nbytes}")
+        if end > data_len:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} run past the end of the data "
+                             f"({data_len} bytes in a {size}-byte file)")
+        entries.append((name, dtype, tuple(shape), begin, end))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    pos = 0
+    for name, _, _, begin, end in entries:
+        if begin != pos:
+            raise ValueError(f"tensor {name!r}: data_offsets [{begin}, {end}] "
+                             f"{'overlap the previous tensor' if begin < pos else 'leave a gap before them'}")
+        pos = end
+    if pos != data_len:
+        raise ValueError(f"{data_len - pos} bytes after the last tensor's data")
+    return 8 + n, entries
+
+
+def read_safetensors(path: str | os.PathLike, skip: Callable[[str], Any] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file (but those `skip(name)` is true for), each read into memory of its own;
+    a corrupt or truncated file is a one-line error naming the file (and the tensor, where one is at fault).
+
+    Why not memory-map the file (what `safetensors.torch.load_file` does): every tensor would be a view into one
+    file mapping, and the mapping stays (and the file pages it touched stay resident) while any tensor of the file is
+    alive, even a small bias; the decode re-layout and the quantized kernels copy the large weights anyway, so the
+    mapped pages and the copies were both resident (GPT-2 124M fp32, load + decode: 1,302 MiB peak; read like
+    this: 896; benchmarks/bench_load_rss.py). A mapped tensor also starts wherever the file put it (`data_ptr() % 64`
+    can be 40), which some CPU kernels cannot read. Here each tensor is a fresh allocation from
+    `lmforge.kernels._fresh`: 64-byte aligned, 2 MB ones and larger on huge pages, marked as owned so
+    `kernels.owned` takes it as it is, and freed on its own when the model drops it. The bytes go straight from the
+    file into it (`readinto`, no intermediate buffer).
+
+    Integer tensors (quantized codes and scales, which the CPU kernels stream as they are) are allocated as weights
+    (mid-sized ones share huge-page chunks); floating ones are not, because the decode step re-lays large float
+    matrices out in copies of its own, and a dropped matrix in a shared chunk would keep the whole chunk alive.
+    """
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian; safetensors byte-swaps for us
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path), device="cpu")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt: {one_line(e)})") \
+                from None
+        return {k: v for k, v in sd.items() if not (skip and skip(k))}
+    try:
+        f = open(path, "rb", buffering=0)  # unbuffered: readinto goes straight into the tensor
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # safetensors raises SafetensorError / OSError for bad headers and short files
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({one_line(e)})") from None
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with f:
+            base, entries = _safetensors_header(f, os.fstat(f.fileno()).st_size)
+            for name, dtype, shape, begin, end in entries:
+                if skip is not None and skip(name):
+                    continue
+                buf = kernels._fresh(end - begin, weights=not dtype.is_floating_point)  # uint8, aligned
+                view = memoryview(buf.numpy())
+                f.seek(base + begin)
+                got = 0
+                while got < end - begin:  # one read() returns at most ~2 GB on Linux: loop
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise ValueError(f"tensor {name!r}: the file ended while reading it (changed on disk?)")
+                    got += k
+                t = buf.view(dtype).view(shape)
+                setattr(t, kernels._OWNED_ATTR, True)  # contiguous, aligned, ours: `kernels.owned` keeps it
+                out[name] = t
+    except ValueError as e:
         raise CheckpointError(f"{path}: not a valid safetensors file (truncated or corrupt: {one_line(e)})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({one_line(e)})") from None
+    return out
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -90,15 +214,25 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read PyTorch weights ({one_line(e)})") from None
 
 
-def read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+def read_weights(directory: str | os.PathLike, skip: Callable[[str], Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], str | None]:
     """Every tensor in a model directory, from whichever layout it uses, and the dtype they are stored in.
+    `skip(name)`: tensors the caller will drop anyway (safetensors: never read; pickles: dropped after loading).
 
     Order of preference: model.safetensors.index.json (sharded), model.safetensors, pytorch_model.bin.index.json,
     pytorch_model.bin.
     """
     d = Path(directory)
-    for index_name, reader in (("model.safetensors.index.json", read_safetensors),
-                               ("pytorch_model.bin.index.json", _read_pickle)):
+
+    def pickled(path: Path) -> dict[str, torch.Tensor]:
+        sd = _read_pickle(path)
+        return {k: v for k, v in sd.items() if not skip(k)} if skip is not None and isinstance(sd, dict) else sd
+
+    def safetensors(path: Path) -> dict[str, torch.Tensor]:
+        return read_safetensors(path, skip)
+
+    for index_name, reader in (("model.safetensors.index.json", safetensors),
+                               ("pytorch_model.bin.index.json", pickled)):
         index = d / index_name
         if index.exists():
             weight_map = read_json(index).get("weight_map")
@@ -109,15 +243,15 @@ def read_weights(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                 if not (d / shard).exists():
                     raise CheckpointError(f"{index}: shard {shard!r} is missing from {d}")
                 sd.update(reader(d / shard))
-            missing = [n for n in weight_map if n not in sd]
+            missing = [n for n in weight_map if n not in sd and not (skip and skip(n))]
             if missing:
                 raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but not in its shard")
             return sd, _tensor_dtype(sd)
     if (d / "model.safetensors").exists():
-        sd = read_safetensors(d / "model.safetensors")
+        sd = read_safetensors(d / "model.safetensors", skip)
         return sd, _tensor_dtype(sd)
     if (d / "pytorch_model.bin").exists():
-        sd = _read_pickle(d / "pytorch_model.bin")
+        sd = pickled(d / "pytorch_model.bin")
         return sd, _tensor_dtype(sd)
     others = sorted(p.name for p in d.glob("*.safetensors"))
     if others:
@@ -136,6 +270,35 @@ def _tensor_dtype(sd: Mapping[str, torch.Tensor]) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Building a model from checked tensors
 # ----------------------------------------------------------------------------------------------------------------
+_RANDOM_FILLS = frozenset(getattr(torch.Tensor, n) for n in ("normal_", "uniform_", "erfinv_", "exponential_",
+                                                            "log_normal_", "cauchy_", "geometric_", "random_",
+                                                            "bernoulli_"))
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Initializers (`torch.nn.init.*`, in-place random fills) called on a meta tensor return it untouched.
+
+    On the meta device they compute nothing anyway, but some are not free: `nn.Embedding`'s `normal_` has no native
+    meta kernel, and its first call imports PyTorch's Python decompositions (sympy, mpmath, torch._refs: ~830
+    modules), about 1 s and 70 MB of resident memory, in every process that loads a model."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RANDOM_FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device():
+    """`with torch.device("meta")` for building a model whose every tensor is about to be loaded: shapes only, no
+    memory, and no initializer runs (see `_NoInitOnMeta`). This thread only, as torch.device's context is."""
+    with torch.device("meta"), _NoInitOnMeta():
+        yield
+
+
 def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
     """Every expected tensor is present with the expected shape, or a one-line error naming the file and tensor."""
     for name, shape in expected.items():
@@ -189,7 +352,7 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
     mis-shaped tensor). Floating tensors are cast to `dtype` when given.
     """
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
+    with meta_device():
         model = Transformer(config, init_weights=False)
     if qconfig:
         prepare_for_load(model, qconfig)

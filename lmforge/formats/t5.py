@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.formats.native import (assign_exact, generation_config, read_weights, resolve_dtype,
+from lmforge.formats.native import (assign_exact, generation_config, meta_device, read_weights, resolve_dtype,
                                     write_safetensors)
 from lmforge.generation.config import GenerationConfig
 from lmforge.models.t5 import T5, T5Config
@@ -152,7 +152,7 @@ def state_dict_to_hf(model: T5) -> dict[str, torch.Tensor]:
 def build_t5(config: T5Config, sd: Mapping[str, torch.Tensor], dtype: torch.dtype | None = None,
              device=None, source: str = "weights") -> T5:
     """A T5 holding exactly the tensors of `sd` (every expected tensor present, every shape right)."""
-    with torch.device("meta"):
+    with meta_device():
         model = T5(config, init_weights=False)
     return assign_exact(model, sd, hf_name=lambda k: rename(k, "to_hf"), dtype=dtype, device=device,
                         source=source, hint=f" (feed_forward_proj={config.feed_forward_proj!r})")
