@@ -194,3 +194,25 @@ def test_without_the_library_the_python_step_serves(monkeypatch):
     prompt = torch.randint(0, 97, (1, 4))
     got, cache = steps(q, prompt, 3, False, monkeypatch)
     assert forward_argmax(q, cache.fed, 4) == got[:, 0].argmax(-1).tolist()
+
+
+@needs_lib
+def test_a_loaded_model_decodes_from_the_weights_it_loaded(tmp_path):
+    """The loader reads weights into owned, aligned memory; the native step uses them where they are (no second
+    copy of the weights for decoding), and a deep copy of a model that has decoded is a plain model again."""
+    import lmforge
+    from lmforge.generation.loop import generate_ids
+    from lmforge.generation.sampling import SamplingParams
+    from lmforge.lm import LM
+
+    model = make("gpt2")
+    LM(model, None, model.config).save(tmp_path / "m")
+    lm = lmforge.load(tmp_path / "m")
+    before = {n: p.data_ptr() for n, p in lm.model.named_parameters()}
+    params = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    out = generate_ids(lm.model, [[1, 2, 3]], params)[0].token_ids
+    assert lm.model._decode_weights.program is not None
+    assert {n: p.data_ptr() for n, p in lm.model.named_parameters()} == before
+    twin = copy.deepcopy(lm.model)
+    assert twin._decode_weights is None
+    assert generate_ids(twin, [[1, 2, 3]], params)[0].token_ids == out

@@ -376,7 +376,11 @@ def build_model(config: ModelConfig, state_fn: Callable[[dict[str, tuple]], Mapp
     unexpected = [n for n in sd if n not in expected]
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    owned = {t.data_ptr() for t in sd.values() if kernels.is_owned(t)}
     model.load_state_dict(sd, strict=False, assign=True)
+    for p in model.parameters():  # assign=True wraps each tensor in a new Parameter: carry the owned mark over
+        if p.data_ptr() in owned and p.is_contiguous():
+            setattr(p, kernels._OWNED_ATTR, True)
     if config.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear) and \
             isinstance(model.wte, torch.nn.Embedding):  # assign=True replaced wte.weight: tie the head to it again
         model.lm_head.weight = model.wte.weight

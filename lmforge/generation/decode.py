@@ -81,6 +81,10 @@ def _column_major_(p: nn.Parameter) -> None:
             p.data = kernels.owned(p.data.t(), weights=True).t()  # fresh and aligned, never a mapped file
 
 
+def _no_decode_weights() -> None:
+    return None
+
+
 class DecodeWeights:
     """The weights a one-token decode step multiplies, laid out for it: `decode_step` runs on these.
 
@@ -125,6 +129,11 @@ class DecodeWeights:
             self.blocks = [[fused(g) for g in _projection_groups(block)] for block in model.blocks]
             self.head = None
         self.stamp = DecodeWeights.stamp_of(model)
+
+    def __reduce__(self):
+        # a copied or pickled model does not take these along (they point at the original's tensors, and the
+        # native program holds C pointers): it lays its own out on its first decode
+        return (_no_decode_weights, ())
 
     @staticmethod
     def stamp_of(model: nn.Module) -> tuple:
@@ -246,10 +255,13 @@ def _native_group(group) -> tuple:
     """(Gemv, biases) for one projection group (q|k|v, o, gate|up or up, down) of one kind."""
     if type(group[0]) is nn.Linear:
         with torch.no_grad():
-            for m in group:  # nn.Linear's own (out, in) rows, owned and aligned (undoes an earlier (in, out) layout)
-                if not (m.weight.is_contiguous() and kernels.is_owned(m.weight.data)):
+            for m in group:  # nn.Linear's own (out, in) rows, owned and aligned (undoes an earlier (in, out) layout);
+                # a loaded weight already is (the loader reads into owned memory): no copy
+                if not kernels.is_owned(m.weight):
                     with torch.inference_mode(False):
-                        m.weight.data = kernels.owned(m.weight.data.contiguous(), weights=True)
+                        if not m.weight.is_contiguous():
+                            m.weight.data = m.weight.data.contiguous()
+                        kernels.own_(m, "weight")
         return (kernels.Gemv("f32", [(m.weight.detach(),) for m in group]),
                 [None if m.bias is None else m.bias.detach() for m in group])
     plans = [m._gemv_plan() for m in group]
