@@ -11,6 +11,7 @@ PyTorch does not promise to be safe for every input:
 | numpy's BLAS (`np.matmul` on tensor memory)   | `lmforge.training.cores` (training)     | fp32 weights and activations             |
 | lmforge's own `lmf_int8_gemv` (csrc/decode_kernels.c)   | `QuantLinear` (int8, CPU)      | x fp32 (M, K); w int8 (N, K); scales fp32|
 | lmforge's own `lmf_int4_gemv` (csrc/decode_kernels.c)   | `QuantLinear` (int4, CPU)      | x fp32; codes (N, K/2); fp16 scales, zeros|
+| lmforge's own `lmf_f32_gemv`, `lmf_attend_one`, `lmf_decode_step` | the decode step (`DecodeProgram`) | fp32 weights (N, K); the KV cache |
 
 lmforge's own kernels are one C file, `lmforge/csrc/decode_kernels.c`, compiled on first use on the machine that runs it
 (`cc -O3 -march=native -fopenmp`, about a second; cached under ~/.cache/lmforge/kernels, one file per source,
@@ -22,8 +23,9 @@ no C compiler, or `LMFORGE_GEMV=0`, QuantLinear uses PyTorch's kernels as before
 
 Two things can go wrong with them, and both have happened:
 
-1. **Memory they cannot read.** `lmforge.load` memory-maps safetensors files: a loaded tensor is a view into the
-   file, starting wherever the file put it (`data_ptr() % 64` can be 40). The AVX-512 code path of
+1. **Memory they cannot read.** A memory-mapped tensor (what `safetensors.load_file` or `torch.load(mmap=True)`
+   return; lmforge's own safetensors reader now reads into owned memory instead) is a view into the file,
+   starting wherever the file put it (`data_ptr() % 64` can be 40). The AVX-512 code path of
    `_weight_int8pack_mm` reads 64 bytes at a time with aligned loads and dies with SIGSEGV on such a view; the same
    call on a fresh tensor runs. So every tensor handed to one of these kernels first goes through `owned()`:
    contiguous, in memory this process allocated, 64-byte aligned. It copies at most once per tensor (the copy is
