@@ -659,13 +659,8 @@ class DecodeProgram:
 
         def proj(pair):
             g, biases = pair
-            self._keep.append(g)
-            bias = _ptrs([None if b is None else self._keep.append(b) or b for b in biases]) \
-                if any(b is not None for b in biases) else (_P * g.count)()
-            for b in biases:
-                if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
-                    raise ValueError("DecodeProgram: biases must be contiguous fp32")
-            self._keep.append(bias)
+            bias = (_P * g.count)(*[ptr(b) for b in biases])
+            self._keep += [g, bias]
             args = g._args + [None] * (3 - len(g._args))
             return _Proj(_KINDS[g.scheme], g.count, g.K, g.group_size or g.K,
                          *[ctypes.cast(a, _P) if a is not None else None for a in args],

@@ -220,28 +220,44 @@ static int which(int64_t i, int count, const int64_t *units, int64_t *first_unit
 
 #define MAX_GROUP 16 /* matrices per call */
 
+/* `count` matrices side by side, cut into units of ROWS weight rows (the last unit of each may be shorter):
+   units[j] per matrix; returns their total and sets *width to the sum of N */
+static int64_t row_units(int count, const int64_t *N, int64_t *units, int64_t *width) {
+    int64_t total = 0;
+    *width = 0;
+    for (int j = 0; j < count; j++) {
+        units[j] = (N[j] + ROWS - 1) / ROWS;
+        total += units[j];
+        *width += N[j];
+    }
+    return total;
+}
+
+/* unit i -> its matrix *j, its first row *n and where that row's output goes (*col); returns its number of rows */
+static int unit_rows(int64_t i, int count, const int64_t *units, const int64_t *N, int *j, int64_t *n, int64_t *col) {
+    int64_t first;
+    *j = which(i, count, units, &first, col, N);
+    *n = (i - first) * ROWS;
+    return (int)(N[*j] - *n < ROWS ? N[*j] - *n : ROWS);
+}
+
 /* y (M, sum N) = x (M, K) @ [w_0 * wscale_0; w_1 * wscale_1; ...].T + [bias_0, bias_1, ...]: `count` int8
    matrices w_j (N[j], K) that read the same input (one call for q, k and v: one quantization of x, one parallel
    region), bias_j may be NULL.  K % 32 == 0.  scratch: at least M * (K + 8 * K / 32) bytes */
 void lmf_int8_gemv(const float *x, int count, const int8_t *const *w, const float *const *wscale,
                    const float *const *bias, const int64_t *N, float *y, void *scratch, int64_t M, int64_t K,
                    int threads) {
-    int64_t nb = K / BLOCK, units[MAX_GROUP], total = 0, width = 0;
+    int64_t nb = K / BLOCK, units[MAX_GROUP], width;
     int8_t *xq = (int8_t *)scratch;
     float *sx = (float *)(xq + M * K);
     float *xs = sx + M * nb;
     for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, xq + m * K, sx + m * nb, xs + m * nb, K);
-    for (int j = 0; j < count; j++) {
-        units[j] = (N[j] + ROWS - 1) / ROWS;
-        total += units[j];
-        width += N[j];
-    }
+    int64_t total = row_units(count, N, units, &width);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < total; i++) {
-        int64_t first, col;
-        int j = which(i, count, units, &first, &col, N);
-        int64_t n = (i - first) * ROWS;
-        int R = (int)(N[j] - n < ROWS ? N[j] - n : ROWS);
+        int j;
+        int64_t n, col;
+        int R = unit_rows(i, count, units, N, &j, &n, &col);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) { /* the R weight rows stay in L1 while every activation row uses them */
             int8_rows(xq + m * K, sx + m * nb, w[j] + n * K, K, R, out);
@@ -487,18 +503,13 @@ static void f32_rows(const float *x, const float *w, int64_t K, int R, float *ou
    them. */
 void lmf_f32_gemv(const float *x, int count, const float *const *w, const float *const *bias, const int64_t *N,
                   float *y, int64_t M, int64_t K, int threads) {
-    int64_t units[MAX_GROUP], total = 0, width = 0;
-    for (int j = 0; j < count; j++) {
-        units[j] = (N[j] + ROWS - 1) / ROWS;
-        total += units[j];
-        width += N[j];
-    }
+    int64_t units[MAX_GROUP], width;
+    int64_t total = row_units(count, N, units, &width);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t i = 0; i < total; i++) {
-        int64_t first, col;
-        int j = which(i, count, units, &first, &col, N);
-        int64_t n = (i - first) * ROWS;
-        int R = (int)(N[j] - n < ROWS ? N[j] - n : ROWS);
+        int j;
+        int64_t n, col;
+        int R = unit_rows(i, count, units, N, &j, &n, &col);
         float out[ROWS];
         for (int64_t m = 0; m < M; m++) {
             f32_rows(x + m * K, w[j] + n * K, K, R, out);

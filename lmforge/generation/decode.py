@@ -285,9 +285,7 @@ def _native_program(model: "Transformer") -> tuple:
                          for p, g in zip(groups, _projection_groups(block))])
     head = _native_group((_head_layer(model),))
     program = kernels.DecodeProgram(
-        [{k: (tuple(t.detach() if t is not None else None for t in v) if k in ("n1", "n2") else v)
-          for k, v in b.items()} for b in blocks],
-        tuple(t.detach() if t is not None else None for t in _native_norm(model.norm_f, cfg.norm_eps)), head,
+        blocks, _native_norm(model.norm_f, cfg.norm_eps), head,
         n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, head_dim=cfg.head_dim,
         hidden=blocks[0]["down"][0].K, eps=cfg.norm_eps, swiglu=model.blocks[0].mlp.swiglu,
         rope=model.wpe is None)
